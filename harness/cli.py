@@ -1,0 +1,191 @@
+"""The `geobench` command line.
+
+Bad input — an unknown optimizer or key, a value of the wrong type or out of range, a malformed
+YAML file, an unreadable data path, a non-empty run directory without resume — is one line on
+stderr and exit code 2, before anything of the run is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from geobench import __version__, config, report
+from geobench import registry as plugin_registry
+from geobench.errors import UsageError
+from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="geobench", description="Benchmark harness for optimizer geometry.")
+    parser.add_argument("--version", action="version", version=f"geobench {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    run = commands.add_parser("run", help="train with an optimizer plugin, measure, and write a report")
+    run.add_argument("optimizer", nargs="?", help="optimizer plugin name (see `geobench plugins`)")
+    run.add_argument("pairs", nargs="*", metavar="key=value", help="config overrides, e.g. beta2=0.9 steps=4000")
+    run.add_argument("--config", help="YAML file of overrides (below the command line, above the preset)")
+    run.add_argument("--out", help="run directory (default: runs/<name>)")
+    run.set_defaults(handler=cmd_run)
+
+    plugins = commands.add_parser("plugins", help="list every optimizer, metric and model plugin")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(handler=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except UsageError as exc:
+        print(f"geobench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("geobench: interrupted", file=sys.stderr)
+        return 130
+
+
+def default_name(optimizer: str, pairs: dict[str, str]) -> str:
+    shown = [f"{k}={v}" for k, v in pairs.items() if k not in ("resume", "train.resume")]
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", "-".join([optimizer, *shown]))
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" != "train.resume":
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from geobench.analysis import AnalysisContext, run_metrics
+    from geobench.train import prepare, train
+
+    reg = plugin_registry.registry()
+    pairs = config.parse_pairs(args.pairs)
+    has_cuda = torch.cuda.is_available()
+    cfg = config.resolve(args.optimizer, pairs, args.config,
+                         lambda name: plugin_registry.get_optimizer(name, reg).params,
+                         auto_preset="paper" if has_cuda else "tiny")
+    explicit = "preset" in pairs or (args.config and "preset" in config.read_yaml(args.config))
+    preset_reason = "as asked" if explicit else ("auto: a CUDA device is present" if has_cuda else "auto: no CUDA device")
+    for name in cfg.metrics:
+        plugin_registry.get_metric(name, reg)
+
+    out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg.optimizer.name, pairs)))
+    if out.path.exists() and not out.path.is_dir():
+        raise UsageError(f"run directory {str(out)!r} is a file")
+    if not out.is_empty():
+        if not cfg.train.resume:
+            raise UsageError(f"run directory {str(out)!r} exists and is not empty; "
+                             "continue it with resume=true or choose another with --out")
+        if out.config.exists():
+            changed = _differences(yaml.safe_load(out.config.read_text()), config.to_dict(cfg))
+            if changed:
+                raise UsageError(f"resume=true but the config differs from {str(out.config)!r} in: {', '.join(changed)}")
+
+    print(f"geobench: preset {cfg.preset} ({preset_reason}); optimizer {cfg.optimizer.name} "
+          f"{cfg.optimizer.params}; {cfg.train.steps} steps", flush=True)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    run = prepare(cfg, reg)
+    counts = run.parameter_counts()
+    print(f"geobench: corpus {run.corpus.description}", flush=True)
+    print(f"geobench: tokenizer {run.tokenizer.summary()['description']} (vocab {run.tokenizer.vocab_size}); "
+          f"device {run.device}; model {counts['total']:,} parameters (trunk {counts['trunk']:,})", flush=True)
+    print(f"geobench: run directory {out}", flush=True)
+
+    out.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.config, config.save(cfg))
+    atomic_write_text(out.path / "tokenizer.json", run.tokenizer.tokenizer.to_str())
+    atomic_write_json(out.path / "codewords.json", run.probe.codewords)
+
+    outcome = train(run, out, reg.manager.hook)
+    metrics = {}
+    if cfg.metrics:
+        metrics = run_metrics(AnalysisContext(out, cfg), cfg.metrics, reg)
+    finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    evals = out.read_evals()
+    doc = {
+        "schema_version": report.SCHEMA_VERSION,
+        "geobench_version": __version__,
+        "run": {"name": out.path.name, "status": outcome.status, "last_step": outcome.last_step,
+                "steps_planned": cfg.train.steps, "diverged_at": outcome.diverged_at,
+                "resumed_from": outcome.resumed_from, "started": started, "finished": finished,
+                "preset": cfg.preset, "preset_reason": preset_reason},
+        "environment": report.environment(run.device),
+        "corpus": run.corpus.summary(),
+        "tokenizer": {**run.tokenizer.summary(), "codewords": len(run.probe.codewords)},
+        "model": {"family": cfg.model.family, "parameters": counts},
+        "optimizer": {"name": cfg.optimizer.name, "source": run.optimizer_plugin.source,
+                      "params": cfg.optimizer.params},
+        "config": config.to_dict(cfg),
+        "throughput": {"train_seconds": round(outcome.train_seconds, 3), "tokens": outcome.tokens,
+                       "tokens_per_second": outcome.tokens / outcome.train_seconds if outcome.train_seconds else None},
+        "evals": evals,
+        "final": report.final_summary(evals),
+        "metrics": metrics,
+        "extensions": {},
+    }
+    report.write(out, doc, reg.manager.hook)
+
+    final = doc["final"]
+    summary = f"geobench: {outcome.status}"
+    if outcome.diverged_at is not None:
+        summary += f" at step {outcome.diverged_at}"
+    if final:
+        summary += f"; step {final['step']}: val_loss {final['val_loss']:.4f}, p_in {final['p_in']:.3f}, p_ood {final['p_ood']:.3f}"
+    print(summary)
+    failed = [name for name, result in metrics.items() if result["status"] == "failed"]
+    if failed:
+        print(f"geobench: metrics failed: {', '.join(failed)} (see the report)")
+    print(f"geobench: report {out.report_md}")
+    return 130 if outcome.status == "interrupted" else 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = plugin_registry.registry()
+    listing = {
+        "optimizers": {name: {"source": p.source, "help": p.help,
+                              "params": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
+                                         for k, v in p.params.items()}}
+                       for name, p in reg.optimizers.items()},
+        "metrics": {name: {"source": p.source, "help": p.help, "needs": list(p.needs),
+                           "options": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
+                                       for k, v in p.options.items()}}
+                    for name, p in reg.metrics.items()},
+        "models": {name: {"source": p.source, "help": p.help} for name, p in reg.models.items()},
+    }
+    if args.json:
+        print(json.dumps(listing, indent=2, default=str))
+        return 0
+    for kind, plugins in listing.items():
+        print(f"{kind}:")
+        if not plugins:
+            print("  (none installed)")
+        for name, info in plugins.items():
+            print(f"  {name:<12} {info['help']}  [{info['source']}]")
+            for key, spec in {**info.get("params", {}), **info.get("options", {})}.items():
+                print(f"      {key} = {spec['default']!r}  ({spec['allowed']})  {spec['help']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The run configuration: typed sections, presets, layering and validation.
+
+Layering, lowest first: the defaults below (the paper protocol of SPEC §3) < a preset < a YAML
+file < key=value pairs from the command line. Keys are dotted (`train.steps`), or short where the
+leaf name is unambiguous (`steps`, `seed`), or a hyperparameter the chosen optimizer declares
+(`beta2`, `lr`). Every value is checked against its declaration (`Param`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geobench.errors import UsageError, did_you_mean
+from geobench.params import Param
+
+
+def p(default: Any, help: str, **limits: Any) -> Any:
+    """A config field declared with a `Param` (default, help, allowed values)."""
+    spec = Param(default, help, **limits)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(
+            default_factory=lambda: copy.deepcopy(default), metadata={"param": spec}
+        )
+    return dataclasses.field(default=default, metadata={"param": spec})
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    family: str = p("gpt", "model plugin that builds the network")
+    n_layer: int = p(8, "transformer blocks", low=1)
+    n_head: int = p(16, "attention heads (must divide d_model)", low=1)
+    d_model: int = p(512, "residual stream width", low=8)
+    d_ff: int = p(2048, "MLP hidden width", low=1)
+    context: int = p(256, "tokens per training window", low=16)
+    compile: bool = p(False, "torch.compile the model (useful on CUDA)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = p(
+        "roneneldan/TinyStories",
+        "corpus: 'embedded', a Hugging Face hub dataset id, or a local file or folder",
+    )
+    train_stories: int = p(200_000, "first N training stories (with at least min_chars)", low=1)
+    val_stories: int = p(5_000, "first N validation stories", low=1)
+    min_chars: int = p(40, "drop stories shorter than this many characters", low=0)
+    tokenizer: str = p("bpe", "'bpe' (byte-level BPE trained on the corpus) or a hub tokenizer id")
+    vocab_size: int = p(50257, "vocabulary size of the trained BPE", low=1024)
+    cache_dir: str = p("", "cache for tokenizers and token arrays (default $GEOBENCH_CACHE)")
+
+
+@dataclasses.dataclass
+class ProbeConfig:
+    p_probe: float = p(0.10, "probability that a training sequence carries a probe", low=0, high=1)
+    n_codewords: int = p(512, "codewords (single-token uppercase strings)", low=2)
+    eval_examples: int = p(2000, "examples in each probe eval set (in-distribution and OOD)", low=1)
+    train_gap: list = p([5, 30], "story tokens between KEY and QUERY in training [min, max]")
+    ood_gap: list = p([80, 200], "filler tokens between KEY and QUERY in the OOD set [min, max]")
+    eval_prefix: list = p([2, 10], "filler tokens before KEY in the eval sets [min, max]")
+    filler_ids: list = p([100, 5000], "token ids the eval filler is drawn from [min, max]")
+    seed: int = p(0, "seed of the codeword shuffle and the eval sets")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = p(10_000, "optimizer steps", low=1)
+    batch_size: int = p(64, "sequences per micro-batch", low=1)
+    grad_accum: int = p(2, "micro-batches per step", low=1)
+    warmup: int = p(1500, "linear warmup steps", low=0)
+    lr_floor: float = p(0.1, "cosine floor as a fraction of the peak lr", low=0, high=1)
+    grad_clip: float = p(1.0, "clip the global gradient norm (0: off)", low=0)
+    lambda_schedule: list = p(
+        [[0, 2.0], [4000, 4.0]], "probe-loss weight: [from_step, lambda] pairs"
+    )
+    eval_every: int = p(200, "evaluate at step 1 and every N steps", low=1)
+    checkpoint_every: int = p(200, "weights-only checkpoint at step 1 and every N steps", low=1)
+    checkpoint_window: list = p([], "extra checkpoints [start, end, every], e.g. [600, 2000, 50]")
+    state_every: int = p(200, "full training state (for resume) every N steps", low=1)
+    val_batches: int = p(20, "validation batches per evaluation", low=1)
+    val_batch_size: int = p(64, "sequences per validation batch", low=1)
+    seed: int = p(42, "seed of the initialization and the data order")
+    device: str = p("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    resume: bool = p(False, "continue the run in the output directory from its saved state")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    params: dict = dataclasses.field(default_factory=dict)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "probe": ProbeConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = p("auto", "size preset (auto: paper on CUDA, tiny on CPU)", choices=("auto", "paper", "tiny"))
+    name: str = p("", "run name (default: derived from the optimizer and the overrides)")
+    metrics: list = p([], "metric plugins to run at the end of training, e.g. backbone,switching")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "tiny": {
+        "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256, "context": 128},
+        "data": {"source": "embedded", "train_stories": 6000, "val_stories": 300, "vocab_size": 2048},
+        "probe": {"n_codewords": 128, "eval_examples": 200, "ood_gap": [40, 80]},
+        "train": {
+            "steps": 600, "batch_size": 32, "grad_accum": 1, "warmup": 60,
+            "lambda_schedule": [[0, 2.0], [240, 4.0]], "eval_every": 50,
+            "checkpoint_every": 25, "state_every": 100, "val_batches": 4, "val_batch_size": 32,
+        },
+    },
+}
+
+ALIASES = {"data": "data.source", "lambda": "train.lambda_schedule"}
+
+
+def declared_fields() -> dict[str, Param]:
+    """Every declared config key as a dotted path, with its declaration."""
+    out = {}
+    for f in dataclasses.fields(Config):
+        if "param" in f.metadata:
+            out[f.name] = f.metadata["param"]
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            out[f"{section}.{f.name}"] = f.metadata["param"]
+    return out
+
+
+def resolve_key(key: str, optimizer_params: Mapping[str, Param]) -> str:
+    """Map a user key (dotted, short, alias or optimizer hyperparameter) to its dotted path."""
+    fields = declared_fields()
+    if key in fields or key == "optimizer.name":
+        return key
+    if key.startswith("optimizer."):
+        hp = key.removeprefix("optimizer.").removeprefix("params.")
+        if hp in optimizer_params:
+            return f"optimizer.params.{hp}"
+        raise UsageError(
+            f"unknown optimizer hyperparameter {hp!r}{did_you_mean(hp, optimizer_params)}; "
+            f"allowed: {', '.join(optimizer_params) or 'none'}"
+        )
+    if key in ALIASES:
+        return ALIASES[key]
+    matches = [path for path in fields if path.rsplit(".", 1)[-1] == key]
+    if key in optimizer_params:
+        matches.append(f"optimizer.params.{key}")
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UsageError(f"key {key!r} is ambiguous: use one of {', '.join(matches)}")
+    known = list(fields) + list(ALIASES) + list(optimizer_params)
+    known += [path.rsplit(".", 1)[-1] for path in fields]
+    raise UsageError(f"unknown key {key!r}{did_you_mean(key, known)}")
+
+
+def parse_pairs(pairs: list[str]) -> dict[str, str]:
+    """['a=1', 'b.c=x'] → {'a': '1', 'b.c': 'x'}; a pair without '=' is an error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"expected key=value, got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping → dotted keys. Section-level dicts are descended; values that are lists
+    or the optimizer's params dict entries become leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as dotted keys; unreadable or malformed files are a UsageError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"malformed YAML in {str(path)!r}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return flatten(data)
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _get(tree: Mapping[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        tree = tree[part]
+    return tree
+
+
+def layer(base: dict[str, Any], overrides: Mapping[str, Any], optimizer_params: Mapping[str, Param],
+          source: str = "") -> None:
+    """Apply raw overrides (dotted/short keys) onto a nested config dict, in place."""
+    for key, raw in overrides.items():
+        try:
+            path = resolve_key(key, optimizer_params)
+        except UsageError as exc:
+            raise UsageError(f"{exc} (in {source})" if source else str(exc)) from None
+        _set(base, path, raw)
+
+
+def build(tree: Mapping[str, Any], optimizer_params: Mapping[str, Param]) -> Config:
+    """Validate a nested dict of raw values into a Config (all values typed and in range)."""
+    cfg = Config()
+    for path, spec in declared_fields().items():
+        try:
+            raw = _get(tree, path)
+        except (KeyError, TypeError):
+            continue
+        value = spec.check(path, raw)
+        if "." in path:
+            section, leaf = path.split(".")
+            setattr(getattr(cfg, section), leaf, value)
+        else:
+            setattr(cfg, path, value)
+    cfg.optimizer.name = str(_get(tree, "optimizer.name"))
+    given = tree.get("optimizer", {}).get("params", {})
+    cfg.optimizer.params = {
+        name: spec.check(name, given[name]) if name in given else spec.default
+        for name, spec in optimizer_params.items()
+    }
+    check_consistency(cfg)
+    return cfg
+
+
+def _pair(key: str, value: list, low: int = 0) -> None:
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise UsageError(f"{key}={value!r} must be two integers [min, max]")
+    if not low <= value[0] <= value[1]:
+        raise UsageError(f"{key}={value!r} must satisfy {low} <= min <= max")
+
+
+def check_consistency(cfg: Config) -> None:
+    """Checks that involve more than one value."""
+    if cfg.model.d_model % cfg.model.n_head:
+        raise UsageError(
+            f"model.n_head={cfg.model.n_head} must divide model.d_model={cfg.model.d_model}"
+        )
+    for key in ("train_gap", "ood_gap", "eval_prefix", "filler_ids"):
+        _pair(f"probe.{key}", getattr(cfg.probe, key))
+    sched = cfg.train.lambda_schedule
+    ok = bool(sched) and all(
+        isinstance(item, (list, tuple)) and len(item) == 2
+        and isinstance(item[0], int) and isinstance(item[1], (int, float)) and item[1] >= 0
+        for item in sched
+    )
+    if not ok or sched[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(sched, sched[1:])):
+        raise UsageError(
+            f"train.lambda_schedule={sched!r} must be [[0, lambda], [step, lambda], ...] "
+            "with increasing steps and lambda >= 0"
+        )
+    window = cfg.train.checkpoint_window
+    if window and (
+        len(window) != 3 or not all(isinstance(v, int) and v > 0 for v in window)
+        or window[0] > window[1]
+    ):
+        raise UsageError(
+            f"train.checkpoint_window={window!r} must be [start, end, every] positive integers"
+        )
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def resolve(
+    optimizer: str | None,
+    pairs: Mapping[str, str],
+    config_file: str | None,
+    optimizer_params_for: Any,
+    auto_preset: str,
+) -> Config:
+    """Layer defaults < preset < file < command line and validate.
+
+    `optimizer_params_for(name)` returns the declared hyperparameters of an optimizer plugin
+    (raising UsageError for an unknown name); `auto_preset` is what preset=auto becomes.
+    """
+    file_values = read_yaml(config_file) if config_file else {}
+    name = optimizer or file_values.get("optimizer.name")
+    if not name:
+        raise UsageError("name an optimizer: geobench run OPTIMIZER [key=value ...]")
+    opt_params = optimizer_params_for(str(name))
+
+    # the preset is itself a key: find it first (command line over file over auto)
+    preset_raw = pairs.get("preset", file_values.get("preset", "auto"))
+    preset = declared_fields()["preset"].check("preset", preset_raw)
+    if preset == "auto":
+        preset = auto_preset
+
+    tree = to_dict(Config())
+    tree["preset"] = preset
+    tree["optimizer"]["name"] = str(name)
+    for section, values in PRESETS[preset].items():
+        tree[section].update(copy.deepcopy(values))
+    layer(tree, {k: v for k, v in file_values.items() if k not in ("preset", "optimizer.name")},
+          opt_params, source=str(config_file))
+    layer(tree, {k: v for k, v in pairs.items() if k != "preset"}, opt_params)
+    return build(tree, opt_params)
+
+
+def save(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

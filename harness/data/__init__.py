@@ -1,0 +1,1 @@
+"""Corpus sources, tokenizer, probe task and batches."""

@@ -1,0 +1,71 @@
+"""Training and validation batches.
+
+Every training sequence is a pure function of (seed, its global index), so the data position of a
+run is just its step: a resumed run sees exactly the batches an uninterrupted run would. Stories
+are visited in a fresh seeded permutation each epoch; one random window of context+1 tokens per
+story, EOS appended to the story, the targets after that EOS ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from geobench.data.probe import IGNORE, ProbeTask
+from geobench.data.tokenizer import TokenizedStories
+
+
+def _to_sample(seq: np.ndarray, length: int, eos: int, probe_at: int = -1) -> tuple[np.ndarray, ...]:
+    """A token sequence of at most length+1 → (inputs, targets, probe mask), EOS padded."""
+    inputs = np.full(length, eos, dtype=np.int64)
+    targets = np.full(length, IGNORE, dtype=np.int64)
+    mask = np.zeros(length, dtype=bool)
+    n = min(len(seq), length + 1) - 1
+    inputs[:n], targets[:n] = seq[:n], seq[1:n + 1]
+    if probe_at > 0:
+        mask[probe_at - 1] = True
+    return inputs, targets, mask
+
+
+class TrainStream:
+    def __init__(self, stories: TokenizedStories, probe: ProbeTask, context: int, batch_size: int,
+                 grad_accum: int, p_probe: float, seed: int, eos: int):
+        self.stories, self.probe = stories, probe
+        self.context, self.batch_size, self.grad_accum = context, batch_size, grad_accum
+        self.p_probe, self.seed, self.eos = p_probe, seed, eos
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.stories))
+
+    def sequence(self, index: int) -> tuple[np.ndarray, ...]:
+        epoch, position = divmod(index, len(self.stories))
+        story = np.append(self.stories.story(int(self._order(epoch)[position])), self.eos).astype(np.int64)
+        rng = np.random.default_rng([self.seed, 1, index])
+        length = self.context + 1
+        if rng.random() < self.p_probe:
+            seq, probe_at = self.probe.inject(story, length, rng)
+            return _to_sample(seq, self.context, self.eos, probe_at)
+        start = int(rng.integers(0, len(story) - length + 1)) if len(story) > length else 0
+        return _to_sample(story[start:start + length], self.context, self.eos)
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Micro-batch `micro` of optimizer step `step` (steps count from 1)."""
+        first = ((step - 1) * self.grad_accum + micro) * self.batch_size
+        samples = [self.sequence(first + b) for b in range(self.batch_size)]
+        return tuple(torch.from_numpy(np.stack(column)) for column in zip(*samples))  # type: ignore[return-value]
+
+
+def validation_batches(stories: TokenizedStories, context: int, n_batches: int, batch_size: int,
+                       eos: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first window of each validation story (cycling if there are too few), no probes."""
+    samples = [
+        _to_sample(np.append(stories.story(i % len(stories)), eos), context, eos)[:2]
+        for i in range(n_batches * batch_size)
+    ]
+    return [
+        tuple(torch.from_numpy(np.stack(col)) for col in zip(*samples[b * batch_size:(b + 1) * batch_size]))  # type: ignore[misc]
+        for b in range(n_batches)
+    ]

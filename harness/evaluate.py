@@ -1,0 +1,62 @@
+"""Evaluation of SPEC §2: val_loss on held-out stories, and the probe's p_in, p_ood (exact match),
+nll_ood, lm_ood and r_ood on the fixed eval sets."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from geobench.data.probe import EvalSet
+from geobench.objective import token_losses
+
+
+@dataclasses.dataclass
+class Evaluator:
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    probe_in: EvalSet
+    probe_ood: EvalSet
+    batch_size: int
+    device: torch.device
+    autocast: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for inputs, targets in self.val_batches:
+            ce = self._losses(model, inputs, targets)
+            total += float(ce.sum())
+            count += int((targets >= 0).sum())
+        p_in, _, _ = self._probe(model, self.probe_in)
+        p_ood, nll_ood, lm_ood = self._probe(model, self.probe_ood)
+        model.train(was_training)
+        return {"val_loss": total / max(count, 1), "p_in": p_in, "p_ood": p_ood,
+                "nll_ood": nll_ood, "lm_ood": lm_ood, "r_ood": nll_ood / lm_ood if lm_ood else float("nan")}
+
+    def _logits(self, model, inputs):
+        with self.autocast:
+            return model(inputs.to(self.device, non_blocking=True))
+
+    def _losses(self, model, inputs, targets):
+        return token_losses(self._logits(model, inputs), targets.to(self.device))
+
+    def _probe(self, model: torch.nn.Module, data: EvalSet) -> tuple[float, float, float]:
+        """(exact-match rate, mean CE on probe positions, mean CE on the other non-pad positions)."""
+        hits, probe_ce, probe_n, lm_ce, lm_n = 0, 0.0, 0, 0.0, 0
+        for start in range(0, len(data.inputs), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            inputs, targets, mask = (torch.from_numpy(a[rows]).to(self.device) for a in
+                                     (data.inputs, data.targets, data.mask))
+            logits = self._logits(model, inputs)
+            ce = token_losses(logits, targets)
+            correct = (logits.argmax(-1) == targets) | ~mask
+            hits += int(correct.all(dim=1).sum())
+            probe_ce += float((ce * mask).sum())
+            probe_n += int(mask.sum())
+            other = (targets >= 0) & ~mask
+            lm_ce += float((ce * other).sum())
+            lm_n += int(other.sum())
+        return hits / len(data.inputs), probe_ce / max(probe_n, 1), lm_ce / max(lm_n, 1)

@@ -1,0 +1,117 @@
+"""Declared parameters: one declaration drives validation, listings and docs.
+
+Config fields and plugin hyperparameters are both declared with `Param`, in the spirit of
+scikit-learn's declared estimator parameters: a default, a type, an allowed range and a one-line
+help. `Param.check` turns a raw value (from YAML or the command line) into a typed one, or raises
+a `UsageError` that names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from geobench.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    default: Any
+    help: str = ""
+    type: type | None = None  # inferred from the default when None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: the bound itself is not allowed
+    high_open: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def kind(self) -> type:
+        if self.type is not None:
+            return self.type
+        return type(self.default)
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        parts = [self.kind.__name__]
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " ".join(parts)
+
+    def check(self, key: str, raw: Any) -> Any:
+        value = coerce(key, raw, self.kind)
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{key}={raw!r} is not allowed: expected {self.allowed()}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{key}={raw!r} is not a finite number")
+            too_low = self.low is not None and (
+                value < self.low or (self.low_open and value == self.low)
+            )
+            too_high = self.high is not None and (
+                value > self.high or (self.high_open and value == self.high)
+            )
+            if too_low or too_high:
+                raise UsageError(f"{key}={raw!r} is out of range: expected {self.allowed()}")
+        return value
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value as YAML would read it, plus 1e-3 style floats (YAML 1.1 reads a string)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(key: str, raw: Any, kind: type) -> Any:
+    """Convert `raw` to `kind` or raise a UsageError naming the key and the value."""
+    value = parse_scalar(raw) if isinstance(raw, str) and kind is not str else raw
+    bad = UsageError(f"{key}={raw!r} is not a valid {kind.__name__}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise bad
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if isinstance(value, float) and not value.is_integer():
+            raise bad
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    if kind in (list, tuple):
+        if isinstance(value, str):
+            value = [parse_scalar(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise bad
+        return kind(value)
+    return value

@@ -1,0 +1,201 @@
+"""The standardized run report: assembled from the run, validated against the shipped JSON Schema,
+written as report.json (for tools) and report.md with figures (for people).
+
+Metric plugins add sections under `metrics` in a shape the report renders without knowing them
+(`scalars`, `series`, `tables`, `figures`); lifecycle plugins may add under `extensions`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import torch
+
+import geobench
+from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = "1.0"
+EVAL_KEYS = ("val_loss", "p_in", "p_ood", "nll_ood", "lm_ood", "r_ood")
+PACKAGES = ("numpy", "datasets", "tokenizers", "safetensors", "pluggy", "scikit-learn")
+
+# SPEC §5, AdamW seed 42 (paper preset): step → published value, shown beside ours.
+PUBLISHED_VAL_LOSS = {1: 10.81, 200: 4.35, 4000: 2.18, 10000: 1.216}
+PUBLISHED_FINAL = {"p_in": 0.90, "p_ood": 0.166, "best_p_ood": 0.777}
+
+
+def schema() -> dict:
+    text = resources.files("geobench.schemas").joinpath(f"report-{SCHEMA_VERSION}.json").read_text()
+    return json.loads(text)
+
+
+def validate(report: dict) -> None:
+    jsonschema.validate(report, schema())
+
+
+def git_revision() -> str | None:
+    """The commit of the geobench source in use, when it is a git checkout."""
+    here = Path(geobench.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = f"cuda ({torch.cuda.get_device_name(device)})"
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    packages = {}
+    for pkg in PACKAGES:
+        try:
+            packages[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "device": name, "threads": torch.get_num_threads(), "git_revision": git_revision(),
+            "packages": packages}
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN or inf: they become null (recursively)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def final_summary(evals: list[dict]) -> dict:
+    if not evals:
+        return {}
+    last = evals[-1]
+    scored = [e for e in evals if e.get("p_ood") is not None and math.isfinite(e["p_ood"])]
+    best = max(scored, key=lambda e: e["p_ood"]) if scored else None
+    return {"step": last["step"], **{k: last[k] for k in EVAL_KEYS},
+            "best_p_ood": best["p_ood"] if best else None, "best_p_ood_step": best["step"] if best else None}
+
+
+def write(out: RunDir, report: dict, hooks) -> None:
+    """Let lifecycle plugins extend it, validate it, then write report.json, report.md, figures."""
+    hooks.geobench_on_report(run=out, report=report)
+    report = finite(report)
+    validate(report)
+    figures = [plot_training(out, report["evals"])] if report["evals"] else []
+    atomic_write_json(out.report_json, report)
+    atomic_write_text(out.report_md, render_markdown(report, figures))
+
+
+def plot_training(out: RunDir, evals: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in evals]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(steps, [e["val_loss"] for e in evals], marker="o", ms=3, label="val_loss")
+    left.plot(steps, [e.get("train_loss") for e in evals], alpha=0.7, label="train loss (composite)")
+    left.set_xlabel("step")
+    left.set_ylabel("cross-entropy (nats)")
+    left.legend()
+    right.plot(steps, [e["p_in"] for e in evals], marker="o", ms=3, label="p_in")
+    right.plot(steps, [e["p_ood"] for e in evals], marker="o", ms=3, label="p_ood")
+    right.set_ylim(-0.02, 1.02)
+    right.set_xlabel("step")
+    right.set_ylabel("probe exact match")
+    right.legend()
+    fig.tight_layout()
+    out.figures.mkdir(parents=True, exist_ok=True)
+    path = out.figures / "training.png"
+    tmp = path.with_name(".training.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return "figures/training.png"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_markdown(report: dict, figures: list[str]) -> str:
+    run, env = report["run"], report["environment"]
+    lines = [f"# geobench run `{run['name']}`", ""]
+    status = run["status"]
+    if status == "diverged":
+        status += f" at step {run['diverged_at']} (non-finite loss)"
+    lines += [
+        f"**Status:** {status} — {run['last_step']} of {run['steps_planned']} steps"
+        + (f" (resumed from step {run['resumed_from']})" if run["resumed_from"] else ""), "",
+        "| | |", "|---|---|",
+        f"| preset | {run['preset']} ({run['preset_reason']}) |",
+        f"| optimizer | `{report['optimizer']['name']}` {report['optimizer']['params']} ({report['optimizer']['source']}) |",
+        f"| corpus | {report['corpus']['description']} |",
+        f"| tokenizer | {report['tokenizer']['description']}, vocab {report['tokenizer']['vocab_size']} |",
+        f"| model | {report['model']['family']}: {report['model']['parameters']['total']:,} parameters "
+        f"(trunk {report['model']['parameters']['trunk']:,}) |",
+        f"| device | {env['device']}, torch {env['torch']}, {env['threads']} threads |",
+        f"| throughput | {_fmt(report['throughput']['tokens_per_second'])} tokens/s over "
+        f"{report['throughput']['train_seconds']:.1f} s of training |",
+        f"| git revision | {env['git_revision'] or '—'} |", "",
+    ]
+    final = report["final"]
+    if final:
+        paper = run["preset"] == "paper"
+        lines += ["## Final evaluation", "", "| metric | value |" + (" published (SPEC §5) |" if paper else ""),
+                  "|---|---|" + ("---|" if paper else "")]
+        for key in (*EVAL_KEYS, "best_p_ood", "best_p_ood_step"):
+            ref = ""
+            if paper:
+                ref = f" {_fmt(PUBLISHED_FINAL.get(key)) if run['last_step'] == 10000 or key == 'best_p_ood' else '—'} |"
+            lines.append(f"| {key} | {_fmt(final.get(key))} |{ref}")
+        lines.append("")
+    for fig in figures:
+        lines += [f"![training curves]({fig})", ""]
+    if report["evals"]:
+        lines += ["## Evaluations", "", "| step | " + " | ".join(EVAL_KEYS) + " |",
+                  "|---|" + "---|" * len(EVAL_KEYS)]
+        for e in report["evals"]:
+            cells = [_fmt(e.get(k)) for k in EVAL_KEYS]
+            if run["preset"] == "paper" and e["step"] in PUBLISHED_VAL_LOSS:
+                cells[0] += f" (published {PUBLISHED_VAL_LOSS[e['step']]})"
+            lines.append(f"| {e['step']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for name, result in report["metrics"].items():
+        lines += render_metric(name, result)
+    return "\n".join(lines)
+
+
+def render_metric(name: str, result: dict) -> list[str]:
+    lines = [f"## Metric `{name}`", ""]
+    if result["status"] == "failed":
+        return lines + [f"**failed:** {result.get('error', '')}", ""]
+    scalars = result.get("scalars", {})
+    if scalars:
+        lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()] + [""]
+    for table_name, rows in result.get("tables", {}).items():
+        if rows:
+            cols = list(rows[0])
+            lines += [f"**{table_name}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
+    for fig in result.get("figures", []):
+        lines += [f"![{name}]({fig})", ""]
+    return lines

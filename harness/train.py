@@ -1,0 +1,211 @@
+"""Assembling a run (corpus, tokenizer, probe, model, optimizer) and the training loop.
+
+`prepare` does everything that can fail on bad input before a single file of the run is written;
+`train` runs SPEC §3's loop: λ schedule, warmup + cosine, gradient accumulation, clipping, evals,
+weights-only checkpoints, the full training state for resume, and the lifecycle hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from geobench import registry as plugin_registry
+from geobench.config import Config
+from geobench.data.batches import TrainStream, validation_batches
+from geobench.data.corpus import Corpus, load_corpus
+from geobench.data.probe import ProbeTask, codeword_pool, select_codewords
+from geobench.data.tokenizer import TextTokenizer, tokenize_stories, load_tokenizer
+from geobench.errors import UsageError
+from geobench.evaluate import Evaluator
+from geobench.model import no_decay, trunk_names
+from geobench.objective import composite_loss, lambda_at
+from geobench.trajectory import RunDir
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run needs, built and checked before anything is written."""
+
+    cfg: Config
+    device: torch.device
+    corpus: Corpus
+    tokenizer: TextTokenizer
+    probe: ProbeTask
+    stream: TrainStream
+    evaluator: Evaluator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    optimizer_plugin: plugin_registry.OptimizerPlugin
+
+    @property
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def parameter_counts(self) -> dict[str, int]:
+        names = dict(self.model.named_parameters())
+        return {"total": sum(p.numel() for p in names.values()),
+                "trunk": sum(names[n].numel() for n in trunk_names(list(names)))}
+
+
+def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
+    reg = reg or plugin_registry.registry()
+    device = pick_device(cfg.train.device)
+    optimizer_plugin = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
+    model_plugin = plugin_registry.get_model(cfg.model.family, reg)
+
+    corpus = load_corpus(cfg.data)
+    tokenizer = load_tokenizer(cfg.data, corpus, codeword_pool(cfg.probe.n_codewords))
+    probe = ProbeTask(cfg.probe, tokenizer, select_codewords(tokenizer, cfg.probe.n_codewords, cfg.probe.seed))
+    context = cfg.model.context
+    stream = TrainStream(tokenize_stories(cfg.data, tokenizer, corpus, "train"), probe, context,
+                         cfg.train.batch_size, cfg.train.grad_accum, cfg.probe.p_probe, cfg.train.seed,
+                         tokenizer.eos_id)
+    val = tokenize_stories(cfg.data, tokenizer, corpus, "val")
+
+    torch.manual_seed(cfg.train.seed)
+    model = model_plugin.build(cfg.model, tokenizer.vocab_size).to(device)
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not no_decay(n, p)], "decay": True},
+        {"params": [p for n, p in model.named_parameters() if no_decay(n, p)], "decay": False},
+    ]
+    optimizer = optimizer_plugin.build(groups, cfg.optimizer.params, device)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]
+
+    run = Run(cfg, device, corpus, tokenizer, probe, stream, None, model, optimizer, optimizer_plugin)  # type: ignore[arg-type]
+    run.evaluator = Evaluator(
+        validation_batches(val, context, cfg.train.val_batches, cfg.train.val_batch_size, tokenizer.eos_id),
+        probe.eval_set(ood=False, context=context), probe.eval_set(ood=True, context=context),
+        cfg.train.val_batch_size, device, run.autocast,
+    )
+    return run
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine to `floor` at the last step."""
+    if step <= warmup:
+        return step / max(warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def is_checkpoint_step(step: int, cfg: Config) -> bool:
+    t = cfg.train
+    in_window = bool(t.checkpoint_window) and (
+        t.checkpoint_window[0] <= step <= t.checkpoint_window[1]
+        and (step - t.checkpoint_window[0]) % t.checkpoint_window[2] == 0
+    )
+    return step == 1 or step % t.checkpoint_every == 0 or step == t.steps or in_window
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: str  # completed | diverged | interrupted
+    last_step: int
+    diverged_at: int | None
+    train_seconds: float
+    tokens: int
+    resumed_from: int | None
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters())
+
+
+def train(run: Run, out: RunDir, hooks) -> Outcome:
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    t = cfg.train
+    start, elapsed, tokens, resumed_from = 0, 0.0, 0, None
+    if t.resume and out.has_state():
+        meta, weights, training = out.load_state()
+        with torch.no_grad():
+            for name, param in _parameters(model).items():
+                param.copy_(weights[name])
+        optimizer.load_state_dict(training["optimizer"])
+        torch.set_rng_state(training["torch_rng"])
+        start, elapsed, tokens, resumed_from = meta["step"], meta["train_seconds"], meta["tokens"], meta["step"]
+        out.truncate_evals(start)
+        out.drop_checkpoints_after(start)
+
+    forward = torch.compile(model) if cfg.model.compile else model
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
+    status, diverged_at, done = "completed", None, start
+    since_eval: list[float] = []
+
+    def save_state(at: int) -> None:
+        training = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        out.save_state(at, _parameters(model), training, {"train_seconds": elapsed, "tokens": tokens})
+
+    bar = tqdm(total=t.steps, initial=start, desc=out.path.name, unit="step", file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    try:
+        for step in range(start + 1, t.steps + 1):
+            tick = time.perf_counter()
+            factor = lr_factor(step, t.warmup, t.steps, t.lr_floor)
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+            lam = lambda_at(t.lambda_schedule, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=run.device)
+            for micro in range(t.grad_accum):
+                inputs, targets, mask = (x.to(run.device, non_blocking=True) for x in run.stream.batch(step, micro))
+                with run.autocast:
+                    logits = forward(inputs)
+                loss = composite_loss(logits, targets, mask, lam) / t.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            loss_value = float(loss_sum)
+            if not math.isfinite(loss_value):
+                status, diverged_at = "diverged", step
+                bar.write(f"geobench: loss is {loss_value} at step {step}: the run diverged; stopping")
+                break
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            done = step
+            elapsed += time.perf_counter() - tick
+            tokens += tokens_per_step
+            since_eval.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - tick):,.0f}",
+                            refresh=False)
+            hooks.geobench_on_step(run=out, step=step, loss=loss_value, lr=optimizer.param_groups[0]["lr"])
+
+            if step == 1 or step % t.eval_every == 0 or step == t.steps:
+                record = {"step": step, "lambda": lam, "lr": optimizer.param_groups[0]["lr"],
+                          "train_loss": float(np.mean(since_eval)), **run.evaluator(model),
+                          "tokens": tokens, "train_seconds": round(elapsed, 3)}
+                since_eval = []
+                out.append_eval(record)
+                hooks.geobench_on_eval(run=out, step=step, record=record)
+            if is_checkpoint_step(step, cfg):
+                path = out.save_checkpoint(step, _parameters(model))
+                hooks.geobench_on_checkpoint(run=out, step=step, path=path)
+            if step % t.state_every == 0 or step == t.steps:
+                save_state(step)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        save_state(done)
+        bar.write(f"geobench: interrupted; state saved at step {done}, continue with resume=true")
+    finally:
+        bar.close()
+    return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from)

@@ -1,0 +1,141 @@
+"""The run directory: atomic writes, the eval log, the checkpoint store and the training state.
+
+Layout (stable; other tools read it):
+    config.yaml  report.json  report.md  figures/  evals.jsonl  tokenizer.json  codewords.json
+    checkpoints/step_XXXXXX.safetensors + checkpoints/index.json
+    state/model.safetensors + state/training.pt + state/meta.json
+Every file a crash could tear is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_tensors
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _cpu_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.report_json = self.path / "report.json"
+        self.report_md = self.path / "report.md"
+        self.figures = self.path / "figures"
+        self.evals = self.path / "evals.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.state = self.path / "state"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def is_empty(self) -> bool:
+        return not self.path.exists() or not any(self.path.iterdir())
+
+    # evals.jsonl: one JSON object per evaluation
+    def append_eval(self, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.evals, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_evals(self) -> list[dict]:
+        if not self.evals.exists():
+            return []
+        records = []
+        for line in self.evals.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash
+                break
+        return records
+
+    def truncate_evals(self, max_step: int) -> None:
+        kept = [r for r in self.read_evals() if r["step"] <= max_step]
+        atomic_write_text(self.evals, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # checkpoints/: weights only
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:06d}.safetensors"
+
+    def checkpoint_steps(self) -> list[int]:
+        index = self.checkpoints / "index.json"
+        if not index.exists():
+            return []
+        return json.loads(index.read_text())["steps"]
+
+    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor]) -> Path:
+        path = self.checkpoint_path(step)
+        atomic_write_bytes(path, save_tensors(_cpu_contiguous(tensors), metadata={"step": str(step)}))
+        steps = sorted(set(self.checkpoint_steps()) | {step})
+        atomic_write_json(self.checkpoints / "index.json", {"steps": steps})
+        return path
+
+    def drop_checkpoints_after(self, step: int) -> None:
+        kept = [s for s in self.checkpoint_steps() if s <= step]
+        for s in self.checkpoint_steps():
+            if s > step:
+                self.checkpoint_path(s).unlink(missing_ok=True)
+        atomic_write_json(self.checkpoints / "index.json", {"steps": kept})
+
+    def load_checkpoint(self, step: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one checkpoint (all, or only `names`), memory-mapped from disk."""
+        with safe_open(self.checkpoint_path(step), framework="pt") as fh:
+            wanted = list(fh.keys()) if names is None else list(names)
+            return {name: fh.get_tensor(name) for name in wanted}
+
+    # state/: everything needed to continue the run exactly
+    def save_state(self, step: int, model: dict[str, torch.Tensor], training: dict, meta: dict) -> None:
+        new, old = self.path / "state.new", self.path / "state.old"
+        shutil.rmtree(new, ignore_errors=True)
+        new.mkdir(parents=True)
+        atomic_write_bytes(new / "model.safetensors", save_tensors(_cpu_contiguous(model)))
+        torch.save(training, new / "training.pt")
+        atomic_write_json(new / "meta.json", {**meta, "step": step})
+        shutil.rmtree(old, ignore_errors=True)
+        if self.state.exists():
+            os.replace(self.state, old)
+        os.replace(new, self.state)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def has_state(self) -> bool:
+        return (self.state / "meta.json").exists() or (self.path / "state.old" / "meta.json").exists()
+
+    def load_state(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
+        """(meta, model tensors, training dict); loads no pickled objects."""
+        where = self.state if (self.state / "meta.json").exists() else self.path / "state.old"
+        meta = json.loads((where / "meta.json").read_text())
+        with safe_open(where / "model.safetensors", framework="pt") as fh:
+            model = {name: fh.get_tensor(name) for name in fh.keys()}
+        training = torch.load(where / "training.pt", weights_only=True, map_location="cpu")
+        return meta, model, training

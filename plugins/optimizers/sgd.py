@@ -1,0 +1,54 @@
+"""SGD with optional (Nesterov) momentum and weight decay as L2 or decoupled.
+
+Covers SPEC §3's controls: B = `sgd lr=1e-3 wd=0.5`, C = `sgd lr=1e-2 momentum=0.9 wd=0.05`,
+C′ = `sgd lr=1e-2 momentum=0.9 nesterov=true wd=0.5 wd_mode=decoupled`.
+"""
+
+import torch
+
+from geobench import Param, hookimpl
+from geobench.errors import UsageError
+from geobench.registry import OptimizerPlugin
+
+PARAMS = {
+    "lr": Param(1e-3, "peak learning rate", low=0, low_open=True),
+    "momentum": Param(0.0, "momentum coefficient", low=0, high=1, high_open=True),
+    "nesterov": Param(False, "Nesterov momentum (needs momentum > 0)"),
+    "wd": Param(0.5, "weight decay (matrices and embeddings only)", low=0),
+    "wd_mode": Param("l2", "l2: added to the gradient; decoupled: θ ← (1 − lr_t·wd)θ after the step",
+                     choices=("l2", "decoupled")),
+}
+
+
+class DecoupledSGD(torch.optim.SGD):
+    """SGD whose weight decay shrinks the weights after the step by the scheduled lr: θ ← (1 − lr_t·wd)θ."""
+
+    def __init__(self, groups, decoupled_wd: float, **kwargs):
+        super().__init__(groups, weight_decay=0.0, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("decoupled_wd", decoupled_wd if group.get("decay") else 0.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            if group["decoupled_wd"]:
+                torch._foreach_mul_(group["params"], 1.0 - group["lr"] * group["decoupled_wd"])
+        return loss
+
+
+def build(groups, hp, device):
+    if hp["nesterov"] and hp["momentum"] == 0:
+        raise UsageError("nesterov=true needs momentum > 0")
+    common = {"lr": hp["lr"], "momentum": hp["momentum"], "nesterov": hp["nesterov"]}
+    if hp["wd_mode"] == "decoupled":
+        return DecoupledSGD(groups, decoupled_wd=hp["wd"], **common)
+    for group in groups:
+        group["weight_decay"] = hp["wd"] if group["decay"] else 0.0
+    return torch.optim.SGD(groups, **common)
+
+
+@hookimpl
+def geobench_register_optimizers(register):
+    register(OptimizerPlugin(name="sgd", help="SGD, (Nesterov) momentum, L2 or decoupled weight decay",
+                             params=PARAMS, build=build))

@@ -1,0 +1,67 @@
+"""Any `torch.optim` optimizer by class name: `geobench run torch:Adagrad lr=0.01`.
+
+The hyperparameters are the class's own keyword arguments with a number or flag default, declared
+from its signature; torch's own checks of their values are reported as usage errors.
+"""
+
+import inspect
+
+import torch
+
+from geobench import Param, hookimpl
+from geobench.errors import UsageError, did_you_mean
+from geobench.registry import OptimizerPlugin
+
+
+def _classes() -> dict[str, type]:
+    return {
+        name: cls for name, cls in vars(torch.optim).items()
+        if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
+    }
+
+
+def _declared(cls: type) -> dict[str, Param]:
+    params = {}
+    for name, arg in inspect.signature(cls.__init__).parameters.items():
+        default = arg.default
+        if name == "lr" and isinstance(default, torch.Tensor):
+            default = float(default)
+        if isinstance(default, (bool, int, float)):
+            low = 0 if isinstance(default, (int, float)) and not isinstance(default, bool) and default >= 0 else None
+            params[name] = Param(default, f"{cls.__name__}({name}=...)", low=low)
+        elif isinstance(default, tuple) and all(isinstance(v, (int, float)) for v in default):
+            params[name] = Param(default, f"{cls.__name__}({name}=...)", type=tuple)
+    return params
+
+
+def variant(class_name: str) -> OptimizerPlugin:
+    classes = _classes()
+    if class_name not in classes:
+        raise UsageError(
+            f"torch.optim has no optimizer {class_name!r}{did_you_mean(class_name, classes)}; "
+            f"available: {', '.join(sorted(classes))}"
+        )
+    cls = classes[class_name]
+
+    def build(groups, hp, device):
+        kwargs = dict(hp)
+        if "weight_decay" in kwargs:
+            for group in groups:
+                group["weight_decay"] = kwargs["weight_decay"] if group["decay"] else 0.0
+        try:
+            return cls(groups, **kwargs)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise UsageError(f"torch:{class_name} rejected its hyperparameters: {exc}") from None
+
+    return OptimizerPlugin(name=f"torch:{class_name}", help=f"torch.optim.{class_name}",
+                           params=_declared(cls), build=build)
+
+
+def build_unresolved(groups, hp, device):
+    raise UsageError("name a torch.optim class: torch:NAME")
+
+
+@hookimpl
+def geobench_register_optimizers(register):
+    register(OptimizerPlugin(name="torch", help="any torch.optim optimizer by class name: torch:NAME",
+                             params={}, build=build_unresolved, variants=variant))
