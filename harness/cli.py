@@ -47,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        # key=value pairs may also follow the options (`run adamw --out d steps=5`)
+        pairs = [a for a in extra if "=" in a and not a.startswith("-")]
+        unknown = [a for a in extra if a not in pairs]
+        if unknown or (pairs and args.command != "run"):
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown or pairs)}")
+        if pairs:
+            args.pairs += pairs
         return args.handler(args)
     except UsageError as exc:
         print(f"geobench: error: {exc}", file=sys.stderr)
@@ -57,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def default_name(optimizer: str, pairs: dict[str, str]) -> str:
-    shown = [f"{k}={v}" for k, v in pairs.items() if k not in ("resume", "train.resume")]
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", "-".join([optimizer, *shown]))
+def default_name(cfg: config.Config, pairs: dict[str, str], optimizer_params) -> str:
+    """The optimizer, the hyperparameters given on the command line and the seed if given:
+    `adamw-beta2=0.9`, `sgd-lr=1e-2-momentum=0.9-s271`."""
+    shown = [f"{k.removeprefix('optimizer.')}={v}" for k, v in pairs.items()
+             if k.removeprefix("optimizer.").removeprefix("params.") in optimizer_params]
+    seed = [f"s{cfg.train.seed}"] if {"seed", "train.seed"} & set(pairs) else []
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", "-".join([cfg.optimizer.name, *shown, *seed]))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -90,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in cfg.metrics:
         plugin_registry.get_metric(name, reg)
 
-    out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg.optimizer.name, pairs)))
+    optimizer = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
+    out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg, pairs, optimizer.params)))
     if out.path.exists() and not out.path.is_dir():
         raise UsageError(f"run directory {str(out)!r} is a file")
     if not out.is_empty():

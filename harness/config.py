@@ -64,7 +64,7 @@ class ProbeConfig:
     ood_gap: list = p([80, 200], "filler tokens between KEY and QUERY in the OOD set [min, max]")
     eval_prefix: list = p([2, 10], "filler tokens before KEY in the eval sets [min, max]")
     filler_ids: list = p([100, 5000], "token ids the eval filler is drawn from [min, max]")
-    seed: int = p(0, "seed of the codeword shuffle and the eval sets")
+    codeword_seed: int = p(0, "seed of the codeword shuffle and of the fixed eval sets")
 
 
 @dataclasses.dataclass

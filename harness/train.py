@@ -73,7 +73,7 @@ def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
 
     corpus = load_corpus(cfg.data)
     tokenizer = load_tokenizer(cfg.data, corpus, codeword_pool(cfg.probe.n_codewords))
-    probe = ProbeTask(cfg.probe, tokenizer, select_codewords(tokenizer, cfg.probe.n_codewords, cfg.probe.seed))
+    probe = ProbeTask(cfg.probe, tokenizer, select_codewords(tokenizer, cfg.probe.n_codewords, cfg.probe.codeword_seed))
     context = cfg.model.context
     stream = TrainStream(tokenize_stories(cfg.data, tokenizer, corpus, "train"), probe, context,
                          cfg.train.batch_size, cfg.train.grad_accum, cfg.probe.p_probe, cfg.train.seed,
@@ -177,6 +177,8 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
             if not math.isfinite(loss_value):
                 status, diverged_at = "diverged", step
                 bar.write(f"geobench: loss is {loss_value} at step {step}: the run diverged; stopping")
+                if done and done not in out.checkpoint_steps():  # keep the last weights that gave a finite loss
+                    out.save_checkpoint(done, _parameters(model))
                 break
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

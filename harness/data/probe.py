@@ -106,7 +106,7 @@ class ProbeTask:
     def eval_set(self, ood: bool, context: int) -> EvalSet:
         """SPEC §2's fixed eval sets: filler prefix, KEY, filler gap, QUERY; EOS padding after."""
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, 1 if ood else 0])
+        rng = np.random.default_rng([cfg.codeword_seed, 1 if ood else 0])
         gap_lo, gap_hi = cfg.ood_gap if ood else cfg.train_gap
         seqs = []
         for _ in range(cfg.eval_examples):

@@ -1,0 +1,45 @@
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# One cache for the whole session (tokenizers and token arrays are reused across tests), outside
+# the user's own cache; subprocesses inherit it.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="geobench-test-cache-")
+os.environ["GEOBENCH_CACHE"] = _SESSION_CACHE
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_SESSION_CACHE, "hf-datasets"))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories"
+
+# A run small enough to finish in seconds on one CPU core.
+FAST = [
+    "preset=tiny", "steps=12", "train_stories=300", "val_stories=40", "eval_examples=16",
+    "n_codewords=32", "eval_every=6", "checkpoint_every=4", "state_every=4", "batch_size=8",
+    "val_batches=1", "val_batch_size=8", "warmup=3", "lambda=[[0,2.0],[6,4.0]]",
+]
+
+
+def geobench_command() -> list[str]:
+    """The installed console script, as a user calls it."""
+    script = Path(sys.executable).parent / "geobench"
+    return [str(script)] if script.exists() else [shutil.which("geobench") or "geobench"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
+    return subprocess.run(geobench_command() + list(args), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip("../shared/data/tinystories is not present")
+    return SHARED_DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

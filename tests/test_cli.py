@@ -1,0 +1,163 @@
+"""The command line as a user calls it: the installed `geobench` script in a subprocess."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import FAST, geobench_command, run_cli
+from geobench import report
+from geobench.trajectory import RunDir
+
+
+def test_plugins_lists_builtins_with_source_and_hyperparameters():
+    result = run_cli("plugins")
+    assert result.returncode == 0, result.stderr
+    assert "adamw" in result.stdout and "[geobench 0.1.0]" in result.stdout
+    assert "beta2 = 0.95  (float >= 0 < 1)" in result.stdout
+    listing = json.loads(run_cli("plugins", "--json").stdout)
+    assert set(listing["optimizers"]) >= {"adamw", "sgd", "torch"}
+    assert listing["optimizers"]["sgd"]["params"]["wd_mode"]["allowed"] == "one of l2, decoupled"
+    assert "gpt" in listing["models"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    where = tmp_path_factory.mktemp("cli")
+    result = run_cli("run", "adamw", "beta2=0.9", *FAST, cwd=where)
+    return where, result
+
+
+def test_run_writes_a_complete_run_directory(finished_run):
+    where, result = finished_run
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("geobench: preset tiny (as asked)") and "'beta2': 0.9" in first
+    assert "corpus embedded synthetic stories" in result.stdout and "device cpu" in result.stdout
+    run = RunDir(where / "runs" / "adamw-beta2=0.9")
+    for name in ("config.yaml", "evals.jsonl", "report.json", "report.md", "tokenizer.json", "codewords.json",
+                 "figures/training.png", "checkpoints/index.json", "state/meta.json"):
+        assert (run.path / name).exists(), name
+    doc = json.loads(run.report_json.read_text())
+    report.validate(doc)
+    assert doc["run"]["status"] == "completed" and doc["run"]["last_step"] == 12
+    assert doc["corpus"]["kind"] == "embedded" and doc["tokenizer"]["kind"] == "bpe"
+    assert doc["optimizer"]["params"]["beta2"] == 0.9
+    assert doc["environment"]["device"].startswith("cpu")
+    assert [e["step"] for e in doc["evals"]] == [1, 6, 12]
+    assert doc["throughput"]["tokens"] == 12 * 8 * 128
+    assert run.checkpoint_steps() == [1, 4, 8, 12]
+    assert len(json.loads((run.path / "codewords.json").read_text())) == 32
+    assert "## Final evaluation" in run.report_md.read_text()
+
+
+def test_the_saved_config_reproduces_the_run(finished_run):
+    where, _ = finished_run
+    (original,) = (where / "runs").iterdir()
+    result = run_cli("run", "--config", str(original / "config.yaml"), "--out", "again", cwd=where)
+    assert result.returncode == 0, result.stderr
+    a, b = RunDir(original).load_checkpoint(12), RunDir(where / "again").load_checkpoint(12)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["adamw", "beta2=1.5"], "beta2='1.5' is out of range"),
+    (["adamw", "lr=-1"], "lr='-1' is out of range"),
+    (["adamw", "steps=many"], "train.steps='many' is not a valid int"),
+    (["adamww"], "unknown optimizer 'adamww' (did you mean 'adamw'?)"),
+    (["adamw", "betta2=0.9"], "unknown key 'betta2' (did you mean 'beta2'?)"),
+    (["adamw", "data=./no/such/folder"], "data path './no/such/folder' does not exist"),
+    (["adamw", "--config", "bad.yaml"], "malformed YAML in 'bad.yaml'"),
+    (["adamw", "metrics=backbon"], "unknown metric 'backbon'"),
+    (["sgd", "nesterov=true"], "nesterov=true needs momentum > 0"),
+    (["torch:Adam", "lr=0.01", "foo=1"], "unknown key 'foo'"),
+    (["adamw", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args, message):
+    (tmp_path / "bad.yaml").write_text("train: {steps: [1\n")
+    result = run_cli("run", args[0], *FAST, *args[1:], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("geobench: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_run_directory_needs_resume(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    result = run_cli("run", "adamw", *FAST, "--out", "taken", cwd=tmp_path)
+    assert result.returncode == 2 and "exists and is not empty; continue it with resume=true" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["notes.txt"]
+
+
+def test_divergence_is_a_result_with_a_report(tmp_path):
+    result = run_cli("run", "sgd", "lr=1e6", "wd=0", "grad_clip=0", *FAST, "--out", "boom", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "boom" / "report.json").read_text())
+    assert doc["run"]["status"] == "diverged"
+    assert doc["run"]["diverged_at"] == doc["run"]["last_step"] + 1 <= 12
+    assert "diverged at step" in result.stdout and "(non-finite loss)" in (tmp_path / "boom" / "report.md").read_text()
+    assert doc["run"]["last_step"] in RunDir(tmp_path / "boom").checkpoint_steps()
+
+
+SLOW_ENOUGH = ["steps=80", "state_every=10", "checkpoint_every=20", "eval_every=40", "batch_size=16"]
+
+
+def wait_for_state(run: RunDir, process: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        meta = run.state / "meta.json"
+        if meta.exists():
+            try:
+                return json.loads(meta.read_text())["step"]
+            except (json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(0.02)
+    raise AssertionError("the run never saved its state")
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
+    args = ["run", "adamw", *FAST, *SLOW_ENOUGH]
+    assert run_cli(*args, "--out", "whole", cwd=tmp_path).returncode == 0
+
+    victim = subprocess.Popen(geobench_command() + args + ["--out", "killed"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = wait_for_state(RunDir(tmp_path / "killed"), victim)
+    victim.kill()
+    victim.wait()
+    assert killed_at < 80, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "report.json").exists()
+
+    resumed = run_cli(*args, "resume=true", "--out", "killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    doc = json.loads((tmp_path / "killed" / "report.json").read_text())
+    assert doc["run"]["status"] == "completed" and doc["run"]["resumed_from"] >= killed_at
+    whole, again = RunDir(tmp_path / "whole"), RunDir(tmp_path / "killed")
+    assert whole.checkpoint_steps() == again.checkpoint_steps()
+    for step in whole.checkpoint_steps():
+        a, b = whole.load_checkpoint(step), again.load_checkpoint(step)
+        assert all(torch.equal(a[n], b[n]) for n in a), step
+    assert [e["val_loss"] for e in whole.read_evals()] == [e["val_loss"] for e in again.read_evals()]
+
+
+def test_ctrl_c_saves_state_and_reports_interrupted(tmp_path):
+    args = ["run", "adamw", *FAST, *SLOW_ENOUGH, "--out", "stopped"]
+    process = subprocess.Popen(geobench_command() + args, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_state(RunDir(tmp_path / "stopped"), process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    doc = json.loads((tmp_path / "stopped" / "report.json").read_text())
+    assert doc["run"]["status"] == "interrupted"
+    meta = yaml.safe_load((tmp_path / "stopped" / "state" / "meta.json").read_text())
+    assert meta["step"] == doc["run"]["last_step"]
+    changed = run_cli(*args, "resume=true", "seed=7", cwd=tmp_path)
+    assert changed.returncode == 2 and "config differs" in changed.stderr and "train.seed" in changed.stderr
+    finished = run_cli(*args, "resume=true", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads((tmp_path / "stopped" / "report.json").read_text())["run"]["status"] == "completed"

@@ -1,0 +1,117 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from geobench import config
+from geobench.errors import UsageError
+from geobench.params import Param
+from geobench.registry import get_optimizer
+
+
+def resolve(optimizer="adamw", pairs=(), file=None, auto="tiny"):
+    return config.resolve(optimizer, config.parse_pairs(list(pairs)), file,
+                          lambda name: get_optimizer(name).params, auto)
+
+
+def test_defaults_are_the_paper_protocol():
+    cfg = resolve(auto="paper")
+    assert cfg.preset == "paper"
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.d_ff, cfg.model.context) == (8, 512, 16, 2048, 256)
+    assert (cfg.train.steps, cfg.train.batch_size * cfg.train.grad_accum, cfg.train.warmup) == (10_000, 128, 1500)
+    assert cfg.train.lambda_schedule == [[0, 2.0], [4000, 4.0]]
+    assert cfg.optimizer.params == {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "wd": 0.5}
+    assert cfg.data.source == "roneneldan/TinyStories" and cfg.probe.p_probe == 0.10
+
+
+def test_layering_preset_then_file_then_command_line(tmp_path):
+    file = tmp_path / "my.yaml"
+    file.write_text("train:\n  steps: 50\n  seed: 7\nmodel.n_layer: 3\noptimizer:\n  params:\n    beta2: 0.8\n")
+    cfg = resolve(pairs=["seed=271", "beta2=0.9"], file=str(file))
+    assert cfg.model.d_model == 64            # preset tiny
+    assert cfg.model.n_layer == 3             # file over preset
+    assert cfg.train.steps == 50              # file over preset
+    assert cfg.train.seed == 271              # command line over file
+    assert cfg.optimizer.params["beta2"] == 0.9
+
+
+def test_short_dotted_and_alias_keys():
+    cfg = resolve(pairs=["model.n_layer=4", "steps=4000", "data=embedded", "lr=1e-2", "optimizer.eps=1e-6"])
+    assert cfg.model.n_layer == 4 and cfg.train.steps == 4000 and cfg.data.source == "embedded"
+    assert cfg.optimizer.params["lr"] == 1e-2 and cfg.optimizer.params["eps"] == 1e-6
+
+
+def test_preset_can_be_chosen_and_is_checked():
+    assert resolve(pairs=["preset=paper"]).model.d_model == 512
+    with pytest.raises(UsageError, match="preset='huge'.*one of auto, paper, tiny"):
+        resolve(pairs=["preset=huge"])
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("beta2=1.5", r"beta2='1.5' is out of range: expected float >= 0 < 1"),
+    ("lr=-1", r"lr='-1' is out of range: expected float > 0"),
+    ("steps=ten", r"train.steps='ten' is not a valid int"),
+    ("steps=2.5", r"train.steps='2.5' is not a valid int"),
+    ("stpes=10", r"unknown key 'stpes' \(did you mean 'steps'\?\)"),
+    ("seed", r"expected key=value, got 'seed'"),
+    ("optimizer.momentum=0.9", r"unknown optimizer hyperparameter 'momentum'"),
+    ("n_head=3", r"model.n_head=3 must divide model.d_model=64"),
+    ("lambda=[[5,2.0]]", r"train.lambda_schedule"),
+    ("ood_gap=[9,3]", r"probe.ood_gap"),
+    ("device=tpu", r"train.device='tpu' is not allowed"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(pair, message):
+    with pytest.raises(UsageError, match=message):
+        resolve(pairs=[pair])
+
+
+def test_ambiguous_short_key_lists_the_candidates(monkeypatch):
+    with pytest.raises(UsageError, match="ambiguous: use one of"):
+        config.resolve_key("seed", {"seed": Param(0)})
+
+
+def test_malformed_and_missing_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [steps: 1\n")
+    with pytest.raises(UsageError, match=r"malformed YAML in .*bad.yaml.* at line"):
+        resolve(file=str(bad))
+    with pytest.raises(UsageError, match="cannot read config file"):
+        resolve(file=str(tmp_path / "missing.yaml"))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="must hold a mapping"):
+        resolve(file=str(listy))
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(UsageError, match=r"unknown key 'train.stepz'.*\(in .*c.yaml\)"):
+        resolve(file=str(file))
+
+
+def test_saved_config_round_trips():
+    import yaml
+
+    cfg = resolve(pairs=["beta2=0.9", "steps=77"])
+    tree = yaml.safe_load(config.save(cfg))
+    assert config.build(tree, get_optimizer("adamw").params) == cfg
+
+
+@given(st.floats(min_value=0, max_value=1, exclude_max=True, allow_nan=False))
+def test_param_accepts_every_value_in_range(x):
+    spec = Param(0.5, low=0, high=1, high_open=True)
+    assert spec.check("beta2", repr(x)) == x
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: x < 0 or x >= 1))
+def test_param_rejects_every_value_out_of_range(x):
+    with pytest.raises(UsageError, match="beta2"):
+        Param(0.5, low=0, high=1, high_open=True).check("beta2", x)
+
+
+@pytest.mark.parametrize("raw, kind, expected", [
+    ("true", bool, True), ("off", bool, False), ("3", int, 3), ("1e-3", float, 1e-3),
+    ("backbone,switching", list, ["backbone", "switching"]), ("[1, 2]", list, [1, 2]), ("1e-3", str, "1e-3"),
+])
+def test_coercion(raw, kind, expected):
+    assert Param(kind() if kind is not str else "", type=kind).check("k", raw) == expected

@@ -1,0 +1,155 @@
+"""Every hookspec, exercised through a plugin registered the way pluggy registers any plugin."""
+
+import pytest
+import torch
+
+from conftest import FAST
+from geobench import Param, config, hookimpl, report
+from geobench.analysis import AnalysisContext, run_metrics
+from geobench.errors import UsageError
+from geobench.registry import MetricPlugin, ModelPlugin, OptimizerPlugin, get_metric, get_model, make_registry
+from geobench.train import prepare, train
+from geobench.trajectory import RunDir
+
+
+class Watcher:
+    """A plugin with one of everything."""
+
+    def __init__(self):
+        self.steps, self.evals, self.checkpoints, self.reports = [], [], [], 0
+
+    @hookimpl
+    def geobench_register_optimizers(self, register):
+        register(OptimizerPlugin("plain-sgd", "SGD without extras", {"lr": Param(0.05, low=0, low_open=True)},
+                                 build=lambda groups, hp, device: torch.optim.SGD(groups, lr=hp["lr"])))
+
+    @hookimpl
+    def geobench_register_metrics(self, register):
+        register(MetricPlugin("drift", "distance of the last checkpoint from the first", {"scale": Param(1.0)},
+                              compute=drift))
+        register(MetricPlugin("broken", "always fails", {}, compute=broken))
+
+    @hookimpl
+    def geobench_register_models(self, register):
+        register(ModelPlugin("linear", "a bigram model", build=lambda cfg, vocab: torch.nn.Embedding(vocab, vocab)))
+
+    @hookimpl
+    def geobench_on_step(self, run, step, loss, lr):
+        self.steps.append((step, loss, lr))
+
+    @hookimpl
+    def geobench_on_eval(self, run, step, record):
+        self.evals.append(record)
+
+    @hookimpl
+    def geobench_on_checkpoint(self, run, step, path):
+        assert path.exists()
+        self.checkpoints.append(step)
+
+    @hookimpl
+    def geobench_on_report(self, run, report):
+        self.reports += 1
+        report["extensions"]["watcher"] = {"steps_seen": len(self.steps)}
+
+
+def drift(ctx, options):
+    steps = ctx.checkpoint_steps()
+    first, last = ctx.load_checkpoint(steps[0]), ctx.load_checkpoint(steps[-1])
+    total = sum(float(((last[n] - first[n]) ** 2).sum()) for n in first)
+    return {"scalars": {"drift": options["scale"] * total ** 0.5}, "series": {"steps": steps},
+            "tables": {"checkpoints": [{"step": s} for s in steps]}}
+
+
+def broken(ctx, options):
+    raise RuntimeError("this metric is broken on purpose")
+
+
+@pytest.fixture(scope="module")
+def watched_run(tmp_path_factory):
+    watcher = Watcher()
+    reg = make_registry(extra_plugins=(watcher,))
+    cfg = config.resolve("plain-sgd", config.parse_pairs(FAST + ["model.family=gpt"]), None,
+                         lambda n: reg.optimizers[n].params, "tiny")
+    run = prepare(cfg, reg)
+    out = RunDir(tmp_path_factory.mktemp("run") / "watched")
+    outcome = train(run, out, reg.manager.hook)
+    return watcher, reg, cfg, run, out, outcome
+
+
+def test_register_hooks_add_optimizers_metrics_and_models(watched_run):
+    watcher, reg, *_ = watched_run
+    assert reg.optimizers["plain-sgd"].source.startswith("registered at runtime")
+    assert reg.optimizers["adamw"].source.startswith("geobench ")
+    assert get_metric("drift", reg).options["scale"].default == 1.0
+    assert get_model("linear", reg).build(None, 5).weight.shape == (5, 5)
+    with pytest.raises(UsageError, match="unknown metric 'drfit'.*did you mean 'drift'"):
+        get_metric("drfit", reg)
+
+
+def test_lifecycle_hooks_see_every_step_eval_and_checkpoint(watched_run):
+    watcher, reg, cfg, run, out, outcome = watched_run
+    assert outcome.status == "completed" and outcome.last_step == 12
+    assert [s for s, _, _ in watcher.steps] == list(range(1, 13))
+    assert [r["step"] for r in watcher.evals] == [1, 6, 12] == [r["step"] for r in out.read_evals()]
+    assert watcher.checkpoints == [1, 4, 8, 12] == out.checkpoint_steps()
+
+
+def test_metrics_run_and_one_failure_does_not_stop_the_others(watched_run):
+    watcher, reg, cfg, run, out, outcome = watched_run
+    results = run_metrics(AnalysisContext(out, cfg), ["broken", "drift"], reg)
+    assert results["broken"]["status"] == "failed" and "broken on purpose" in results["broken"]["error"]
+    first, last = out.load_checkpoint(1), out.load_checkpoint(12)
+    expected = torch.sqrt(sum(((last[n] - first[n]) ** 2).sum() for n in first)).item()
+    assert results["drift"]["status"] == "ok"
+    assert results["drift"]["scalars"]["drift"] == pytest.approx(expected, rel=1e-5)
+
+    doc = minimal_report(out, results)
+    report.write(out, doc, reg.manager.hook)
+    assert watcher.reports == 1
+    text = out.report_md.read_text()
+    assert "## Metric `drift`" in text and "**failed:** RuntimeError" in text
+    import json
+
+    saved = json.loads(out.report_json.read_text())
+    assert saved["extensions"]["watcher"]["steps_seen"] == 12
+    assert saved["metrics"]["drift"]["tables"]["checkpoints"][0] == {"step": 1}
+
+
+def minimal_report(out, metrics):
+    evals = out.read_evals()
+    return {
+        "schema_version": "1.0", "geobench_version": "test",
+        "run": {"name": "watched", "status": "completed", "last_step": 12, "steps_planned": 12, "diverged_at": None,
+                "resumed_from": None, "started": "", "finished": "", "preset": "tiny", "preset_reason": "test"},
+        "environment": report.environment(torch.device("cpu")),
+        "corpus": {"kind": "embedded", "source": "embedded", "description": "d", "train_stories": 1, "val_stories": 1,
+                   "fingerprint": "x"},
+        "tokenizer": {"kind": "bpe", "description": "d", "vocab_size": 10, "eos_id": 0, "fingerprint": "x", "codewords": 2},
+        "model": {"family": "gpt", "parameters": {"total": 1, "trunk": 1}},
+        "optimizer": {"name": "plain-sgd", "source": "test", "params": {}},
+        "config": {}, "throughput": {"train_seconds": 1.0, "tokens": 1, "tokens_per_second": 1.0},
+        "evals": evals, "final": report.final_summary(evals), "metrics": metrics, "extensions": {},
+    }
+
+
+def test_report_schema_rejects_what_tools_could_not_parse(watched_run, tmp_path):
+    import jsonschema
+
+    *_, out, _ = watched_run
+    doc = report.finite(minimal_report(out, {}))
+    report.validate(doc)
+    for broken_doc in ({**doc, "schema_version": "0.9"}, {**doc, "run": {**doc["run"], "status": "exploded"}},
+                       {k: v for k, v in doc.items() if k != "evals"}):
+        with pytest.raises(jsonschema.ValidationError):
+            report.validate(broken_doc)
+    assert report.finite({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
+
+
+def test_a_name_registered_twice_is_an_error():
+    class Twin:
+        @hookimpl
+        def geobench_register_optimizers(self, register):
+            register(OptimizerPlugin("adamw", "impostor", {}, build=None))
+
+    with pytest.raises(UsageError, match="'adamw' is registered twice"):
+        make_registry(extra_plugins=(Twin(),))
