@@ -13,6 +13,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics = run_metrics(AnalysisContext(out, cfg), cfg.metrics, reg)
     finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     evals = out.read_evals()
-    doc = {
+    doc: dict[str, Any] = {
         "schema_version": report.SCHEMA_VERSION,
         "geobench_version": __version__,
         "run": {"name": out.path.name, "status": outcome.status, "last_step": outcome.last_step,
@@ -163,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.diverged_at is not None:
         summary += f" at step {outcome.diverged_at}"
     if final:
-        summary += f"; step {final['step']}: val_loss {final['val_loss']:.4f}, p_in {final['p_in']:.3f}, p_ood {final['p_ood']:.3f}"
+        summary += (f"; step {final['step']}: val_loss {final['val_loss']:.4f}, "
+                    f"p_in {final['p_in']:.3f}, p_ood {final['p_ood']:.3f}")
     print(summary)
     failed = [name for name, result in metrics.items() if result["status"] == "failed"]
     if failed:
@@ -174,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     reg = plugin_registry.registry()
-    listing = {
+    listing: dict[str, dict[str, Any]] = {
         "optimizers": {name: {"source": p.source, "help": p.help,
                               "params": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
                                          for k, v in p.params.items()}}

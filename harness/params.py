@@ -22,7 +22,7 @@ from geobench.errors import UsageError
 class Param:
     default: Any
     help: str = ""
-    type: type | None = None  # inferred from the default when None
+    kind: type | None = None  # inferred from the default when None
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # True: the bound itself is not allowed
@@ -30,16 +30,14 @@ class Param:
     choices: tuple[Any, ...] | None = None
 
     @property
-    def kind(self) -> type:
-        if self.type is not None:
-            return self.type
-        return type(self.default)
+    def value_type(self) -> type:
+        return self.kind if self.kind is not None else type(self.default)
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values."""
         if self.choices is not None:
             return "one of " + ", ".join(str(c) for c in self.choices)
-        parts = [self.kind.__name__]
+        parts = [self.value_type.__name__]
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
         if self.high is not None:
@@ -47,7 +45,7 @@ class Param:
         return " ".join(parts)
 
     def check(self, key: str, raw: Any) -> Any:
-        value = coerce(key, raw, self.kind)
+        value = coerce(key, raw, self.value_type)
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"{key}={raw!r} is not allowed: expected {self.allowed()}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -22,7 +22,7 @@ from geobench.config import Config
 from geobench.data.batches import TrainStream, validation_batches
 from geobench.data.corpus import Corpus, load_corpus
 from geobench.data.probe import ProbeTask, codeword_pool, select_codewords
-from geobench.data.tokenizer import TextTokenizer, tokenize_stories, load_tokenizer
+from geobench.data.tokenizer import TextTokenizer, load_tokenizer, tokenize_stories
 from geobench.errors import UsageError
 from geobench.evaluate import Evaluator
 from geobench.model import no_decay, trunk_names

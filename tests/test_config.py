@@ -114,4 +114,4 @@ def test_param_rejects_every_value_out_of_range(x):
     ("backbone,switching", list, ["backbone", "switching"]), ("[1, 2]", list, [1, 2]), ("1e-3", str, "1e-3"),
 ])
 def test_coercion(raw, kind, expected):
-    assert Param(kind() if kind is not str else "", type=kind).check("k", raw) == expected
+    assert Param(kind() if kind is not str else "", kind=kind).check("k", raw) == expected

@@ -1,10 +1,10 @@
 import json
 import time
 
+import datasets
 import numpy as np
 import pytest
 
-import datasets
 from geobench.config import DataConfig, ProbeConfig
 from geobench.data import synthetic
 from geobench.data.batches import TrainStream, validation_batches

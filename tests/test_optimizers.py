@@ -57,8 +57,10 @@ def test_sgd_variants_match_the_formulas(momentum, nesterov, wd_mode):
         w.grad, b.grad = torch.from_numpy(gw), torch.from_numpy(gb)
         opt.step()
     decoupled = wd_mode == "decoupled"
-    np.testing.assert_allclose(w.detach().numpy(), manual_sgd(start_w, grads_w, 0.1, momentum, nesterov, 0.5, decoupled), rtol=1e-5)
-    np.testing.assert_allclose(b.detach().numpy(), manual_sgd(start_b, grads_b, 0.1, momentum, nesterov, 0.0, decoupled), rtol=1e-5)
+    expected_w = manual_sgd(start_w, grads_w, 0.1, momentum, nesterov, 0.5, decoupled)
+    np.testing.assert_allclose(w.detach().numpy(), expected_w, rtol=1e-5)
+    expected_b = manual_sgd(start_b, grads_b, 0.1, momentum, nesterov, 0.0, decoupled)
+    np.testing.assert_allclose(b.detach().numpy(), expected_b, rtol=1e-5)
 
 
 def test_decoupled_decay_follows_the_scheduled_lr():

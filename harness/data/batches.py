@@ -8,8 +8,6 @@ story, EOS appended to the story, the targets after that EOS ignored.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
@@ -35,10 +33,14 @@ class TrainStream:
         self.stories, self.probe = stories, probe
         self.context, self.batch_size, self.grad_accum = context, batch_size, grad_accum
         self.p_probe, self.seed, self.eos = p_probe, seed, eos
+        self._epoch, self._permutation = -1, np.empty(0, dtype=np.int64)
 
-    @functools.lru_cache(maxsize=2)
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.stories))
+        """The story order of an epoch: a seeded permutation, the latest one kept."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._permutation = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.stories))
+        return self._permutation
 
     def sequence(self, index: int) -> tuple[np.ndarray, ...]:
         epoch, position = divmod(index, len(self.stories))

@@ -69,7 +69,10 @@ def load_tokenizer(cfg: DataConfig, corpus: Corpus, codeword_pool: list[str]) ->
     else:
         tok = _train_bpe(corpus.train, cfg.vocab_size, codeword_pool)
         atomic_write_text(path, tok.to_str())
-    return TextTokenizer(tok, "bpe", tok.token_to_id(EOS))
+    eos = tok.token_to_id(EOS)
+    if eos is None:
+        raise UsageError(f"cached tokenizer {str(path)!r} has no {EOS} token; delete it to retrain")
+    return TextTokenizer(tok, "bpe", eos)
 
 
 def _train_bpe(texts: list[str], vocab_size: int, codeword_pool: list[str]) -> Tokenizer:

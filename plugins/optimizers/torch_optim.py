@@ -22,7 +22,7 @@ def _classes() -> dict[str, type]:
 
 def _declared(cls: type) -> dict[str, Param]:
     params = {}
-    for name, arg in inspect.signature(cls.__init__).parameters.items():
+    for name, arg in inspect.signature(cls).parameters.items():
         default = arg.default
         if name == "lr" and isinstance(default, torch.Tensor):
             default = float(default)
@@ -30,7 +30,7 @@ def _declared(cls: type) -> dict[str, Param]:
             low = 0 if isinstance(default, (int, float)) and not isinstance(default, bool) and default >= 0 else None
             params[name] = Param(default, f"{cls.__name__}({name}=...)", low=low)
         elif isinstance(default, tuple) and all(isinstance(v, (int, float)) for v in default):
-            params[name] = Param(default, f"{cls.__name__}({name}=...)", type=tuple)
+            params[name] = Param(default, f"{cls.__name__}({name}=...)", kind=tuple)
     return params
 
 
