@@ -8,7 +8,6 @@ stderr and exit code 2, before anything of the run is written.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import sys
@@ -89,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
     from geobench.analysis import AnalysisContext, run_metrics
-    from geobench.train import prepare, train
+    from geobench.train import pick_device, prepare, train
 
     reg = plugin_registry.registry()
     pairs = config.parse_pairs(args.pairs)
@@ -115,14 +114,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             if changed:
                 raise UsageError(f"resume=true but the config differs from {str(out.config)!r} in: {', '.join(changed)}")
 
-    print(f"geobench: preset {cfg.preset} ({preset_reason}); optimizer {cfg.optimizer.name} "
-          f"{cfg.optimizer.params}; {cfg.train.steps} steps", flush=True)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"geobench: preset {cfg.preset} ({preset_reason}); device {pick_device(cfg.train.device)}; "
+          f"optimizer {cfg.optimizer.name} {cfg.optimizer.params}; {cfg.train.steps} steps", flush=True)
+    started = report.now()
     run = prepare(cfg, reg)
     counts = run.parameter_counts()
     print(f"geobench: corpus {run.corpus.description}", flush=True)
     print(f"geobench: tokenizer {run.tokenizer.summary()['description']} (vocab {run.tokenizer.vocab_size}); "
-          f"device {run.device}; model {counts['total']:,} parameters (trunk {counts['trunk']:,})", flush=True)
+          f"model {counts['total']:,} parameters (trunk {counts['trunk']:,})", flush=True)
     print(f"geobench: run directory {out}", flush=True)
 
     out.path.mkdir(parents=True, exist_ok=True)
@@ -134,29 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = {}
     if cfg.metrics:
         metrics = run_metrics(AnalysisContext(out, cfg), cfg.metrics, reg)
-    finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    evals = out.read_evals()
-    doc: dict[str, Any] = {
-        "schema_version": report.SCHEMA_VERSION,
-        "geobench_version": __version__,
-        "run": {"name": out.path.name, "status": outcome.status, "last_step": outcome.last_step,
-                "steps_planned": cfg.train.steps, "diverged_at": outcome.diverged_at,
-                "resumed_from": outcome.resumed_from, "started": started, "finished": finished,
-                "preset": cfg.preset, "preset_reason": preset_reason},
-        "environment": report.environment(run.device),
-        "corpus": run.corpus.summary(),
-        "tokenizer": {**run.tokenizer.summary(), "codewords": len(run.probe.codewords)},
-        "model": {"family": cfg.model.family, "parameters": counts},
-        "optimizer": {"name": cfg.optimizer.name, "source": run.optimizer_plugin.source,
-                      "params": cfg.optimizer.params},
-        "config": config.to_dict(cfg),
-        "throughput": {"train_seconds": round(outcome.train_seconds, 3), "tokens": outcome.tokens,
-                       "tokens_per_second": outcome.tokens / outcome.train_seconds if outcome.train_seconds else None},
-        "evals": evals,
-        "final": report.final_summary(evals),
-        "metrics": metrics,
-        "extensions": {},
-    }
+    doc = report.assemble(run, out, outcome, metrics, started=started, preset_reason=preset_reason)
     report.write(out, doc, reg.manager.hook)
 
     final = doc["final"]

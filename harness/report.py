@@ -7,6 +7,7 @@ Metric plugins add sections under `metrics` in a shape the report renders withou
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import math
@@ -15,13 +16,17 @@ import platform
 import subprocess
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import torch
 
 import geobench
+from geobench import config
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from geobench.train import Outcome, Run
 
 SCHEMA_VERSION = "1.0"
 EVAL_KEYS = ("val_loss", "p_in", "p_ood", "nll_ood", "lm_ood", "r_ood")
@@ -87,6 +92,38 @@ def final_summary(evals: list[dict]) -> dict:
     best = max(scored, key=lambda e: e["p_ood"]) if scored else None
     return {"step": last["step"], **{k: last[k] for k in EVAL_KEYS},
             "best_p_ood": best["p_ood"] if best else None, "best_p_ood_step": best["step"] if best else None}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: str, preset_reason: str) -> dict:
+    """The report of a finished (or diverged, or interrupted) training run."""
+    cfg = run.cfg
+    evals = out.read_evals()
+    seconds = outcome.train_seconds
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "geobench_version": geobench.__version__,
+        "run": {"name": out.path.name, "status": outcome.status, "last_step": outcome.last_step,
+                "steps_planned": cfg.train.steps, "diverged_at": outcome.diverged_at,
+                "resumed_from": outcome.resumed_from, "started": started, "finished": now(),
+                "preset": cfg.preset, "preset_reason": preset_reason},
+        "environment": environment(run.device),
+        "corpus": run.corpus.summary(),
+        "tokenizer": {**run.tokenizer.summary(), "codewords": len(run.probe.codewords)},
+        "model": {"family": cfg.model.family, "parameters": run.parameter_counts()},
+        "optimizer": {"name": cfg.optimizer.name, "source": run.optimizer_plugin.source,
+                      "params": cfg.optimizer.params},
+        "config": config.to_dict(cfg),
+        "throughput": {"train_seconds": round(seconds, 3), "tokens": outcome.tokens,
+                       "tokens_per_second": outcome.tokens / seconds if seconds else None},
+        "evals": evals,
+        "final": final_summary(evals),
+        "metrics": metrics,
+        "extensions": {},
+    }
 
 
 def write(out: RunDir, report: dict, hooks) -> None:

@@ -38,6 +38,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a run needs, built and checked before anything is written."""
@@ -55,9 +62,7 @@ class Run:
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device)
 
     def parameter_counts(self) -> dict[str, int]:
         names = dict(self.model.named_parameters())
@@ -90,13 +95,12 @@ def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
 
-    run = Run(cfg, device, corpus, tokenizer, probe, stream, None, model, optimizer, optimizer_plugin)  # type: ignore[arg-type]
-    run.evaluator = Evaluator(
+    evaluator = Evaluator(
         validation_batches(val, context, cfg.train.val_batches, cfg.train.val_batch_size, tokenizer.eos_id),
         probe.eval_set(ood=False, context=context), probe.eval_set(ood=True, context=context),
-        cfg.train.val_batch_size, device, run.autocast,
+        cfg.train.val_batch_size, device, autocast(device),
     )
-    return run
+    return Run(cfg, device, corpus, tokenizer, probe, stream, evaluator, model, optimizer, optimizer_plugin)
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:

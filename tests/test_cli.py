@@ -36,8 +36,8 @@ def test_run_writes_a_complete_run_directory(finished_run):
     where, result = finished_run
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
-    assert first.startswith("geobench: preset tiny (as asked)") and "'beta2': 0.9" in first
-    assert "corpus embedded synthetic stories" in result.stdout and "device cpu" in result.stdout
+    assert first.startswith("geobench: preset tiny (as asked); device cpu") and "'beta2': 0.9" in first
+    assert "corpus embedded synthetic stories" in result.stdout and "tokenizer byte-level BPE" in result.stdout
     run = RunDir(where / "runs" / "adamw-beta2=0.9")
     for name in ("config.yaml", "evals.jsonl", "report.json", "report.md", "tokenizer.json", "codewords.json",
                  "figures/training.png", "checkpoints/index.json", "state/meta.json"):
