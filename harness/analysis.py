@@ -5,21 +5,45 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import traceback
+from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from geobench import config as config_mod
 from geobench import registry as plugin_registry
-from geobench.errors import UsageError
+from geobench.errors import UsageError, did_you_mean
+from geobench.linalg import PCA, TrajectoryGram, pca
+from geobench.model import block_names, trunk_names
+from geobench.report import pyplot
 from geobench.trajectory import RunDir
+
+
+@dataclasses.dataclass
+class Backbone:
+    """The trajectory PCA of a scope over a window anchored at its first checkpoint.
+
+    `pca` is the row-normalized variant (SPEC's tables), `pca_raw` the raw one; v_b, the backbone, is
+    the first direction of the row-normalized PCA with ⟨Δθ_final, v_b⟩ > 0. Rows exclude the anchor
+    itself (its Δ is zero)."""
+
+    gram: TrajectoryGram
+    pca: PCA
+    pca_raw: PCA
+
+    @property
+    def v_b(self) -> np.ndarray:
+        return self.pca.directions[0]
 
 
 @dataclasses.dataclass
 class AnalysisContext:
     run: RunDir
     config: config_mod.Config
+    _grams: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, path, reg: plugin_registry.Registry | None = None) -> AnalysisContext:
@@ -41,6 +65,110 @@ class AnalysisContext:
         return self.run.load_checkpoint(step, names)
 
     @functools.cached_property
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        steps = self.checkpoint_steps()
+        if not steps:
+            raise UsageError(f"run {str(self.run)!r} has no checkpoints")
+        return {name: tuple(t.shape) for name, t in self.load_checkpoint(steps[0]).items()}
+
+    def scope(self, scope: str) -> list[str]:
+        """Parameter names of a scope: `trunk`, `all` or `block:I` (SPEC §1)."""
+        names = list(self.parameter_shapes)
+        match = re.fullmatch(r"block:(\d+)", scope)
+        if scope == "trunk":
+            chosen = trunk_names(names)
+        elif scope == "all":
+            chosen = names
+        elif match:
+            chosen = block_names(names, int(match.group(1)))
+        else:
+            raise UsageError(f"scope={scope!r} is not one of trunk, all, block:I")
+        if not chosen:
+            raise UsageError(f"scope={scope!r} matches no parameter of run {str(self.run)!r}")
+        return chosen
+
+    def window(self, window: list, minimum: int = 2) -> list[int]:
+        """Checkpoint steps inside [start, end] (all of them for an empty window)."""
+        steps = self.checkpoint_steps()
+        if window:
+            if len(window) != 2:
+                raise UsageError(f"window={window!r} must be [start, end]")
+            steps = [s for s in steps if window[0] <= s <= window[1]]
+        if len(steps) < minimum:
+            raise UsageError(f"window {window or 'of the whole run'} holds {len(steps)} checkpoints of run "
+                             f"{str(self.run)!r}; at least {minimum} are needed")
+        return steps
+
+    def gram(self, scope: str, steps: tuple[int, ...], anchor: int) -> TrajectoryGram:
+        """Gram matrix of Δ_t = θ_t − θ_anchor over `steps`, streamed from the checkpoints (cached:
+        several metrics of one analysis share it)."""
+        key = (scope, steps, anchor)
+        if key not in self._grams:
+            self._grams[key] = TrajectoryGram.build(
+                [self.run.checkpoint_path(s) for s in steps], steps, self.scope(scope),
+                self.run.checkpoint_path(anchor), anchor, device=self.device)
+        return self._grams[key]
+
+    def backbone(self, scope: str = "trunk", window: tuple = ()) -> Backbone:
+        steps = tuple(self.window(list(window), minimum=3))
+        gram = self.gram(scope, steps, steps[0])
+        rows = np.eye(len(steps))[1:]
+        return Backbone(gram, pca(gram, rows, normalize_rows=True), pca(gram, rows))
+
+    def spread(self, steps: list[int], count: int) -> list[int]:
+        """Up to `count` checkpoints spread evenly over the run, the last included; or `steps` checked."""
+        available = self.checkpoint_steps()
+        if steps:
+            missing = [s for s in steps if s not in available]
+            if missing:
+                raise UsageError(f"run {str(self.run)!r} has no checkpoint at step(s) {missing}; "
+                                 f"it has {available[0]}..{available[-1]} ({len(available)} checkpoints)")
+            return list(steps)
+        picks = np.linspace(0, len(available) - 1, min(count, len(available))).round().astype(int)
+        return [available[i] for i in sorted(set(picks))]
+
+    def model_at(self, step: int) -> torch.nn.Module:
+        """The run's model with the weights of checkpoint `step`, in eval mode."""
+        model = self.live.model
+        weights = self.load_checkpoint(step)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(weights[name])
+        return model.eval()
+
+    def batches(self, n: int, first: int = 0):
+        """`n` training-distribution batches (inputs, targets, probe mask) the run never trained on:
+        the data stream continued past its last step."""
+        stream, device = self.live.stream, self.live.device
+        for i in range(n):
+            yield tuple(x.to(device) for x in stream.batch(self.config.train.steps + 1 + first + i, 0))
+
+    def flatten(self, tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1).to(self.live.device, torch.float32) for n in names])
+
+    def materialize(self, gram: TrajectoryGram, coefficients: np.ndarray) -> dict[str, torch.Tensor]:
+        return gram.materialize([self.run.checkpoint_path(s) for s in gram.steps],
+                                self.run.checkpoint_path(gram.anchor), coefficients)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def p_ood_at(self, steps: list[int]) -> dict[int, float]:
+        by_step = {e["step"]: e["p_ood"] for e in self.evals if e.get("p_ood") is not None}
+        return {s: by_step[s] for s in steps if s in by_step}
+
+    def figure(self, fig, name: str) -> str:
+        """Save a matplotlib figure under figures/ (atomically) and return its path in the run."""
+        self.run.figures.mkdir(parents=True, exist_ok=True)
+        path = self.run.figures / f"{name}.png"
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        pyplot().close(fig)
+        Path(tmp).replace(path)
+        return f"figures/{name}.png"
+
+    @functools.cached_property
     def live(self):
         """The run's model, data and evaluator rebuilt from its config (for metrics that need
         gradients or evaluations); load a checkpoint into `live.model` before use."""
@@ -49,17 +177,42 @@ class AnalysisContext:
         return prepare(self.config)
 
 
-def run_metrics(ctx: AnalysisContext, names: list[str], reg: plugin_registry.Registry | None = None) -> dict:
+def metric_options(names: list[str], given: dict[str, str], reg: plugin_registry.Registry) -> dict[str, dict]:
+    """Validated options per metric from `NAME.option=value` pairs (defaults for the rest)."""
+    chosen = {name: plugin_registry.get_metric(name, reg) for name in names}
+    options = {name: {k: spec.default for k, spec in plugin.options.items()} for name, plugin in chosen.items()}
+    for key, raw in given.items():
+        name, _, option = key.partition(".")
+        if name not in chosen:
+            raise UsageError(f"option {key!r} names metric {name!r}, which is not being computed "
+                             f"({', '.join(names)})")
+        declared = chosen[name].options
+        if option not in declared:
+            raise UsageError(f"metric {name!r} has no option {option!r}{did_you_mean(option, declared)}; "
+                             f"options: {', '.join(declared) or 'none'}")
+        options[name][option] = declared[option].check(key, raw)
+    return options
+
+
+def run_metrics(ctx: AnalysisContext, names: list[str], reg: plugin_registry.Registry | None = None,
+                options: dict[str, dict] | None = None, strict: bool = False) -> dict:
+    """Compute each metric; a failure is recorded and the others still run. With `strict`, a metric
+    that finds the run lacking what it needs (a UsageError) stops everything instead."""
     reg = reg or plugin_registry.registry()
+    options = options or metric_options(names, {}, reg)
     results = {}
     for name in names:
         plugin = plugin_registry.get_metric(name, reg)
-        options = {key: spec.default for key, spec in plugin.options.items()}
         try:
-            output = plugin.compute(ctx, options)
-            results[name] = {"status": "ok", "source": plugin.source, "options": options, **output}
+            output = plugin.compute(ctx, options[name])
+            results[name] = {"status": "ok", "source": plugin.source, "options": options[name], **output}
+        except UsageError as exc:
+            if strict:
+                raise UsageError(f"metric {name!r}: {exc}") from None
+            results[name] = {"status": "failed", "source": plugin.source, "options": options[name],
+                             "error": f"UsageError: {exc}"}
         except Exception as exc:  # one broken metric must not cost the others their results
-            results[name] = {"status": "failed", "source": plugin.source, "options": options,
+            results[name] = {"status": "failed", "source": plugin.source, "options": options[name],
                              "error": f"{type(exc).__name__}: {exc}",
                              "traceback": traceback.format_exc(limit=5)}
     return results

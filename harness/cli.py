@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/<name>)")
     run.set_defaults(handler=cmd_run)
 
+    analyze = commands.add_parser("analyze", help="(re)compute metric plugins on a finished run and update its report")
+    analyze.add_argument("run", help="run directory")
+    analyze.add_argument("--metric", action="append", dest="metrics", metavar="NAME",
+                         help="metric to compute (repeatable; default: the run's configured set)")
+    analyze.add_argument("pairs", nargs="*", metavar="NAME.option=value", help="metric options, e.g. backbone.scope=all")
+    analyze.set_defaults(handler=cmd_analyze)
+
     plugins = commands.add_parser("plugins", help="list every optimizer, metric and model plugin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(handler=cmd_plugins)
@@ -51,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         # key=value pairs may also follow the options (`run adamw --out d steps=5`)
         pairs = [a for a in extra if "=" in a and not a.startswith("-")]
         unknown = [a for a in extra if a not in pairs]
-        if unknown or (pairs and args.command != "run"):
+        if unknown or (pairs and not hasattr(args, "pairs")):
             raise UsageError(f"unrecognized arguments: {' '.join(unknown or pairs)}")
         if pairs:
             args.pairs += pairs
@@ -149,6 +156,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"geobench: metrics failed: {', '.join(failed)} (see the report)")
     print(f"geobench: report {out.report_md}")
     return 130 if outcome.status == "interrupted" else 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import json as json_mod
+
+    from geobench.analysis import AnalysisContext, metric_options, run_metrics
+
+    reg = plugin_registry.registry()
+    ctx = AnalysisContext.open(args.run, reg)
+    if not ctx.run.report_json.exists():
+        raise UsageError(f"run {args.run!r} has no report.json (was it killed? finish it with resume=true)")
+    names = args.metrics or ctx.config.metrics
+    if not names:
+        raise UsageError(f"name a metric with --metric (available: {', '.join(reg.metrics) or 'none installed'})")
+    options = metric_options(names, config.parse_pairs(args.pairs), reg)
+    results = run_metrics(ctx, names, reg, options, strict=True)
+    doc = json_mod.loads(ctx.run.report_json.read_text())
+    doc["metrics"].update(results)
+    report.write(ctx.run, doc, reg.manager.hook)
+    for name, result in results.items():
+        line = f"geobench: {name}: {result['status']}"
+        if result["status"] == "failed":
+            line += f" ({result['error']})"
+        else:
+            line += "; " + ", ".join(f"{k} {report._fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6])
+        print(line)
+    print(f"geobench: report {ctx.run.report_md}")
+    return 1 if any(r["status"] == "failed" for r in results.values()) else 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import numpy as np
 import torch
 
 from geobench.data.probe import EvalSet
@@ -30,9 +31,10 @@ class Evaluator:
             ce = self._losses(model, inputs, targets)
             total += float(ce.sum())
             count += int((targets >= 0).sum())
-        p_in, _, _ = self._probe(model, self.probe_in)
-        p_ood, nll_ood, lm_ood = self._probe(model, self.probe_ood)
+        correct_in, _, _ = self._probe(model, self.probe_in)
+        correct_ood, nll_ood, lm_ood = self._probe(model, self.probe_ood)
         model.train(was_training)
+        p_in, p_ood = float(correct_in.mean()), float(correct_ood.mean())
         return {"val_loss": total / max(count, 1), "p_in": p_in, "p_ood": p_ood,
                 "nll_ood": nll_ood, "lm_ood": lm_ood, "r_ood": nll_ood / lm_ood if lm_ood else float("nan")}
 
@@ -43,9 +45,14 @@ class Evaluator:
     def _losses(self, model, inputs, targets):
         return token_losses(self._logits(model, inputs), targets.to(self.device))
 
-    def _probe(self, model: torch.nn.Module, data: EvalSet) -> tuple[float, float, float]:
-        """(exact-match rate, mean CE on probe positions, mean CE on the other non-pad positions)."""
-        hits, probe_ce, probe_n, lm_ce, lm_n = 0, 0.0, 0, 0.0, 0
+    @torch.no_grad()
+    def ood_correct(self, model: torch.nn.Module) -> np.ndarray:
+        """Per-example exact match on the OOD set (for bootstrap noise estimates)."""
+        return self._probe(model, self.probe_ood)[0]
+
+    def _probe(self, model: torch.nn.Module, data: EvalSet) -> tuple[np.ndarray, float, float]:
+        """(per-example exact match, mean CE on probe positions, mean CE on the other non-pad positions)."""
+        hits, probe_ce, probe_n, lm_ce, lm_n = [], 0.0, 0, 0.0, 0
         for start in range(0, len(data.inputs), self.batch_size):
             rows = slice(start, start + self.batch_size)
             inputs, targets, mask = (torch.from_numpy(a[rows]).to(self.device) for a in
@@ -53,10 +60,10 @@ class Evaluator:
             logits = self._logits(model, inputs)
             ce = token_losses(logits, targets)
             correct = (logits.argmax(-1) == targets) | ~mask
-            hits += int(correct.all(dim=1).sum())
+            hits.append(correct.all(dim=1).cpu().numpy())
             probe_ce += float((ce * mask).sum())
             probe_n += int(mask.sum())
             other = (targets >= 0) & ~mask
             lm_ce += float((ce * other).sum())
             lm_n += int(other.sum())
-        return hits / len(data.inputs), probe_ce / max(probe_n, 1), lm_ce / max(lm_n, 1)
+        return np.concatenate(hits), probe_ce / max(probe_n, 1), lm_ce / max(lm_n, 1)

@@ -15,15 +15,25 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def composite_loss(logits: torch.Tensor, targets: torch.Tensor, probe_mask: torch.Tensor,
                    lam: float) -> torch.Tensor:
     """mean CE over non-probe, non-pad targets + λ · mean CE over probe targets (0 if none)."""
-    ce = token_losses(logits, targets)
-    valid = targets >= 0
-    lm = valid & ~probe_mask
-    probe = valid & probe_mask
-    lm_loss = (ce * lm).sum() / lm.sum().clamp_min(1)
-    probe_loss = (ce * probe).sum() / probe.sum().clamp_min(1)
+    lm_loss, probe_loss = lm_and_probe_losses(logits, targets, probe_mask)
     return lm_loss + lam * probe_loss
 
 
 def lambda_at(schedule: list, step: int) -> float:
     """λ of the last [from_step, λ] entry whose from_step <= step."""
     return float([lam for start, lam in schedule if start <= step][-1])
+
+
+def flat_gradient(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """d loss / d params, flattened in the order given, float32."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
+
+
+def lm_and_probe_losses(logits: torch.Tensor, targets: torch.Tensor, probe_mask: torch.Tensor):
+    """(mean CE over non-probe non-pad targets, mean CE over probe targets) — the two terms of the
+    composite loss, for metrics that look at them apart (interference)."""
+    ce = token_losses(logits, targets)
+    valid = targets >= 0
+    lm, probe = valid & ~probe_mask, valid & probe_mask
+    return (ce * lm).sum() / lm.sum().clamp_min(1), (ce * probe).sum() / probe.sum().clamp_min(1)

@@ -136,12 +136,18 @@ def write(out: RunDir, report: dict, hooks) -> None:
     atomic_write_text(out.report_md, render_markdown(report, figures))
 
 
-def plot_training(out: RunDir, evals: list[dict]) -> str:
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (imported on first use: it is slow)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_training(out: RunDir, evals: list[dict]) -> str:
+    plt = pyplot()
     steps = [e["step"] for e in evals]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(steps, [e["val_loss"] for e in evals], marker="o", ms=3, label="val_loss")

@@ -1,0 +1,165 @@
+"""Backbone: uncentered trajectory PCA (SPEC §4), its decomposition, power laws, rotation and the
+per-block table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from geobench import Param, hookimpl
+from geobench.linalg import pca
+from geobench.registry import MetricPlugin
+
+OPTIONS = {
+    "scope": Param("trunk", "parameters: trunk, all or block:I"),
+    "window": Param([], "checkpoint steps [start, end] (empty: the whole run), anchored at the first"),
+    "top_k": Param(10, "explained-variance ratios reported", low=1),
+    "rotation_window": Param(10, "checkpoints per rotation window (adjacent windows do not overlap)", low=3),
+    "phase_split": Param(-1, "step splitting v_E and v_L (-1: the λ switch of the run's schedule)"),
+    "fit_windows": Param([], "[[start, end], ...] for power laws and corr(p_ood, |r|) (empty: whole, halves)"),
+    "per_block": Param(True, "also the PC1 of every block"),
+}
+
+
+def compute(ctx, options: dict) -> dict:
+    bb = ctx.backbone(options["scope"], tuple(options["window"]))
+    gram, steps = bb.gram, bb.gram.steps
+    G = gram.gram
+    a = G @ bb.v_b                         # a(t) = ⟨Δθ_t, v_b⟩
+    sq = np.clip(np.diag(G), 0.0, None)
+    r = np.sqrt(np.clip(sq - a**2, 0.0, None))
+    fraction = np.divide(a**2, sq, out=np.zeros_like(sq), where=sq > 0)
+    raw_v = bb.pca_raw.directions[0]
+    k = options["top_k"]
+    scalars = {
+        "pc1": float(bb.pca.ratios[0]), "pc1_raw": float(bb.pca_raw.ratios[0]),
+        "k95": bb.pca.k_for(0.95), "k99": bb.pca.k_for(0.99),
+        "k95_raw": bb.pca_raw.k_for(0.95), "k99_raw": bb.pca_raw.k_for(0.99),
+        "drift": float(np.sqrt(sq[-1])), "backbone_fraction_final": float(fraction[-1]),
+        "overlap_raw_rownorm": abs(gram.inner(raw_v, bb.v_b)),
+        "n_checkpoints": len(steps), "dimension": sum(int(np.prod(ctx.parameter_shapes[n])) for n in gram.names),
+    }
+    series = {"steps": steps, "ratios": bb.pca.ratios[:k].tolist(), "ratios_raw": bb.pca_raw.ratios[:k].tolist(),
+              "a": a.tolist(), "r_norm": r.tolist(), "backbone_fraction": fraction.tolist()}
+    tables = {"fits": fits(ctx, steps, a, r, options["fit_windows"])}
+
+    rho_steps, rho = rotation(gram, options["rotation_window"])
+    series.update(rotation_steps=rho_steps, rotation_rho=rho)
+    if rho:
+        scalars.update(rotation_mean=float(np.mean(rho)), rotation_min=float(np.min(rho)))
+    scalars["phase_overlap"] = phase_overlap(gram, options["phase_split"], ctx)
+    if options["per_block"]:
+        tables["per_block"] = per_block(ctx, options["window"])
+    figures = plots(ctx, bb, steps, a, r, rho_steps, rho, k)
+    return {"scalars": scalars, "series": series, "tables": tables, "figures": figures}
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
+    keep = (x > 0) & (y > 0)
+    if keep.sum() < 2:
+        return None
+    return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
+
+
+def fits(ctx, steps: list[int], a: np.ndarray, r: np.ndarray, windows: list) -> list[dict]:
+    """Power-law exponents of |a| and |r| against the step, and corr(p_ood, |r|), per window."""
+    t = np.array(steps, dtype=float)
+    if not windows:
+        mid = steps[len(steps) // 2]
+        windows = [[steps[0], steps[-1]], [steps[0], mid], [mid, steps[-1]]]
+    p_ood = ctx.p_ood_at(steps)
+    rows = []
+    for start, end in windows:
+        inside = (t >= start) & (t <= end)
+        pairs = [(p_ood[s], rr) for s, rr, ok in zip(steps, r, inside) if ok and s in p_ood]
+        corr = None
+        if len(pairs) >= 3:
+            p, rr = np.array(pairs).T
+            corr = float(np.corrcoef(p, rr)[0, 1]) if p.std() > 0 and rr.std() > 0 else None
+        rows.append({"start": start, "end": end, "slope_a": _slope(t[inside], np.abs(a[inside])),
+                     "slope_r": _slope(t[inside], r[inside]), "corr_p_ood_r": corr, "n": int(inside.sum())})
+    return rows
+
+
+def rotation(gram, size: int) -> tuple[list[int], list[float]]:
+    """ρ = |⟨v_w, v_w+1⟩| for adjacent windows of `size` checkpoints, each anchored at its own first
+    checkpoint, v_w the row-normalized PC1. Returns the first step of each later window and ρ."""
+    T = len(gram.steps)
+    starts = list(range(0, T - size + 1, size))
+    backbones = []
+    for s in starts:
+        rows = np.zeros((size - 1, T))
+        rows[:, s + 1:s + size] = np.eye(size - 1)
+        rows[:, s] = -1.0  # Δ_t − Δ_s
+        backbones.append(pca(gram, rows, normalize_rows=True).directions[0])
+    rho = [abs(gram.inner(u, v)) for u, v in zip(backbones, backbones[1:])]
+    return [gram.steps[s] for s in starts[1:]], rho
+
+
+def phase_overlap(gram, split: int, ctx) -> float | None:
+    """|⟨v_E, v_L⟩|: backbones of steps <= split (anchored at the first) and >= split (anchored there)."""
+    if split < 0:
+        schedule = ctx.config.train.lambda_schedule
+        if len(schedule) < 2:
+            return None
+        split = schedule[1][0]
+    i = int(np.argmin([abs(s - split) for s in gram.steps]))  # the checkpoint nearest the split
+    T = len(gram.steps)
+    if i < 2 or T - i < 3:
+        return None
+    early = np.eye(T)[1:i + 1]
+    late = np.eye(T)[i + 1:]
+    late[:, i] = -1.0
+    v_e = pca(gram, early, normalize_rows=True, sign_row=-1).directions[0]
+    v_l = pca(gram, late, normalize_rows=True, sign_row=-1).directions[0]
+    return abs(gram.inner(v_e, v_l))
+
+
+def per_block(ctx, window: list) -> list[dict]:
+    out = []
+    for i in range(ctx.config.model.n_layer):
+        bb = ctx.backbone(f"block:{i}", tuple(window))
+        out.append({"block": i, "pc1": float(bb.pca.ratios[0]), "pc1_raw": float(bb.pca_raw.ratios[0]),
+                    "k95": bb.pca.k_for(0.95)})
+    return out
+
+
+def plots(ctx, bb, steps, a, r, rho_steps, rho, k) -> list[str]:
+    from geobench.report import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    n = min(k, len(bb.pca.ratios))
+    ax.bar(np.arange(1, n + 1) - 0.2, bb.pca.ratios[:n], width=0.4, label="row-normalized")
+    ax.bar(np.arange(1, n + 1) + 0.2, bb.pca_raw.ratios[:n], width=0.4, label="raw")
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("explained variance ratio")
+    ax.legend()
+    fig.tight_layout()
+    figures = [ctx.figure(fig, "backbone_spectrum")]
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    sc = ax.scatter(a, r, c=steps, cmap="viridis", s=14)
+    ax.plot(a, r, lw=0.6, color="grey")
+    fig.colorbar(sc, ax=ax, label="step")
+    ax.set_xlabel("a(t) = ⟨Δθ_t, v_b⟩")
+    ax.set_ylabel("‖r(t)‖ (residual)")
+    fig.tight_layout()
+    figures.append(ctx.figure(fig, "backbone_plane"))
+
+    if rho:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(rho_steps, rho, marker="o")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("step (start of the later window)")
+        ax.set_ylabel("ρ = |⟨v_w, v_w+1⟩|")
+        fig.tight_layout()
+        figures.append(ctx.figure(fig, "backbone_rotation"))
+    return figures
+
+
+@hookimpl
+def geobench_register_metrics(register):
+    register(MetricPlugin("backbone", "uncentered trajectory PCA: PC1, k95, drift, decomposition, rotation",
+                          OPTIONS, compute, needs=("checkpoints", "evals")))
+
+
