@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("pairs", nargs="*", metavar="NAME.option=value", help="metric options, e.g. backbone.scope=all")
     analyze.set_defaults(handler=cmd_analyze)
 
+    energy = commands.add_parser("energy", help="shared-direction energy of Hugging Face style checkpoints")
+    energy.add_argument("--manifest", required=True,
+                        help='JSON: {"optimizers": {NAME: {"checkpoints": [{"iter": N, "hf_path": DIR}]}}}')
+    energy.add_argument("--opt", required=True, help="optimizer of the manifest whose checkpoints are measured")
+    energy.add_argument("--ref", help="optimizer whose first→last drift gives θ₀ and φ̂ (default: --opt)")
+    energy.add_argument("--params", default=".", help="regular expression selecting parameter names (default: all)")
+    energy.add_argument("--out", required=True, help="CSV to write")
+    energy.set_defaults(handler=cmd_energy)
+
     plugins = commands.add_parser("plugins", help="list every optimizer, metric and model plugin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(handler=cmd_plugins)
@@ -184,6 +193,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(line)
     print(f"geobench: report {ctx.run.report_md}")
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0
+
+
+def cmd_energy(args: argparse.Namespace) -> int:
+    from geobench.energy import manifest_energy, to_csv
+
+    rows = manifest_energy(args.manifest, args.opt, args.ref, args.params)
+    atomic_write_text(args.out, to_csv(rows))
+    last = rows[-1]
+    print(f"geobench: {len(rows)} checkpoints of {args.opt}, {last['n_params']} parameters; "
+          f"final cos_eff {last['cos_eff']:.4f}, E_perp/E_tau {last['p_perp']:.4f}; wrote {args.out}")
+    return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -62,6 +62,7 @@ class EvalSet:
     inputs: np.ndarray   # (N, L) int64
     targets: np.ndarray  # (N, L) int64
     mask: np.ndarray     # (N, L) bool
+    templates: np.ndarray | None = None  # (N,) index of the KEY/QUERY template of each example
 
 
 class ProbeTask:
@@ -108,9 +109,10 @@ class ProbeTask:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.codeword_seed, 1 if ood else 0])
         gap_lo, gap_hi = cfg.ood_gap if ood else cfg.train_gap
-        seqs = []
+        seqs, templates = [], []
         for _ in range(cfg.eval_examples):
-            key, query = self.pair(int(rng.integers(len(TEMPLATES))), int(rng.choice(self.code_ids)))
+            templates.append(int(rng.integers(len(TEMPLATES))))
+            key, query = self.pair(templates[-1], int(rng.choice(self.code_ids)))
             prefix = rng.choice(self.filler, int(rng.integers(cfg.eval_prefix[0], cfg.eval_prefix[1] + 1)))
             gap = rng.choice(self.filler, int(rng.integers(gap_lo, gap_hi + 1)))
             seqs.append(np.concatenate([prefix, key, gap, query]).astype(np.int64))
@@ -125,7 +127,7 @@ class ProbeTask:
             n = len(seq) - 1
             inputs[i, :n], targets[i, :n] = seq[:-1], seq[1:]
             mask[i, n - 1] = True
-        return EvalSet(inputs, targets, mask)
+        return EvalSet(inputs, targets, mask, np.array(templates))
 
 
 def _offset(available: int, wanted: int, rng: np.random.Generator) -> int:

@@ -1,0 +1,61 @@
+"""Shared-direction energy of a run's checkpoints (SPEC §4): how much of the drift lies along a
+reference direction, by default the unit final drift of a named reference run (e.g. AdamW)."""
+
+from __future__ import annotations
+
+from geobench import Param, hookimpl
+from geobench.energy import CheckpointReader, energy_rows, to_csv
+from geobench.errors import UsageError
+from geobench.registry import MetricPlugin
+from geobench.trajectory import RunDir, atomic_write_text
+
+OPTIONS = {
+    "scope": Param("trunk", "parameter set: trunk, all or block:I"),
+    "reference": Param("", "run directory whose unit final drift is φ̂ (empty: this run itself)"),
+}
+
+
+def compute(ctx, options: dict) -> dict:
+    steps = ctx.window([], minimum=2)
+    names = ctx.scope(options["scope"])
+    reference = RunDir(options["reference"]) if options["reference"] else ctx.run
+    ref_steps = reference.checkpoint_steps()
+    if len(ref_steps) < 2:
+        raise UsageError(f"reference run {str(reference)!r} has {len(ref_steps)} checkpoints; 2 are needed")
+    ref_origin = CheckpointReader(reference.checkpoint_path(ref_steps[0]))
+    ref_end = CheckpointReader(reference.checkpoint_path(ref_steps[-1]))
+    origin = CheckpointReader(ctx.run.checkpoint_path(steps[0]))
+    # τ is measured from this run's Θ₀; φ̂ is the reference run's own unit drift.
+    rows = energy_rows(ctx.config.optimizer.name, [(s, CheckpointReader(ctx.run.checkpoint_path(s))) for s in steps],
+                       origin, lambda n: ref_end.get(n) - ref_origin.get(n), names)
+    atomic_write_text(ctx.run.path / "energy.csv", to_csv(rows))
+    last = rows[-1]
+    scalars = {"cos_eff_final": last["cos_eff"], "p_phi_final": last["p_phi"], "E_tau_final": last["E_tau"],
+               "E_perp_final": last["E_perp"]}
+    return {"scalars": scalars, "tables": {"energy": rows}, "figures": [plot(ctx, rows)],
+            "files": ["energy.csv"], "reference": str(reference)}
+
+
+def plot(ctx, rows) -> str:
+    from geobench.report import pyplot
+
+    plt = pyplot()
+    steps = [r["iter"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(steps, [r["E_phi"] for r in rows], marker="o", ms=3, label="E_phi (along φ̂)")
+    left.plot(steps, [r["E_perp"] for r in rows], marker="o", ms=3, label="E_perp")
+    left.set_xlabel("step")
+    left.set_ylabel("energy")
+    left.legend()
+    right.plot(steps, [r["cos_eff"] for r in rows], marker="o", ms=3)
+    right.set_ylim(0, 1.02)
+    right.set_xlabel("step")
+    right.set_ylabel("cos_eff")
+    fig.tight_layout()
+    return ctx.figure(fig, "energy")
+
+
+@hookimpl
+def geobench_register_metrics(register):
+    register(MetricPlugin("energy", "shared-direction energy E_tau, E_phi, E_perp, p_phi, cos_eff (energy.csv)",
+                          OPTIONS, compute, needs=("checkpoints",)))

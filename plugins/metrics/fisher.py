@@ -1,0 +1,95 @@
+"""Fisher / Rayleigh quotients (SPEC §4): with G the M×D matrix of per-batch trunk gradients of the
+composite loss at a checkpoint, q(v) = (1/M)‖G v‖² along the backbone against random directions
+orthogonal to it (anisotropy α), and the top Fisher eigenvector from the M×M Gram G Gᵀ/M."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from geobench import Param, hookimpl
+from geobench.objective import composite_loss, flat_gradient, lambda_at
+from geobench.registry import MetricPlugin
+
+OPTIONS = {
+    "scope": Param("trunk", "parameters: trunk, all or block:I"),
+    "steps": Param([], "checkpoints to measure at (empty: up to `count` spread over the run)"),
+    "count": Param(5, "checkpoints when `steps` is empty", low=1),
+    "batches": Param(32, "per-batch gradients M", low=2),
+    "random_directions": Param(10, "random unit directions orthogonal to v_b", low=1),
+    "seed": Param(0, "seed of the random directions"),
+}
+
+
+def rayleigh(G: torch.Tensor, v: torch.Tensor) -> float:
+    """q(v) = (1/M) ‖G v‖² for a unit v."""
+    return float((G @ v).pow(2).sum() / G.shape[0])
+
+
+def fisher_summary(G: torch.Tensor, v_b: torch.Tensor, n_random: int, generator: torch.Generator) -> dict:
+    v_b = v_b / v_b.norm()
+    q_b = rayleigh(G, v_b)
+    q_random = []
+    for _ in range(n_random):
+        u = torch.randn(v_b.shape, generator=generator, dtype=v_b.dtype).to(v_b.device)
+        u = u - torch.dot(u, v_b) * v_b
+        q_random.append(rayleigh(G, u / u.norm()))
+    K = (G @ G.T).double().cpu() / G.shape[0]
+    values, vectors = torch.linalg.eigh(K)
+    top = (G.T.double() @ vectors[:, -1].to(G.device)).float()
+    top = top / top.norm()
+    return {"q_b": q_b, "q_random": float(np.mean(q_random)), "anisotropy": q_b / float(np.mean(q_random)),
+            "top_eigenvalue": float(values[-1]), "top_overlap": abs(float(torch.dot(top, v_b))),
+            "trace": float(K.trace())}
+
+
+def per_batch_gradients(ctx, step: int, names: list[str], n: int) -> torch.Tensor:
+    model = ctx.model_at(step)
+    params = dict(model.named_parameters())
+    chosen = [params[name] for name in names]
+    lam = lambda_at(ctx.config.train.lambda_schedule, step)
+    rows = []
+    for inputs, targets, mask in ctx.batches(n):
+        with ctx.live.autocast:
+            logits = model(inputs)
+        rows.append(flat_gradient(composite_loss(logits, targets, mask, lam), chosen))
+    return torch.stack(rows)
+
+
+def compute(ctx, options: dict) -> dict:
+    bb = ctx.backbone(options["scope"])
+    names = bb.gram.names
+    v_b = ctx.flatten(ctx.materialize(bb.gram, bb.v_b), names)
+    generator = torch.Generator().manual_seed(options["seed"])
+    rows = []
+    for step in ctx.spread(options["steps"], options["count"]):
+        G = per_batch_gradients(ctx, step, names, options["batches"])
+        rows.append({"step": step, **fisher_summary(G, v_b, options["random_directions"], generator)})
+        del G
+    peak = max(rows, key=lambda r: r["anisotropy"])
+    scalars = {"max_anisotropy": peak["anisotropy"], "max_anisotropy_step": peak["step"],
+               "q_b_first": rows[0]["q_b"], "q_b_last": rows[-1]["q_b"]}
+    return {"scalars": scalars, "tables": {"fisher": rows}, "figures": [plot(ctx, rows)]}
+
+
+def plot(ctx, rows) -> str:
+    from geobench.report import pyplot
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in rows]
+    left.semilogy(steps, [r["q_b"] for r in rows], marker="o", label="q(v_b)")
+    left.semilogy(steps, [r["q_random"] for r in rows], marker="o", label="mean q(u), u ⊥ v_b")
+    left.set_xlabel("step")
+    left.legend()
+    right.plot(steps, [r["anisotropy"] for r in rows], marker="o")
+    right.set_xlabel("step")
+    right.set_ylabel("anisotropy α")
+    fig.tight_layout()
+    return ctx.figure(fig, "fisher")
+
+
+@hookimpl
+def geobench_register_metrics(register):
+    register(MetricPlugin("fisher", "Rayleigh quotients along v_b, anisotropy, top Fisher eigenvector",
+                          OPTIONS, compute, needs=("checkpoints", "model", "data")))

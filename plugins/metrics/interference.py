@@ -1,0 +1,52 @@
+"""Interference (SPEC §4): cos(g_LM, g_probe) on the trunk — the gradients of the two terms of the
+composite loss — averaged over batches, at chosen checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from geobench import Param, hookimpl
+from geobench.errors import UsageError
+from geobench.objective import flat_gradient, lm_and_probe_losses
+from geobench.registry import MetricPlugin
+
+OPTIONS = {
+    "scope": Param("trunk", "parameters: trunk, all or block:I"),
+    "steps": Param([], "checkpoints (empty: up to `count` spread over the run; the source used 1600, 3000)"),
+    "count": Param(5, "checkpoints when `steps` is empty", low=1),
+    "batches": Param(8, "batches with probe targets to average over", low=1),
+}
+
+
+def compute(ctx, options: dict) -> dict:
+    names = ctx.scope(options["scope"])
+    rows = []
+    for step in ctx.spread(options["steps"], options["count"]):
+        model = ctx.model_at(step)
+        params = dict(model.named_parameters())
+        chosen = [params[n] for n in names]
+        cosines = []
+        for inputs, targets, mask in ctx.batches(20 * options["batches"]):
+            if not bool((mask & (targets >= 0)).any()):
+                continue  # no probe in this batch
+            with ctx.live.autocast:
+                logits = model(inputs)
+            lm, probe = lm_and_probe_losses(logits, targets, mask)
+            g_lm = flat_gradient(lm, chosen, retain_graph=True)
+            g_probe = flat_gradient(probe, chosen)
+            cosines.append(float(torch.dot(g_lm, g_probe) / (g_lm.norm() * g_probe.norm()).clamp_min(1e-30)))
+            if len(cosines) == options["batches"]:
+                break
+        if not cosines:
+            raise UsageError("no batch with probe targets: interference needs probe.p_probe > 0")
+        rows.append({"step": step, "cos_lm_probe": float(np.mean(cosines)), "std": float(np.std(cosines)),
+                     "batches": len(cosines)})
+    scalars = {"mean_cos": float(np.mean([r["cos_lm_probe"] for r in rows])), "last_cos": rows[-1]["cos_lm_probe"]}
+    return {"scalars": scalars, "tables": {"interference": rows}}
+
+
+@hookimpl
+def geobench_register_metrics(register):
+    register(MetricPlugin("interference", "cos(g_LM, g_probe) on the trunk at chosen checkpoints",
+                          OPTIONS, compute, needs=("checkpoints", "model", "data")))
