@@ -19,6 +19,8 @@ import yaml
 from geobench.errors import UsageError, did_you_mean
 from geobench.params import Param
 
+DEFAULT_METRICS = ("backbone", "alignment", "switching", "fisher", "interference", "energy", "grad_structure")
+
 
 def p(default: Any, help: str, **limits: Any) -> Any:
     """A config field declared with a `Param` (default, help, allowed values)."""
@@ -107,7 +109,7 @@ SECTIONS = {
 class Config:
     preset: str = p("auto", "size preset (auto: paper on CUDA, tiny on CPU)", choices=("auto", "paper", "tiny"))
     name: str = p("", "run name (default: derived from the optimizer and the overrides)")
-    metrics: list = p([], "metric plugins to run at the end of training, e.g. backbone,switching")
+    metrics: list = p(list(DEFAULT_METRICS), "metric plugins run at the end of training ([] for none)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)

@@ -19,7 +19,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 FAST = [
     "preset=tiny", "steps=12", "train_stories=300", "val_stories=40", "eval_examples=16",
     "n_codewords=32", "eval_every=6", "checkpoint_every=4", "state_every=4", "batch_size=8",
-    "val_batches=1", "val_batch_size=8", "warmup=3", "lambda=[[0,2.0],[6,4.0]]",
+    "val_batches=1", "val_batch_size=8", "warmup=3", "lambda=[[0,2.0],[6,4.0]]", "metrics=[]",
 ]
 
 
@@ -43,3 +43,21 @@ def shared_data() -> Path:
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny finished run with a checkpoint and an evaluation every 2 steps, for the metric tests."""
+    from geobench import config
+    from geobench.registry import get_optimizer, registry
+    from geobench.train import prepare, train
+    from geobench.trajectory import RunDir
+
+    pairs = config.parse_pairs(FAST + ["steps=30", "eval_every=2", "checkpoint_every=2", "state_every=30",
+                                       "eval_examples=40", "lr=3e-3"])
+    cfg = config.resolve("adamw", pairs, None, lambda n: get_optimizer(n).params, "tiny")
+    out = RunDir(tmp_path_factory.mktemp("metrics") / "run")
+    out.path.mkdir(parents=True)
+    (out.config).write_text(config.save(cfg))
+    train(prepare(cfg), out, registry().manager.hook)
+    return out

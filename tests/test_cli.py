@@ -161,3 +161,57 @@ def test_ctrl_c_saves_state_and_reports_interrupted(tmp_path):
     finished = run_cli(*args, "resume=true", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert json.loads((tmp_path / "stopped" / "report.json").read_text())["run"]["status"] == "completed"
+
+
+def test_default_metrics_run_at_the_end_and_analyze_recomputes(tmp_path):
+    aligned = [*FAST, "steps=16", "eval_every=2", "checkpoint_every=2", "metrics=backbone,alignment,switching,energy"]
+    result = run_cli("run", "adamw", *aligned, "--out", "measured", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = RunDir(tmp_path / "measured")
+    doc = json.loads(run.report_json.read_text())
+    report.validate(doc)
+    assert {k: v["status"] for k, v in doc["metrics"].items()} == dict.fromkeys(
+        ["backbone", "alignment", "switching", "energy"], "ok")
+    assert (run.path / "energy.csv").exists() and (run.path / "figures" / "backbone_spectrum.png").exists()
+    assert "## Metric `backbone`" in run.report_md.read_text()
+
+    again = run_cli("analyze", str(run.path), "--metric", "backbone", "backbone.scope=all", "backbone.per_block=false")
+    assert again.returncode == 0, again.stderr
+    assert "geobench: backbone: ok; pc1" in again.stdout
+    updated = json.loads(run.report_json.read_text())
+    assert updated["metrics"]["backbone"]["options"]["scope"] == "all"
+    assert updated["metrics"]["backbone"]["scalars"]["dimension"] > doc["metrics"]["backbone"]["scalars"]["dimension"]
+    assert updated["metrics"]["alignment"] == doc["metrics"]["alignment"]  # untouched
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "backbone", "backbone.scop=all"], "metric 'backbone' has no option 'scop' (did you mean 'scope'?)"),
+    (["--metric", "backbone", "backbone.window=[5000,6000]"], "holds 0 checkpoints"),
+    (["--metric", "backbone", "backbone.scope=block:9"], "scope='block:9' matches no parameter"),
+    (["--metric", "backbone", "switching.seed=1"], "names metric 'switching', which is not being computed"),
+    (["--metric", "nope"], "unknown metric 'nope'"),
+])
+def test_analyze_bad_input(finished_run, args, message):
+    where, _ = finished_run
+    run = where / "runs" / "adamw-beta2=0.9"
+    before = (run / "report.json").read_text()
+    result = run_cli("analyze", str(run), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (run / "report.json").read_text() == before
+
+
+def test_analyze_needs_a_run_directory(tmp_path):
+    result = run_cli("analyze", str(tmp_path), "--metric", "backbone")
+    assert result.returncode == 2 and "is not a geobench run directory" in result.stderr
+
+
+def test_a_failing_metric_is_recorded_and_the_others_still_run(tmp_path):
+    # evaluations at 1, 6, 12 but checkpoints at 1, 4, 8, 12: switching lacks p_ood at checkpoint steps
+    result = run_cli("run", "adamw", *FAST, "metrics=switching,backbone", "--out", "partly", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "geobench: metrics failed: switching (see the report)" in result.stdout
+    doc = json.loads((tmp_path / "partly" / "report.json").read_text())
+    assert doc["metrics"]["switching"]["status"] == "failed"
+    assert "p_ood at only" in doc["metrics"]["switching"]["error"]
+    assert doc["metrics"]["backbone"]["status"] == "ok"

@@ -36,7 +36,7 @@ def fisher_summary(G: torch.Tensor, v_b: torch.Tensor, n_random: int, generator:
         q_random.append(rayleigh(G, u / u.norm()))
     K = (G @ G.T).double().cpu() / G.shape[0]
     values, vectors = torch.linalg.eigh(K)
-    top = (G.T.double() @ vectors[:, -1].to(G.device)).float()
+    top = (G.T.double() @ vectors[:, -1].to(G.device)).to(v_b.dtype)
     top = top / top.norm()
     return {"q_b": q_b, "q_random": float(np.mean(q_random)), "anisotropy": q_b / float(np.mean(q_random)),
             "top_eigenvalue": float(values[-1]), "top_overlap": abs(float(torch.dot(top, v_b))),

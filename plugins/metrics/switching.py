@@ -78,7 +78,7 @@ def compute(ctx, options: dict) -> dict:
         rows.append(row)
         directions.append(v)
     pairwise = [[abs(gram.inner(a, b)) for b in directions] for a in directions]
-    scalars = {"n_peaks": len(peaks), "n_troughs": len(troughs), "n_switches": len(rows)}
+    scalars: dict[str, float] = {"n_peaks": len(peaks), "n_troughs": len(troughs), "n_switches": len(rows)}
     if rows:
         scalars.update(mean_abs_cos_vb=float(np.mean([r["abs_cos_vb"] for r in rows])),
                        mean_e2_6=float(np.mean([r["e2_6"] for r in rows])))

@@ -1,0 +1,226 @@
+"""Every metric against an independent computation on the materialized trajectory (numpy), or on a
+case with a known answer."""
+
+import numpy as np
+import pytest
+import torch
+
+from geobench.analysis import AnalysisContext, metric_options, run_metrics
+from geobench.errors import UsageError
+from geobench.model import trunk_names
+from geobench.objective import composite_loss, lambda_at, lm_and_probe_losses
+from geobench.plugins.metrics import fisher, grad_structure, switching
+from geobench.registry import registry
+
+
+def options(name, **given):
+    return metric_options([name], {f"{name}.{k}": v for k, v in given.items()}, registry())[name]
+
+
+@pytest.fixture(scope="module")
+def ctx(trained_run):
+    return AnalysisContext.open(trained_run.path)
+
+
+@pytest.fixture(scope="module")
+def trajectory(ctx):
+    """The trunk trajectory materialized: steps, rows θ_t (T × D) in float64."""
+    steps = ctx.checkpoint_steps()
+    names = trunk_names(list(ctx.parameter_shapes))
+    thetas = np.stack([np.concatenate([ctx.load_checkpoint(s)[n].double().numpy().ravel() for n in names])
+                       for s in steps])
+    return steps, names, thetas
+
+
+def numpy_pca(rows, normalize):
+    if normalize:
+        rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    _, s, vt = np.linalg.svd(rows, full_matrices=False)
+    ratios = s**2 / (s**2).sum()
+    v = vt[0] if vt[0] @ rows[-1] > 0 else -vt[0]
+    return ratios, v
+
+
+def test_backbone_against_numpy(ctx, trajectory):
+    steps, _, thetas = trajectory
+    result = run_metrics(ctx, ["backbone"], options={"backbone": options("backbone", rotation_window=5)})["backbone"]
+    assert result["status"] == "ok", result.get("error")
+    delta = thetas[1:] - thetas[0]  # anchored at the first checkpoint (Θ₀ = step 1)
+    ratios, v_b = numpy_pca(delta, normalize=True)
+    ratios_raw, _ = numpy_pca(delta, normalize=False)
+    s = result["scalars"]
+    assert s["pc1"] == pytest.approx(ratios[0], abs=1e-6)
+    assert s["pc1_raw"] == pytest.approx(ratios_raw[0], abs=1e-6)
+    assert s["k95"] == int(np.searchsorted(np.cumsum(ratios), 0.95) + 1)
+    assert s["drift"] == pytest.approx(np.linalg.norm(delta[-1]), rel=1e-6)
+    full = thetas - thetas[0]
+    a = full @ v_b
+    np.testing.assert_allclose(result["series"]["a"], a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result["series"]["r_norm"], np.linalg.norm(full - np.outer(a, v_b), axis=1),
+                               rtol=1e-4, atol=1e-6)
+    assert result["series"]["a"][-1] > 0  # sign convention
+    # rotation: adjacent windows of 5 checkpoints, each anchored at its own first
+    backbones = []
+    for start in range(0, len(steps) - 4, 5):
+        window = thetas[start + 1:start + 5] - thetas[start]
+        backbones.append(numpy_pca(window, normalize=True)[1])
+    expected_rho = [abs(u @ v) for u, v in zip(backbones, backbones[1:])]
+    np.testing.assert_allclose(result["series"]["rotation_rho"], expected_rho, atol=1e-6)
+    blocks = {row["block"]: row["pc1"] for row in result["tables"]["per_block"]}
+    assert set(blocks) == {0, 1} and all(0 < v <= 1 for v in blocks.values())
+
+
+def test_backbone_window_needs_checkpoints(ctx):
+    with pytest.raises(UsageError, match=r"holds 0 checkpoints.*at least 3"):
+        ctx.backbone("trunk", (1000, 2000))
+    with pytest.raises(UsageError, match="scope='heads' is not one of"):
+        ctx.scope("heads")
+    with pytest.raises(UsageError, match="matches no parameter"):
+        ctx.scope("block:7")
+
+
+def test_alignment_against_numpy(ctx, trajectory):
+    steps, names, thetas = trajectory
+    result = run_metrics(ctx, ["alignment"], options={"alignment": options("alignment", control_batches=3)})["alignment"]
+    assert result["status"] == "ok", result.get("error")
+    _, v_b = numpy_pca(thetas[1:] - thetas[0], normalize=True)
+    updates = np.diff(thetas, axis=0)
+    expected = updates @ v_b / np.linalg.norm(updates, axis=1)
+    np.testing.assert_allclose(result["series"]["cos"], expected, atol=1e-6)
+    # the control, recomputed with a plain backward pass
+    model = ctx.model_at(steps[-1])
+    lam = lambda_at(ctx.config.train.lambda_schedule, steps[-1])
+    params = dict(model.named_parameters())
+    for cos, (inputs, targets, mask) in zip(result["series"]["control_cos"], ctx.batches(3)):
+        model.zero_grad()
+        composite_loss(model(inputs), targets, mask, lam).backward()
+        g = np.concatenate([params[n].grad.double().numpy().ravel() for n in names])
+        assert cos == pytest.approx(g @ v_b / np.linalg.norm(g), abs=1e-5)
+
+
+def test_switch_detection_on_a_planted_series():
+    p = np.array([0.0, 0.1, 0.5, 0.2, 0.05, 0.06, 0.3, 0.31, 0.3, 0.0, 0.0, 0.02])
+    peaks, troughs = switching.extrema(p, prominence=0.03, reach=3)
+    assert peaks == [2, 7] and troughs == [0, 4, 9]
+    assert switching.pair(peaks, troughs) == [(2, 4), (7, 9)]
+    flat = np.full(8, 0.4)
+    assert switching.extrema(flat, 0.03, 3) == ([], [])
+    rng = np.random.default_rng(0)
+    same = rng.random(200) < 0.5
+    assert switching.bootstrap_sigma(same, same, 20, rng) == 0.0
+    a, b = rng.random(2000) < 0.6, rng.random(2000) < 0.4
+    sigma = switching.bootstrap_sigma(a, b, 200, rng)
+    assert sigma == pytest.approx(np.sqrt(0.6 * 0.4 / 2000 + 0.4 * 0.6 / 2000), rel=0.25)
+
+
+def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch):
+    steps, _, thetas = trajectory
+    planted = {s: (0.5 if i in (3, 10) else 0.1) for i, s in enumerate(steps)}  # two clear peaks
+    monkeypatch.setattr(type(ctx), "p_ood_at", lambda self, ss: {s: planted[s] for s in ss})
+    result = switching.compute(ctx, options("switching", resamples=5))
+    delta = thetas[1:] - thetas[0]
+    ratios, v_b = numpy_pca(delta, normalize=True)
+    unit = delta / np.linalg.norm(delta, axis=1, keepdims=True)
+    _, _, vt = np.linalg.svd(unit, full_matrices=False)
+    rows = result["tables"]["switches"]
+    assert [(r["peak"], r["trough"]) for r in rows] == [(steps[3], steps[4]), (steps[10], steps[11])]
+    for r in rows:
+        v = thetas[steps.index(r["peak"])] - thetas[steps.index(r["trough"])]
+        v /= np.linalg.norm(v)
+        assert r["abs_cos_vb"] == pytest.approx(abs(v @ v_b), abs=1e-6)
+        perp = v - (v @ v_b) * v_b
+        perp /= np.linalg.norm(perp)
+        assert r["e2_6"] == pytest.approx(sum((perp @ vt[k]) ** 2 for k in range(1, 6)), abs=1e-6)
+        assert r["tier"] in ("A", "B", "-") and r["sigma"] >= 0
+
+
+def test_switching_needs_p_ood_at_checkpoints(ctx, monkeypatch):
+    monkeypatch.setattr(type(ctx), "p_ood_at", lambda self, ss: {})
+    with pytest.raises(UsageError, match="p_ood at only 0 checkpoint steps"):
+        switching.compute(ctx, options("switching"))
+
+
+def test_fisher_summary_against_an_explicit_fisher_matrix():
+    rng = np.random.default_rng(0)
+    G = rng.normal(size=(6, 9)) * np.linspace(3, 0.1, 9)
+    F = G.T @ G / 6
+    v_b = rng.normal(size=9)
+    v_b /= np.linalg.norm(v_b)
+    gen = torch.Generator().manual_seed(0)
+    out = fisher.fisher_summary(torch.from_numpy(G).float(), torch.from_numpy(v_b).float(), 10, gen)
+    assert out["q_b"] == pytest.approx(v_b @ F @ v_b, rel=1e-5)
+    assert out["trace"] == pytest.approx(np.trace(F), rel=1e-5)
+    values, vectors = np.linalg.eigh(F)
+    assert out["top_eigenvalue"] == pytest.approx(values[-1], rel=1e-5)
+    assert out["top_overlap"] == pytest.approx(abs(vectors[:, -1] @ v_b), abs=1e-5)
+    # random unit directions orthogonal to v_b average to (tr F − q_b) / (D − 1)
+    out = fisher.fisher_summary(torch.from_numpy(G).double(), torch.from_numpy(v_b), 4000, gen)
+    assert out["q_random"] == pytest.approx((np.trace(F) - v_b @ F @ v_b) / 8, rel=0.1)
+
+
+def test_fisher_and_interference_on_the_run(ctx, trajectory):
+    steps, names, _ = trajectory
+    results = run_metrics(ctx, ["fisher", "interference"], options={
+        "fisher": options("fisher", steps=[steps[-1]], batches=4, random_directions=3),
+        "interference": options("interference", steps=[steps[-1]], batches=2)})
+    assert results["fisher"]["status"] == "ok", results["fisher"].get("error")
+    row = results["fisher"]["tables"]["fisher"][0]
+    assert row["step"] == steps[-1] and row["anisotropy"] > 0 and 0 <= row["top_overlap"] <= 1
+    inter = results["interference"]
+    assert inter["status"] == "ok", inter.get("error")
+    model = ctx.model_at(steps[-1])
+    params = [dict(model.named_parameters())[n] for n in names]
+    cosines = []
+    for inputs, targets, mask in ctx.batches(40):
+        if not bool((mask & (targets >= 0)).any()):
+            continue
+        lm, probe = lm_and_probe_losses(model(inputs), targets, mask)
+        g_lm = torch.cat([g.flatten() for g in torch.autograd.grad(lm, params, retain_graph=True)])
+        g_probe = torch.cat([g.flatten() for g in torch.autograd.grad(probe, params)])
+        cosines.append(float(torch.nn.functional.cosine_similarity(g_lm, g_probe, dim=0)))
+        if len(cosines) == 2:
+            break
+    assert inter["tables"]["interference"][0]["cos_lm_probe"] == pytest.approx(np.mean(cosines), abs=1e-5)
+
+
+def test_per_token_gradients_equal_one_backward_per_token(ctx):
+    model = ctx.model_at(ctx.checkpoint_steps()[-1])
+    module = model.blocks[-1].mlp.down
+    inputs, targets = ctx.live.evaluator.val_batches[0]
+    inputs, targets = inputs[:2, :20], targets[:2, :20]
+    grads, entropy, _, positions = grad_structure.per_token_gradients(model, module, 3, inputs, targets, ctx.live.autocast)
+    flat_targets = targets.flatten()
+    for k in (0, 5, len(positions) - 1):
+        b, t = divmod(int(positions[k]), targets.shape[1])
+        model.zero_grad()
+        log_p = torch.log_softmax(model(inputs[b:b + 1])[0, t].float(), -1)[flat_targets[positions[k]]]
+        log_p.backward()
+        torch.testing.assert_close(grads[k], module.weight.grad[3], rtol=1e-4, atol=1e-6)
+        with torch.no_grad():
+            probs = torch.softmax(model(inputs[b:b + 1])[0, t].float(), -1)
+        assert float(entropy[k]) == pytest.approx(float(-(probs * probs.log()).sum()), rel=1e-4)
+
+
+def test_spectrum_and_split_band_on_known_matrices():
+    M = np.diag([3.0, 1.0, 1.0, 0.0])[:3]  # σ² = 9, 1, 1
+    spec = grad_structure.spectrum(M)
+    assert spec["participation_ratio"] == pytest.approx(121 / 83)
+    assert spec["rank95"] == 3
+    assert abs(spec["top"][0]) == pytest.approx(1.0)
+    rank_one = np.outer(np.arange(1, 9), [1.0, 2.0, 0.0])
+    assert grad_structure.spectrum(rank_one)["participation_ratio"] == pytest.approx(1.0)
+    same = np.tile([1.0, 0.0], (6, 1))
+    assert grad_structure.split_band([same], 5, np.random.default_rng(0)) == [pytest.approx(1.0)] * 2
+
+
+def test_grad_structure_on_the_run(ctx):
+    result = run_metrics(ctx, ["grad_structure"], options={"grad_structure": options("grad_structure", tokens=200)})
+    out = result["grad_structure"]
+    assert out["status"] == "ok", out.get("error")
+    buckets = out["tables"]["buckets"]
+    assert len(buckets) == 5 and sum(b["tokens"] for b in buckets) == 200
+    cross = np.array(out["series"]["cross_bucket_cos"])
+    np.testing.assert_allclose(np.diag(cross), 1.0, atol=1e-5)
+    np.testing.assert_allclose(cross, cross.T, atol=1e-6)
+    probe = out["tables"]["probe"][0]
+    assert probe["prompt"] == "all" and probe["correct"] + probe["incorrect"] == 40
