@@ -15,6 +15,7 @@ import yaml
 
 from geobench import config as config_mod
 from geobench import registry as plugin_registry
+from geobench import report
 from geobench.errors import UsageError, did_you_mean
 from geobench.linalg import PCA, TrajectoryGram, pca
 from geobench.model import block_names, trunk_names
@@ -146,6 +147,41 @@ class AnalysisContext:
     def flatten(self, tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
         return torch.cat([tensors[n].reshape(-1).to(self.live.device, torch.float32) for n in names])
 
+    def retrain(self, step: int, name: str, overrides: dict, perturb=None) -> list[dict]:
+        """Train from checkpoint `step` with a FRESH optimizer under the run's config changed by
+        `overrides` (dotted keys, e.g. {"train.steps": 2000, "optimizer.params.lr": 6e-4}), in a run
+        directory of its own, `<run>/derived/<name>/`; the source's checkpoints are not touched.
+        `perturb(model)` may change the weights first. Returns the evaluations, the first of them
+        (step 0) taken before any training."""
+        import shutil
+
+        from geobench.train import derive, train
+
+        if step not in self.checkpoint_steps():
+            raise UsageError(f"run {str(self.run)!r} has no checkpoint at step {step}")
+        tree = config_mod.to_dict(self.config)
+        tree["metrics"], tree["train"]["resume"] = [], False
+        if "optimizer.name" in overrides and overrides["optimizer.name"] != tree["optimizer"]["name"]:
+            tree["optimizer"]["params"] = {}
+        for key, value in overrides.items():
+            config_mod._set(tree, key, value)
+        plugin = plugin_registry.get_optimizer(tree["optimizer"]["name"])
+        cfg = config_mod.build(tree, plugin.params)
+        run = derive(self.live, cfg, self.load_checkpoint(step))
+        if perturb is not None:
+            with torch.no_grad():
+                perturb(run.model)
+        out = RunDir(self.run.path / "derived" / name)
+        shutil.rmtree(out.path, ignore_errors=True)
+        out.path.mkdir(parents=True)
+        out.config.write_text(config_mod.save(cfg))
+        out.append_eval({"step": 0, **run.evaluator(run.model)})
+        outcome = train(run, out, plugin_registry.registry().manager.hook)
+        evals = out.read_evals()
+        if outcome.status == "diverged":
+            evals.append({"step": outcome.diverged_at, "diverged": True})
+        return evals
+
     def materialize(self, gram: TrajectoryGram, coefficients: np.ndarray) -> dict[str, torch.Tensor]:
         return gram.materialize([self.run.checkpoint_path(s) for s in gram.steps],
                                 self.run.checkpoint_path(gram.anchor), coefficients)
@@ -206,6 +242,10 @@ def run_metrics(ctx: AnalysisContext, names: list[str], reg: plugin_registry.Reg
         try:
             output = plugin.compute(ctx, options[name])
             results[name] = {"status": "ok", "source": plugin.source, "options": options[name], **output}
+            problem = report.metric_problem(results[name])
+            if problem:
+                results[name] = {"status": "failed", "source": plugin.source, "options": options[name],
+                                 "error": f"the metric's result does not fit the report schema: {problem}"}
         except UsageError as exc:
             if strict:
                 raise UsageError(f"metric {name!r}: {exc}") from None

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from geobench import __version__, config, report
+from geobench import __version__, config, report, runner
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError
-from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
+from geobench.trajectory import RunDir, atomic_write_text
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,23 +89,7 @@ def default_name(cfg: config.Config, pairs: dict[str, str], optimizer_params) ->
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", "-".join([cfg.optimizer.name, *shown, *seed]))
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differences(a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" != "train.resume":
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from geobench.analysis import AnalysisContext, run_metrics
-    from geobench.train import pick_device, prepare, train
-
     reg = plugin_registry.registry()
     pairs = config.parse_pairs(args.pairs)
     has_cuda = torch.cuda.is_available()
@@ -114,57 +98,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                          auto_preset="paper" if has_cuda else "tiny")
     explicit = "preset" in pairs or (args.config and "preset" in config.read_yaml(args.config))
     preset_reason = "as asked" if explicit else ("auto: a CUDA device is present" if has_cuda else "auto: no CUDA device")
-    for name in cfg.metrics:
-        plugin_registry.get_metric(name, reg)
-
     optimizer = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
     out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg, pairs, optimizer.params)))
-    if out.path.exists() and not out.path.is_dir():
-        raise UsageError(f"run directory {str(out)!r} is a file")
-    if not out.is_empty():
-        if not cfg.train.resume:
-            raise UsageError(f"run directory {str(out)!r} exists and is not empty; "
-                             "continue it with resume=true or choose another with --out")
-        if out.config.exists():
-            changed = _differences(yaml.safe_load(out.config.read_text()), config.to_dict(cfg))
-            if changed:
-                raise UsageError(f"resume=true but the config differs from {str(out.config)!r} in: {', '.join(changed)}")
-
-    print(f"geobench: preset {cfg.preset} ({preset_reason}); device {pick_device(cfg.train.device)}; "
-          f"optimizer {cfg.optimizer.name} {cfg.optimizer.params}; {cfg.train.steps} steps", flush=True)
-    started = report.now()
-    run = prepare(cfg, reg)
-    counts = run.parameter_counts()
-    print(f"geobench: corpus {run.corpus.description}", flush=True)
-    print(f"geobench: tokenizer {run.tokenizer.summary()['description']} (vocab {run.tokenizer.vocab_size}); "
-          f"model {counts['total']:,} parameters (trunk {counts['trunk']:,})", flush=True)
-    print(f"geobench: run directory {out}", flush=True)
-
-    out.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.config, config.save(cfg))
-    atomic_write_text(out.path / "tokenizer.json", run.tokenizer.tokenizer.to_str())
-    atomic_write_json(out.path / "codewords.json", run.probe.codewords)
-
-    outcome = train(run, out, reg.manager.hook)
-    metrics = {}
-    if cfg.metrics:
-        metrics = run_metrics(AnalysisContext(out, cfg), cfg.metrics, reg)
-    doc = report.assemble(run, out, outcome, metrics, started=started, preset_reason=preset_reason)
-    report.write(out, doc, reg.manager.hook)
-
-    final = doc["final"]
-    summary = f"geobench: {outcome.status}"
-    if outcome.diverged_at is not None:
-        summary += f" at step {outcome.diverged_at}"
-    if final:
-        summary += (f"; step {final['step']}: val_loss {final['val_loss']:.4f}, "
-                    f"p_in {final['p_in']:.3f}, p_ood {final['p_ood']:.3f}")
-    print(summary)
-    failed = [name for name, result in metrics.items() if result["status"] == "failed"]
-    if failed:
-        print(f"geobench: metrics failed: {', '.join(failed)} (see the report)")
-    print(f"geobench: report {out.report_md}")
-    return 130 if outcome.status == "interrupted" else 0
+    runner.check(cfg, out, reg)
+    doc = runner.execute(cfg, out, reg, preset_reason)
+    return 130 if doc["run"]["status"] == "interrupted" else 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

@@ -82,6 +82,11 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+def _items(values: Sequence) -> list:
+    """List items as numbers where they read as numbers (YAML 1.1 reads 1e-3 as a string)."""
+    return [_items(v) if isinstance(v, list) else parse_scalar(v) if isinstance(v, str) else v for v in values]
+
+
 def coerce(key: str, raw: Any, kind: type) -> Any:
     """Convert `raw` to `kind` or raise a UsageError naming the key and the value."""
     value = parse_scalar(raw) if isinstance(raw, str) and kind is not str else raw
@@ -108,8 +113,8 @@ def coerce(key: str, raw: Any, kind: type) -> Any:
         return str(value)
     if kind in (list, tuple):
         if isinstance(value, str):
-            value = [parse_scalar(v) for v in value.split(",") if v.strip()]
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise bad
-        return kind(value)
+        return kind(_items(value))
     return value

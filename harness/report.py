@@ -46,6 +46,17 @@ def validate(report: dict) -> None:
     jsonschema.validate(report, schema())
 
 
+def metric_problem(result: dict) -> str | None:
+    """Why a metric result would not fit the report schema, or None."""
+    root = schema()
+    try:
+        jsonschema.validate(finite(result), {"$defs": root["$defs"], "$ref": "#/$defs/metric"})
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "the result"
+        return f"{where}: {exc.message}"
+    return None
+
+
 def git_revision() -> str | None:
     """The commit of the geobench source in use, when it is a git checkout."""
     here = Path(geobench.__file__).resolve().parent

@@ -70,23 +70,14 @@ class Run:
                 "trunk": sum(names[n].numel() for n in trunk_names(list(names)))}
 
 
-def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
+def build_model_and_optimizer(cfg: Config, vocab_size: int, device: torch.device,
+                              reg: plugin_registry.Registry | None = None):
+    """A freshly initialized model (seeded by train.seed) and a fresh optimizer of cfg's plugin."""
     reg = reg or plugin_registry.registry()
-    device = pick_device(cfg.train.device)
     optimizer_plugin = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
     model_plugin = plugin_registry.get_model(cfg.model.family, reg)
-
-    corpus = load_corpus(cfg.data)
-    tokenizer = load_tokenizer(cfg.data, corpus, codeword_pool(cfg.probe.n_codewords))
-    probe = ProbeTask(cfg.probe, tokenizer, select_codewords(tokenizer, cfg.probe.n_codewords, cfg.probe.codeword_seed))
-    context = cfg.model.context
-    stream = TrainStream(tokenize_stories(cfg.data, tokenizer, corpus, "train"), probe, context,
-                         cfg.train.batch_size, cfg.train.grad_accum, cfg.probe.p_probe, cfg.train.seed,
-                         tokenizer.eos_id)
-    val = tokenize_stories(cfg.data, tokenizer, corpus, "val")
-
     torch.manual_seed(cfg.train.seed)
-    model = model_plugin.build(cfg.model, tokenizer.vocab_size).to(device)
+    model = model_plugin.build(cfg.model, vocab_size).to(device)
     groups = [
         {"params": [p for n, p in model.named_parameters() if not no_decay(n, p)], "decay": True},
         {"params": [p for n, p in model.named_parameters() if no_decay(n, p)], "decay": False},
@@ -94,13 +85,49 @@ def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
     optimizer = optimizer_plugin.build(groups, cfg.optimizer.params, device)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
+    return model, optimizer, optimizer_plugin
 
+
+def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
+    reg = reg or plugin_registry.registry()
+    device = pick_device(cfg.train.device)
+    plugin_registry.get_optimizer(cfg.optimizer.name, reg)  # an unknown name fails before the data loads
+    plugin_registry.get_model(cfg.model.family, reg)
+
+    corpus = load_corpus(cfg.data)
+    tokenizer = load_tokenizer(cfg.data, corpus, codeword_pool(cfg.probe.n_codewords))
+    probe = ProbeTask(cfg.probe, tokenizer, select_codewords(tokenizer, cfg.probe.n_codewords, cfg.probe.codeword_seed))
+    context = cfg.model.context
+    val = tokenize_stories(cfg.data, tokenizer, corpus, "val")
+    model, optimizer, optimizer_plugin = build_model_and_optimizer(cfg, tokenizer.vocab_size, device, reg)
     evaluator = Evaluator(
         validation_batches(val, context, cfg.train.val_batches, cfg.train.val_batch_size, tokenizer.eos_id),
         probe.eval_set(ood=False, context=context), probe.eval_set(ood=True, context=context),
         cfg.train.val_batch_size, device, autocast(device),
     )
-    return Run(cfg, device, corpus, tokenizer, probe, stream, evaluator, model, optimizer, optimizer_plugin)
+    return Run(cfg, device, corpus, tokenizer, probe, _stream(cfg, tokenizer, corpus, probe), evaluator,
+               model, optimizer, optimizer_plugin)
+
+
+def _stream(cfg: Config, tokenizer: TextTokenizer, corpus: Corpus, probe: ProbeTask) -> TrainStream:
+    return TrainStream(tokenize_stories(cfg.data, tokenizer, corpus, "train"), probe, cfg.model.context,
+                       cfg.train.batch_size, cfg.train.grad_accum, cfg.probe.p_probe, cfg.train.seed,
+                       tokenizer.eos_id)
+
+
+def derive(run: Run, cfg: Config, weights: dict[str, torch.Tensor],
+           reg: plugin_registry.Registry | None = None) -> Run:
+    """A run that starts from `weights` with a fresh optimizer and cfg's training settings, on the
+    data, tokenizer, probe and evaluation sets of `run` (cfg must keep its model, data and probe)."""
+    for section in ("model", "data", "probe"):
+        if getattr(cfg, section) != getattr(run.cfg, section):
+            raise UsageError(f"a derived run must keep the {section} settings of its source")
+    model, optimizer, plugin = build_model_and_optimizer(cfg, run.tokenizer.vocab_size, run.device, reg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(weights[name])
+    stream = _stream(cfg, run.tokenizer, run.corpus, run.probe)
+    return dataclasses.replace(run, cfg=cfg, stream=stream, model=model, optimizer=optimizer, optimizer_plugin=plugin)
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:

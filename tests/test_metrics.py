@@ -224,3 +224,59 @@ def test_grad_structure_on_the_run(ctx):
     np.testing.assert_allclose(cross, cross.T, atol=1e-6)
     probe = out["tables"]["probe"][0]
     assert probe["prompt"] == "all" and probe["correct"] + probe["incorrect"] == 40
+
+
+def test_reheat_summary_on_a_known_curve():
+    from geobench.plugins.metrics.reheat import summarize
+
+    evals = [{"step": 0, "p_ood": 0.1}, {"step": 1, "p_ood": 0.05}, {"step": 200, "p_ood": 0.65},
+             {"step": 400, "p_ood": 0.8}, {"step": 600, "p_ood": 0.7}]
+    assert summarize(evals, 0.6) == {"start_p_ood": 0.1, "peak_p_ood": 0.8, "peak_step": 400,
+                                     "first_step_at_threshold": 200, "final_p_ood": 0.7,
+                                     "gain": pytest.approx(0.7), "diverged": False}
+    assert summarize(evals[:2], 0.6)["gain"] == 0.0 and summarize(evals[:2], 0.6)["first_step_at_threshold"] is None
+
+
+def test_reheat_trains_a_fresh_optimizer_and_leaves_the_source_alone(ctx):
+    import hashlib
+
+    checkpoints = sorted(ctx.run.checkpoints.iterdir())
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoints}
+    source_final = ctx.evals[-1]
+    result = run_metrics(ctx, ["reheat"], options={"reheat": options(
+        "reheat", steps=4, warmup=1, eval_every=2, lrs="[1e-3, 3e-4]")})["reheat"]
+    assert result["status"] == "ok", result.get("error")
+    rows = result["tables"]["reheat"]
+    assert [r["lr"] for r in rows] == [1e-3, 3e-4]
+    for r in rows:
+        assert r["gain"] >= 0 and r["peak_p_ood"] >= r["start_p_ood"]
+        assert r["start_p_ood"] == pytest.approx(source_final["p_ood"])  # the start is the checkpoint itself
+    assert {c["step"] for c in result["tables"]["curves"]} == {0, 1, 2, 4}
+    derived = ctx.run.path / "derived" / "reheat-from30-lr0.001"
+    assert (derived / "evals.jsonl").exists() and "lambda_schedule:\n  - - 0\n    - 4.0" in (derived / "config.yaml").read_text()
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ctx.run.checkpoints.iterdir())}
+    assert after == before
+    with pytest.raises(UsageError, match="has no checkpoint at step 7"):
+        ctx.retrain(7, "nowhere", {})
+
+
+def test_basin_perturbation_and_tests(ctx):
+    from geobench.plugins.metrics.basin import perturbation
+
+    model = ctx.model_at(ctx.checkpoint_steps()[-1])
+    w = model.blocks[0].mlp.up.weight
+    before = w.detach().clone()
+    with torch.no_grad():
+        perturbation(0.0, 0)(model)
+    assert torch.equal(w, before)
+    with torch.no_grad():
+        perturbation(0.3, 0)(model)
+    noise = (w.detach() - before) / (0.3 * before.pow(2).mean().sqrt())
+    assert abs(float(noise.std()) - 1) < 0.05 and abs(float(noise.mean())) < 0.05
+
+    result = run_metrics(ctx, ["basin"], options={"basin": options(
+        "basin", recovery_steps=2, relax_steps=2, relax_batch=4, sigmas="[0, 0.3]", eval_every=1, threshold=0.0)})["basin"]
+    assert result["status"] == "ok", result.get("error")
+    assert all(r["steps_to_threshold"] == 0 for r in result["tables"]["b1_recovery"])  # threshold 0: at the start
+    assert [r["sigma"] for r in result["tables"]["b6_depth"]] == [0.0, 0.3]
+    assert all(0 <= r["depth"] <= 1 for r in result["tables"]["b6_depth"])

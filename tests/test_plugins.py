@@ -153,3 +153,17 @@ def test_a_name_registered_twice_is_an_error():
 
     with pytest.raises(UsageError, match="'adamw' is registered twice"):
         make_registry(extra_plugins=(Twin(),))
+
+
+def test_a_metric_result_outside_the_schema_is_recorded_as_failed(watched_run):
+    watcher, reg, cfg, run, out, outcome = watched_run
+
+    class Sloppy:
+        @hookimpl
+        def geobench_register_metrics(self, register):
+            register(MetricPlugin("sloppy", "returns a mapping where a list belongs", {},
+                                  compute=lambda ctx, options: {"series": {"x": {"a": 1}}}))
+
+    sloppy_reg = make_registry(extra_plugins=(Sloppy(),))
+    result = run_metrics(AnalysisContext(out, cfg), ["sloppy"], sloppy_reg)["sloppy"]
+    assert result["status"] == "failed" and "does not fit the report schema: series/x" in result["error"]

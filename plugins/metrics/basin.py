@@ -1,0 +1,90 @@
+"""Basin tests (SPEC §4).
+
+B1, recovery: from a peak or a trough checkpoint, a fresh AdamW (lr 1e-3, λ = 8, constant lr)
+trains up to 1000 steps; how many steps until p_ood ≥ 0.6.
+B6, depth: perturb every trunk matrix by σ·rms(W)·Z (Z standard normal) for σ in a grid, relax 300
+steps with a fresh AdamW (constant lr 6e-4, λ = 4, batch 64); D_σ = mean p_ood after relaxing, over
+`repeats` perturbation seeds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from geobench import Param, hookimpl
+from geobench.model import trunk_names
+from geobench.registry import MetricPlugin
+
+OPTIONS = {
+    "recovery_from": Param([], "checkpoints for B1 (empty: the best-p_ood checkpoint and the lowest after it)"),
+    "recovery_steps": Param(1000, "B1 training steps", low=1),
+    "recovery_lr": Param(1e-3, "B1 AdamW learning rate", low=0, low_open=True),
+    "recovery_lam": Param(8.0, "B1 probe-loss weight λ", low=0),
+    "depth_from": Param(-1, "checkpoint for B6 (-1: the last)"),
+    "sigmas": Param([0.0, 0.01, 0.03, 0.1, 0.3], "B6 perturbation scales σ"),
+    "relax_steps": Param(300, "B6 relaxation steps", low=1),
+    "relax_lr": Param(6e-4, "B6 AdamW learning rate", low=0, low_open=True),
+    "relax_lam": Param(4.0, "B6 probe-loss weight λ", low=0),
+    "relax_batch": Param(64, "B6 batch size", low=1),
+    "repeats": Param(1, "B6 perturbation seeds per σ", low=1),
+    "eval_every": Param(50, "evaluate every N steps", low=1),
+    "threshold": Param(0.6, "p_ood that counts as recovered", low=0, high=1),
+}
+
+
+def constant_adamw(steps: int, lr: float, lam: float, eval_every: int) -> dict:
+    return {"optimizer.name": "adamw", "optimizer.params.lr": lr, "train.steps": steps, "train.warmup": 0,
+            "train.lr_floor": 1.0, "train.lambda_schedule": [[0, lam]], "train.eval_every": eval_every,
+            "train.checkpoint_every": steps, "train.state_every": steps, "train.checkpoint_window": []}
+
+
+def perturbation(sigma: float, seed: int):
+    """W ← W + σ · rms(W) · Z on every trunk matrix."""
+    def apply(model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        generator = torch.Generator().manual_seed(seed)
+        for name in trunk_names(list(params)):
+            w = params[name]
+            noise = torch.randn(w.shape, generator=generator).to(w.device, w.dtype)
+            w.add_(sigma * w.pow(2).mean().sqrt() * noise)
+    return apply
+
+
+def default_recovery_points(ctx) -> list[int]:
+    p = ctx.p_ood_at(ctx.checkpoint_steps())
+    if not p:
+        return [ctx.checkpoint_steps()[-1]]
+    best = max(p, key=p.get)
+    after = {s: v for s, v in p.items() if s > best}
+    return [best] + ([min(after, key=after.get)] if after else [])
+
+
+def compute(ctx, options: dict) -> dict:
+    t = options["threshold"]
+    recovery = []
+    for step in options["recovery_from"] or default_recovery_points(ctx):
+        evals = ctx.retrain(step, f"b1-from{step}", constant_adamw(options["recovery_steps"], options["recovery_lr"],
+                                                                   options["recovery_lam"], options["eval_every"]))
+        reached = next((e["step"] for e in evals if e.get("p_ood", -1) >= t), None)
+        recovery.append({"from_step": step, "start_p_ood": evals[0]["p_ood"], "steps_to_threshold": reached,
+                         "best_p_ood": max(e.get("p_ood", 0.0) for e in evals)})
+    step = ctx.checkpoint_steps()[-1] if options["depth_from"] < 0 else options["depth_from"]
+    relax = constant_adamw(options["relax_steps"], options["relax_lr"], options["relax_lam"], options["relax_steps"])
+    relax["train.batch_size"], relax["train.grad_accum"] = options["relax_batch"], 1
+    depth = []
+    for sigma in options["sigmas"]:
+        finals = []
+        for seed in range(options["repeats"]):
+            evals = ctx.retrain(step, f"b6-from{step}-sigma{sigma:g}-seed{seed}", relax, perturb=perturbation(sigma, seed))
+            finals.append(evals[-1].get("p_ood", float("nan")))
+        depth.append({"sigma": sigma, "depth": float(np.mean(finals)), "p_ood_after": finals})
+    scalars = {"depth_at_largest_sigma": depth[-1]["depth"],
+               "recovered": sum(r["steps_to_threshold"] is not None for r in recovery), "recovery_runs": len(recovery)}
+    return {"scalars": scalars, "tables": {"b1_recovery": recovery, "b6_depth": depth}}
+
+
+@hookimpl
+def geobench_register_metrics(register):
+    register(MetricPlugin("basin", "B1 recovery steps from peak/trough checkpoints and B6 basin depth",
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training")))

@@ -1,0 +1,74 @@
+"""Reheating (SPEC §4): from a checkpoint, a FRESH optimizer of the run's kind (or a named one)
+trains again with λ raised, warmup and cosine decay, for each learning rate of a grid; how high
+does p_ood climb, when, and what is the re-entry gain G = max p_ood − p_ood at the start (the start
+evaluation is included, so G ≥ 0)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from geobench import Param, hookimpl
+from geobench.registry import MetricPlugin
+
+OPTIONS = {
+    "from_step": Param(-1, "checkpoint to reheat (-1: the last)"),
+    "lrs": Param([1e-3, 6e-4, 3e-4], "learning-rate grid"),
+    "lam": Param(4.0, "probe-loss weight λ during the reheat", low=0),
+    "steps": Param(2000, "reheat steps", low=1),
+    "warmup": Param(200, "linear warmup steps", low=0),
+    "eval_every": Param(200, "evaluate every N steps (and at steps 0 and 1)", low=1),
+    "optimizer": Param("", "optimizer plugin (empty: the run's own, with its hyperparameters)"),
+    "threshold": Param(0.6, "report the first step with p_ood at or above this", low=0, high=1),
+}
+
+
+def summarize(evals: list[dict], threshold: float) -> dict:
+    """Peak, its step, the first step reaching the threshold, the final value and G of a p_ood curve
+    whose first point is the start."""
+    curve = [(e["step"], e["p_ood"]) for e in evals if e.get("p_ood") is not None and np.isfinite(e["p_ood"])]
+    steps, p = zip(*curve)
+    peak = int(np.argmax(p))
+    reached = next((s for s, v in curve if v >= threshold), None)
+    return {"start_p_ood": p[0], "peak_p_ood": p[peak], "peak_step": steps[peak], "first_step_at_threshold": reached,
+            "final_p_ood": p[-1], "gain": max(p) - p[0], "diverged": any(e.get("diverged") for e in evals)}
+
+
+def compute(ctx, options: dict) -> dict:
+    step = ctx.checkpoint_steps()[-1] if options["from_step"] < 0 else options["from_step"]
+    rows, curves = [], []
+    for lr in options["lrs"]:
+        overrides = {"train.steps": options["steps"], "train.warmup": options["warmup"],
+                     "train.lambda_schedule": [[0, options["lam"]]], "train.eval_every": options["eval_every"],
+                     "train.checkpoint_every": options["steps"], "train.state_every": options["steps"],
+                     "train.checkpoint_window": [], "optimizer.params.lr": lr}
+        if options["optimizer"]:
+            overrides["optimizer.name"] = options["optimizer"]
+        evals = ctx.retrain(step, f"reheat-from{step}-lr{lr:g}", overrides)
+        curves += [{"lr": lr, "step": e["step"], "p_ood": e["p_ood"]} for e in evals if "p_ood" in e]
+        rows.append({"lr": lr, **summarize(evals, options["threshold"])})
+    best = max(rows, key=lambda r: r["peak_p_ood"])
+    scalars = {"from_step": step, "best_lr": best["lr"], "best_peak_p_ood": best["peak_p_ood"], "best_gain": best["gain"]}
+    return {"scalars": scalars, "tables": {"reheat": rows, "curves": curves},
+            "figures": [plot(ctx, curves, step)]}
+
+
+def plot(ctx, curves: list[dict], step: int) -> str:
+    from geobench.report import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for lr in dict.fromkeys(c["lr"] for c in curves):
+        points = [c for c in curves if c["lr"] == lr]
+        ax.plot([c["step"] for c in points], [c["p_ood"] for c in points], marker="o", ms=3, label=f"lr {lr:g}")
+    ax.set_xlabel(f"reheat step (from checkpoint {step})")
+    ax.set_ylabel("p_ood")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    return ctx.figure(fig, "reheat")
+
+
+@hookimpl
+def geobench_register_metrics(register):
+    register(MetricPlugin("reheat", "re-train from a checkpoint with a fresh optimizer: peak p_ood and gain G per lr",
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training")))
