@@ -213,6 +213,16 @@ class AnalysisContext:
         return prepare(self.config)
 
 
+def check_checkpoint_steps(cfg: config_mod.Config, steps, option: str) -> None:
+    """For a metric's `check`: every step in `steps` will be a checkpoint of a run of `cfg`."""
+    from geobench.train import is_checkpoint_step
+
+    for step in steps:
+        if not 1 <= step <= cfg.train.steps or not is_checkpoint_step(step, cfg):
+            raise UsageError(f"{option}: the run will have no checkpoint at step {step} "
+                             f"({cfg.train.steps} steps, a checkpoint every {cfg.train.checkpoint_every})")
+
+
 def metric_options(names: list[str], given: dict[str, str], reg: plugin_registry.Registry) -> dict[str, dict]:
     """Validated options per metric from `NAME.option=value` pairs (defaults for the rest)."""
     chosen = {name: plugin_registry.get_metric(name, reg) for name in names}

@@ -46,6 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("pairs", nargs="*", metavar="NAME.option=value", help="metric options, e.g. backbone.scope=all")
     analyze.set_defaults(handler=cmd_analyze)
 
+    bench = commands.add_parser("bench", help="run a benchmark suite (a grid of runs) and write its comparison report")
+    bench.add_argument("suite", nargs="?", help="built-in suite name or a suite .yaml file")
+    bench.add_argument("pairs", nargs="*", metavar="key=value",
+                       help="scale=tiny|short|paper, or config keys applied to every cell")
+    bench.add_argument("--list", action="store_true", help="list the built-in suites")
+    bench.add_argument("--out", help="suite directory (default: runs/suites/<suite>-<scale>)")
+    bench.set_defaults(handler=cmd_bench)
+
+    compare_ = commands.add_parser("report", help="side-by-side report of finished runs or suites")
+    compare_.add_argument("runs", nargs="+", help="run directories and/or suite directories")
+    compare_.add_argument("--table", default=None, choices=["main", "beta2", "sgd", "reheat"],
+                          help="paper-style table (default: the suite's, else main)")
+    compare_.add_argument("--out", help="directory for comparison.{json,md,html} (default: the suite's, else runs/comparison)")
+    compare_.set_defaults(handler=cmd_report)
+
     energy = commands.add_parser("energy", help="shared-direction energy of Hugging Face style checkpoints")
     energy.add_argument("--manifest", required=True,
                         help='JSON: {"optimizers": {NAME: {"checkpoints": [{"iter": N, "hf_path": DIR}]}}}')
@@ -100,8 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset_reason = "as asked" if explicit else ("auto: a CUDA device is present" if has_cuda else "auto: no CUDA device")
     optimizer = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
     out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg, pairs, optimizer.params)))
-    runner.check(cfg, out, reg)
-    doc = runner.execute(cfg, out, reg, preset_reason)
+    options = runner.check(cfg, out, reg)
+    doc = runner.execute(cfg, out, reg, preset_reason, options)
     return 130 if doc["run"]["status"] == "interrupted" else 0
 
 
@@ -131,6 +146,63 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(line)
     print(f"geobench: report {ctx.run.report_md}")
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from geobench import suites
+
+    if args.list:
+        for name, description in suites.builtin().items():
+            print(f"{name:<14} {description}")
+        return 0
+    if not args.suite:
+        raise UsageError("name a suite (see `geobench bench --list`)")
+    reg = plugin_registry.registry()
+    pairs = config.parse_pairs(args.pairs)
+    has_cuda = torch.cuda.is_available()
+    scale = pairs.pop("scale", "paper" if has_cuda else "tiny")
+    suite = suites.load(args.suite, scale, pairs, args.out, reg)
+    print(f"geobench bench: suite {suite.name}, scale {scale}"
+          f"{'' if 'scale' in config.parse_pairs(args.pairs) else ' (auto: ' + ('CUDA' if has_cuda else 'no CUDA') + ')'}; "
+          f"{len(suite.cells)} cells into {suite.directory}", flush=True)
+    statuses = suites.run(suite, reg)
+    failed = {k: v for k, v in statuses.items() if v.startswith("failed")}
+    print(f"geobench bench: {len(statuses) - len(failed)} of {len(suite.cells)} cells ran"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; report {suite.directory / 'comparison.md'}")
+    if any(v == "interrupted" for v in statuses.values()):
+        return 130
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from geobench import compare, suites
+
+    paths, labels, groups, table, published = [], {}, {}, args.table, {}
+    for given in args.runs:
+        path = Path(given)
+        index = path / "suite.json"
+        if index.exists():
+            info = json.loads(index.read_text())
+            table = table or info["table"]
+            for cell in info["cells"]:
+                cell_path = path / cell["directory"]
+                if suites.status_of(RunDir(cell_path)) is not None:
+                    paths.append(cell_path)
+                    labels[str(cell_path)], groups[str(cell_path)] = cell["label"], cell["group"]
+            if info["scale"] == "paper" and info["name"] in suites.builtin():
+                published.update(suites.load_published(info["name"]))
+        elif (path / "report.json").exists():
+            paths.append(path)
+        else:
+            raise UsageError(f"{given!r} is neither a run directory (report.json) nor a suite directory (suite.json)")
+    if not paths:
+        raise UsageError("no finished runs to compare")
+    single_suite = len(args.runs) == 1 and (Path(args.runs[0]) / "suite.json").exists()
+    out = Path(args.out) if args.out else (Path(args.runs[0]) if single_suite else Path("runs") / "comparison")
+    doc, docs = compare.build(paths, "geobench comparison", table or "main", published, labels, groups)
+    compare.write(out, doc, docs)
+    print(f"geobench: compared {len(paths)} runs; {out / 'comparison.md'}, {out / 'comparison.html'}")
+    return 0
 
 
 def cmd_energy(args: argparse.Namespace) -> int:

@@ -42,7 +42,9 @@ class MetricPlugin:
 
     `compute(ctx, options)` gets an `AnalysisContext` and returns a JSON-serializable dict with any
     of the keys `scalars` (name → number), `series` (name → list), `tables` (name → list of row
-    dicts) and `figures` (list of paths relative to the run directory).
+    dicts) and `figures` (list of paths relative to the run directory). The optional
+    `check(config, options)` raises a UsageError when a run of that config could never satisfy the
+    options (a reheat from a step that will not be checkpointed), so a run or suite fails at once.
     """
 
     name: str
@@ -50,6 +52,7 @@ class MetricPlugin:
     options: Mapping[str, Param]
     compute: Callable[..., dict]
     needs: tuple[str, ...] = ("checkpoints",)
+    check: Callable[..., None] | None = None  # check(config, options): fail early, before training
     source: str = ""
 
 

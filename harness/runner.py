@@ -23,14 +23,20 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def check(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry) -> None:
-    """Everything about the config and the run directory that must hold before a file is written."""
+def check(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, metric_pairs: dict | None = None) -> dict:
+    """Everything about the config and the run directory that must hold before a file is written;
+    returns the validated options of the end-of-run metrics (`metric_pairs`: {"NAME.option": value})."""
+    from geobench.analysis import metric_options
+
+    options = metric_options(cfg.metrics, metric_pairs or {}, reg)
     for name in cfg.metrics:
-        plugin_registry.get_metric(name, reg)
+        plugin = plugin_registry.get_metric(name, reg)
+        if plugin.check is not None:
+            plugin.check(cfg, options[name])
     if out.path.exists() and not out.path.is_dir():
         raise UsageError(f"run directory {str(out)!r} is a file")
     if out.is_empty():
-        return
+        return options
     if not cfg.train.resume:
         raise UsageError(f"run directory {str(out)!r} exists and is not empty; "
                          "continue it with resume=true or choose another with --out")
@@ -38,10 +44,13 @@ def check(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry) -> Non
         changed = _differences(yaml.safe_load(out.config.read_text()), config.to_dict(cfg))
         if changed:
             raise UsageError(f"resume=true but the config differs from {str(out.config)!r} in: {', '.join(changed)}")
+    return options
 
 
-def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str) -> dict:
-    """Train, measure and report; returns the report. Prints what ran, as the command line shows it."""
+def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
+            metric_options: dict | None = None) -> dict:
+    """Train, measure and report; returns the report. Prints what ran, as the command line shows it.
+    `metric_options` are the validated options `check` returned (defaults when None)."""
     from geobench.analysis import AnalysisContext, run_metrics
     from geobench.train import pick_device, prepare, train
 
@@ -65,7 +74,7 @@ def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, pres
     if cfg.metrics:
         ctx = AnalysisContext(out, cfg)
         ctx.live = run  # the metrics that need the model and data reuse this run's
-        metrics = run_metrics(ctx, cfg.metrics, reg)
+        metrics = run_metrics(ctx, cfg.metrics, reg, metric_options)
     doc = report.assemble(run, out, outcome, metrics, started=started, preset_reason=preset_reason)
     report.write(out, doc, reg.manager.hook)
 

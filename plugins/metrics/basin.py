@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from geobench import Param, hookimpl
+from geobench.analysis import check_checkpoint_steps
 from geobench.model import trunk_names
 from geobench.registry import MetricPlugin
 
@@ -60,6 +61,12 @@ def default_recovery_points(ctx) -> list[int]:
     return [best] + ([min(after, key=after.get)] if after else [])
 
 
+def check(cfg, options: dict) -> None:
+    check_checkpoint_steps(cfg, options["recovery_from"], "basin.recovery_from")
+    if options["depth_from"] >= 0:
+        check_checkpoint_steps(cfg, [options["depth_from"]], "basin.depth_from")
+
+
 def compute(ctx, options: dict) -> dict:
     t = options["threshold"]
     recovery = []
@@ -87,4 +94,4 @@ def compute(ctx, options: dict) -> dict:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("basin", "B1 recovery steps from peak/trough checkpoints and B6 basin depth",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training")))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check))

@@ -8,10 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from geobench import Param, hookimpl
+from geobench.analysis import check_checkpoint_steps
 from geobench.registry import MetricPlugin
 
 OPTIONS = {
-    "from_step": Param(-1, "checkpoint to reheat (-1: the last)"),
+    "from_steps": Param([], "checkpoints to reheat (empty: the last)"),
     "lrs": Param([1e-3, 6e-4, 3e-4], "learning-rate grid"),
     "lam": Param(4.0, "probe-loss weight λ during the reheat", low=0),
     "steps": Param(2000, "reheat steps", low=1),
@@ -20,6 +21,10 @@ OPTIONS = {
     "optimizer": Param("", "optimizer plugin (empty: the run's own, with its hyperparameters)"),
     "threshold": Param(0.6, "report the first step with p_ood at or above this", low=0, high=1),
 }
+
+
+def check(cfg, options: dict) -> None:
+    check_checkpoint_steps(cfg, options["from_steps"], "reheat.from_steps")
 
 
 def summarize(evals: list[dict], threshold: float) -> dict:
@@ -34,7 +39,18 @@ def summarize(evals: list[dict], threshold: float) -> dict:
 
 
 def compute(ctx, options: dict) -> dict:
-    step = ctx.checkpoint_steps()[-1] if options["from_step"] < 0 else options["from_step"]
+    rows, curves = [], []
+    for step in options["from_steps"] or [ctx.checkpoint_steps()[-1]]:
+        rows_step, curves_step = reheat_from(ctx, step, options)
+        rows += rows_step
+        curves += curves_step
+    best = max(rows, key=lambda r: r["peak_p_ood"])
+    scalars = {"best_from_step": best["from_step"], "best_lr": best["lr"], "best_peak_p_ood": best["peak_p_ood"],
+               "best_gain": best["gain"]}
+    return {"scalars": scalars, "tables": {"reheat": rows, "curves": curves}, "figures": [plot(ctx, curves)]}
+
+
+def reheat_from(ctx, step: int, options: dict) -> tuple[list[dict], list[dict]]:
     rows, curves = [], []
     for lr in options["lrs"]:
         overrides = {"train.steps": options["steps"], "train.warmup": options["warmup"],
@@ -44,23 +60,21 @@ def compute(ctx, options: dict) -> dict:
         if options["optimizer"]:
             overrides["optimizer.name"] = options["optimizer"]
         evals = ctx.retrain(step, f"reheat-from{step}-lr{lr:g}", overrides)
-        curves += [{"lr": lr, "step": e["step"], "p_ood": e["p_ood"]} for e in evals if "p_ood" in e]
-        rows.append({"lr": lr, **summarize(evals, options["threshold"])})
-    best = max(rows, key=lambda r: r["peak_p_ood"])
-    scalars = {"from_step": step, "best_lr": best["lr"], "best_peak_p_ood": best["peak_p_ood"], "best_gain": best["gain"]}
-    return {"scalars": scalars, "tables": {"reheat": rows, "curves": curves},
-            "figures": [plot(ctx, curves, step)]}
+        curves += [{"from_step": step, "lr": lr, "step": e["step"], "p_ood": e["p_ood"]} for e in evals if "p_ood" in e]
+        rows.append({"from_step": step, "lr": lr, **summarize(evals, options["threshold"])})
+    return rows, curves
 
 
-def plot(ctx, curves: list[dict], step: int) -> str:
+def plot(ctx, curves: list[dict]) -> str:
     from geobench.report import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for lr in dict.fromkeys(c["lr"] for c in curves):
-        points = [c for c in curves if c["lr"] == lr]
-        ax.plot([c["step"] for c in points], [c["p_ood"] for c in points], marker="o", ms=3, label=f"lr {lr:g}")
-    ax.set_xlabel(f"reheat step (from checkpoint {step})")
+    for start, lr in dict.fromkeys((c["from_step"], c["lr"]) for c in curves):
+        points = [c for c in curves if c["lr"] == lr and c["from_step"] == start]
+        ax.plot([c["step"] for c in points], [c["p_ood"] for c in points], marker="o", ms=3,
+                label=f"from {start}, lr {lr:g}")
+    ax.set_xlabel("reheat step")
     ax.set_ylabel("p_ood")
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
@@ -71,4 +85,4 @@ def plot(ctx, curves: list[dict], step: int) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("reheat", "re-train from a checkpoint with a fresh optimizer: peak p_ood and gain G per lr",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training")))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check))

@@ -1,0 +1,231 @@
+"""Side-by-side reports of finished runs: one tidy table (a row per run), the paper-style tables
+with the published figures beside ours, a mean ± bootstrap interval over seeds where a configuration
+ran with several, and figures of all runs on one axis. Written as comparison.json (schema-validated),
+comparison.md and a self-contained comparison.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+
+import geobench
+from geobench.errors import UsageError
+from geobench.report import _fmt, finite, now, pyplot
+from geobench.trajectory import atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = "1.0"
+# column → (where in a run's report, how the tables title it)
+COLUMNS = {
+    "val_loss": (("final", "val_loss"), "val loss"),
+    "best_p_ood": (("final", "best_p_ood"), "best p_ood"),
+    "pc1": (("metrics", "backbone", "scalars", "pc1"), "PC1 (row-norm.)"),
+    "pc1_raw": (("metrics", "backbone", "scalars", "pc1_raw"), "PC1 (raw)"),
+    "k95": (("metrics", "backbone", "scalars", "k95"), "k95"),
+    "drift": (("metrics", "backbone", "scalars", "drift"), "drift"),
+    "mean_abs_cos": (("metrics", "alignment", "scalars", "mean_abs_cos"), "mean |cos(u, v_b)|"),
+    "interference": (("metrics", "interference", "scalars", "mean_cos"), "interference"),
+    "gain": (("metrics", "reheat", "scalars", "best_gain"), "G"),
+}
+TABLES = {
+    "main": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "interference"],
+    "beta2": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "interference", "gain"],
+    "sgd": ["val_loss", "best_p_ood", "pc1", "k95", "drift"],
+    "reheat": ["val_loss", "best_p_ood", "gain"],
+}
+
+
+def schema() -> dict:
+    return json.loads(resources.files("geobench.schemas").joinpath(f"comparison-{SCHEMA_VERSION}.json").read_text())
+
+
+def _dig(doc: dict, path: tuple) -> float | None:
+    for key in path:
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc if isinstance(doc, (int, float)) and not isinstance(doc, bool) else None
+
+
+def load_run(path: Path) -> dict:
+    report = path / "report.json"
+    if not report.exists():
+        raise UsageError(f"{str(path)!r} has no report.json (not a finished geobench run or suite)")
+    return json.loads(report.read_text())
+
+
+def run_row(path: Path, doc: dict, label: str | None = None, group: str | None = None) -> dict:
+    params = doc["optimizer"]["params"]
+    seed = doc["config"]["train"]["seed"]
+    name = label or f"{doc['optimizer']['name']}-" + "-".join(f"{k}={v}" for k, v in params.items()) + f"-s{seed}"
+    row = {"run": str(path), "label": name, "group": group or name.replace(f"-s{seed}", ""),
+           "optimizer": doc["optimizer"]["name"], "params": params, "seed": seed,
+           "status": doc["run"]["status"], "steps": doc["run"]["last_step"]}
+    row.update({col: _dig(doc, where) for col, (where, _) in COLUMNS.items()})
+    return row
+
+
+def bootstrap_interval(values: list[float], rng, resamples: int = 1000) -> tuple[float, float]:
+    """95% bootstrap interval of the mean."""
+    data = np.asarray(values, dtype=float)
+    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def aggregate(rows: list[dict], columns: list[str], seed: int = 0) -> list[dict]:
+    """One row per group: mean over its runs and, with two or more, a bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        members = [r for r in rows if r["group"] == group]
+        agg = {"group": group, "runs": len(members), "statuses": sorted({r["status"] for r in members}),
+               "params": members[0]["params"], "optimizer": members[0]["optimizer"]}
+        for col in columns:
+            values = [r[col] for r in members if r[col] is not None and math.isfinite(r[col])]
+            agg[col] = float(np.mean(values)) if values else None
+            agg[f"{col}_interval"] = list(bootstrap_interval(values, rng)) if len(values) >= 2 else None
+        out.append(agg)
+    return out
+
+
+def _cell(agg: dict, col: str, published: dict) -> str:
+    value, interval = agg[col], agg.get(f"{col}_interval")
+    text = _fmt(value)
+    if interval:
+        text += f" ± {(interval[1] - interval[0]) / 2:.3g}"
+    ref = published.get(agg["group"], {}).get(col)
+    if ref is not None:
+        diff = f", Δ {value - ref:+.3g}" if value is not None else ""
+        text += f" (pub. {_fmt(ref)}{diff})"
+    return text
+
+
+def build(paths: list[Path], title: str, table: str = "main", published: dict | None = None,
+          labels: dict | None = None, groups: dict | None = None, extra: dict | None = None) -> tuple[dict, list[dict]]:
+    """The comparison document and the loaded run reports."""
+    if table not in TABLES:
+        raise UsageError(f"table {table!r} is not one of {', '.join(TABLES)}")
+    docs = [load_run(p) for p in paths]
+    rows = [run_row(p, d, (labels or {}).get(str(p)), (groups or {}).get(str(p))) for p, d in zip(paths, docs)]
+    columns = TABLES[table]
+    doc = {"schema_version": SCHEMA_VERSION, "geobench_version": geobench.__version__, "title": title,
+           "created": now(), "table": table, "columns": columns, "runs": rows,
+           "groups": aggregate(rows, columns), "published": published or {}, "figures": [], **(extra or {})}
+    return finite(doc), docs
+
+
+def write(directory: Path, doc: dict, docs: list[dict]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    doc["figures"] = figures(directory, doc, docs)
+    jsonschema.validate(doc, schema())
+    atomic_write_json(directory / "comparison.json", doc)
+    atomic_write_text(directory / "comparison.md", markdown(doc))
+    atomic_write_text(directory / "comparison.html", to_html(doc, directory))
+
+
+def _table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    first = {"beta2": "β₂", "sgd": "run"}.get(doc["table"], "configuration")
+    header = [first, "runs"] + [COLUMNS[c][1] for c in doc["columns"]]
+    body = []
+    for agg in doc["groups"]:
+        name = str(agg["params"].get("beta2")) if doc["table"] == "beta2" and "beta2" in agg["params"] else agg["group"]
+        status = "" if agg["statuses"] == ["completed"] else f" ({'/'.join(agg['statuses'])})"
+        body.append([name + status, str(agg["runs"])] + [_cell(agg, c, doc["published"]) for c in doc["columns"]])
+    return header, body
+
+
+def markdown(doc: dict) -> str:
+    header, body = _table_rows(doc)
+    lines = [f"# {doc['title']}", "", f"geobench {doc['geobench_version']}, {doc['created']}. "
+             "Values are the mean over a configuration's runs; ± is half the 95% bootstrap interval over seeds; "
+             "(pub. X, Δ d) is the published figure of SPEC §5 and our difference.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["", "## Runs", "", "| run | status | steps | " + " | ".join(doc["columns"]) + " |",
+              "|---|---|---|" + "---|" * len(doc["columns"])]
+    lines += [f"| {r['label']} | {r['status']} | {r['steps']} | " + " | ".join(_fmt(r[c]) for c in doc["columns"]) + " |"
+              for r in doc["runs"]]
+    lines.append("")
+    lines += [f"![{Path(f).stem}]({f})\n" for f in doc["figures"]]
+    return "\n".join(lines)
+
+
+def to_html(doc: dict, directory: Path) -> str:
+    header, body = _table_rows(doc)
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(doc['title'])}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}</style></head><body>",
+             f"<h1>{esc(doc['title'])}</h1><p>geobench {esc(doc['geobench_version'])}, {esc(doc['created'])}</p>",
+             "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body]
+    parts.append("</table>")
+    for fig in doc["figures"]:
+        data = base64.b64encode((directory / fig).read_bytes()).decode()
+        parts.append(f"<h3>{esc(Path(fig).stem)}</h3><img alt='{esc(fig)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def figures(directory: Path, doc: dict, docs: list[dict]) -> list[str]:
+    plt = pyplot()
+    (directory / "figures").mkdir(exist_ok=True)
+    made = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(directory / "figures" / f"{name}.png", dpi=100)
+        plt.close(fig)
+        made.append(f"figures/{name}.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for row, run in zip(doc["runs"], docs):
+        ax.plot([e["step"] for e in run["evals"]], [e["p_ood"] for e in run["evals"]], label=row["label"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("p_ood")
+    ax.legend(fontsize=7)
+    save(fig, "p_ood_all")
+
+    planes = [(row, run["metrics"]["backbone"]["series"]) for row, run in zip(doc["runs"], docs)
+              if run["metrics"].get("backbone", {}).get("status") == "ok"]
+    if planes:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for row, series in planes:
+            ax.plot(series["a"], series["r_norm"], marker="o", ms=2, label=row["label"])
+        ax.set_xlabel("a(t) = ⟨Δθ_t, v_b⟩")
+        ax.set_ylabel("‖r(t)‖")
+        ax.legend(fontsize=7)
+        save(fig, "backbone_planes")
+
+    if doc["table"] == "beta2":
+        points = sorted((g["params"]["beta2"], g["pc1"], g["pc1_raw"]) for g in doc["groups"]
+                        if "beta2" in g["params"] and g["pc1"] is not None)
+        if points:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            b, pc1, raw = zip(*points)
+            ax.plot(b, pc1, marker="o", label="row-normalized")
+            ax.plot(b, raw, marker="o", label="raw")
+            ax.set_xlabel("β₂")
+            ax.set_ylabel("trunk PC1")
+            ax.legend()
+            save(fig, "pc1_vs_beta2")
+
+    reheats = [(row, run["metrics"]["reheat"]["tables"]["curves"]) for row, run in zip(doc["runs"], docs)
+               if run["metrics"].get("reheat", {}).get("status") == "ok"]
+    if reheats:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for row, curves in reheats:
+            for start, lr in dict.fromkeys((c["from_step"], c["lr"]) for c in curves):
+                pts = [c for c in curves if c["from_step"] == start and c["lr"] == lr]
+                ax.plot([c["step"] for c in pts], [c["p_ood"] for c in pts], label=f"{row['label']} from {start} lr {lr:g}")
+        ax.set_xlabel("reheat step")
+        ax.set_ylabel("p_ood")
+        ax.legend(fontsize=7)
+        save(fig, "reheat_curves")
+    return made

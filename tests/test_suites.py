@@ -1,0 +1,132 @@
+"""Benchmark suites and comparison reports, through the command line."""
+
+import json
+import os
+
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+
+from conftest import FAST, run_cli
+from geobench import compare
+
+MINI = {
+    "name": "mini",
+    "description": "two optimizers × two seeds",
+    "base": dict(pair.split("=", 1) for pair in FAST if not pair.startswith("metrics")) | {"eval_every": 4},
+    "grid": {"optimizer": ["adamw", "sgd"], "seed": [1, 2]},
+    "metrics": ["backbone"],
+    "metric_options": {"backbone": {"per_block": False}},
+    "table": "main",
+}
+
+
+def write_suite(tmp_path, **changes):
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({**MINI, **changes}))
+    return path
+
+
+def test_list_shows_the_builtin_suites():
+    result = run_cli("bench", "--list")
+    assert result.returncode == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names == ["paper-beta2", "paper-main", "paper-reheat", "paper-sgd"]
+
+
+def test_a_suite_runs_every_cell_skips_done_ones_and_compares(tmp_path):
+    suite = write_suite(tmp_path)
+    result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[1/4] adamw-seed=1: running" in result.stdout and "[4/4] sgd-seed=2: completed" in result.stdout
+    doc = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    jsonschema.validate(doc, compare.schema())
+    assert [r["label"] for r in doc["runs"]] == ["adamw-seed=1", "adamw-seed=2", "sgd-seed=1", "sgd-seed=2"]
+    groups = {g["group"]: g for g in doc["groups"]}
+    assert set(groups) == {"adamw", "sgd"} and groups["adamw"]["runs"] == 2
+    pc1 = [r["pc1"] for r in doc["runs"][:2]]
+    assert groups["adamw"]["pc1"] == pytest.approx(np.mean(pc1))
+    lo, hi = groups["adamw"]["pc1_interval"]
+    assert min(pc1) - 1e-12 <= lo <= hi <= max(pc1) + 1e-12
+    html = (tmp_path / "out" / "comparison.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+    assert "adamw | 2 |" in (tmp_path / "out" / "comparison.md").read_text()
+    index = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert [c["status"] for c in index["cells"]] == ["completed"] * 4
+
+    again = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already completed, skipped") == 4
+
+    report = run_cli("report", str(tmp_path / "out" / "adamw-seed=1"), str(tmp_path / "out" / "sgd-seed=1"),
+                     "--out", "side", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    side = json.loads((tmp_path / "side" / "comparison.json").read_text())
+    assert len(side["runs"]) == 2 and side["table"] == "main"
+
+
+def test_a_diverging_cell_is_recorded_and_the_suite_goes_on(tmp_path):
+    suite = write_suite(tmp_path, grid=[{"label": "boom", "optimizer": "sgd", "lr": 1e6, "wd": 0, "grad_clip": 0},
+                                        {"label": "fine", "optimizer": "adamw"}], metrics=[], metric_options={})
+    result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    cells = {c["label"]: c["status"] for c in json.loads((tmp_path / "out" / "suite.json").read_text())["cells"]}
+    assert cells == {"boom": "diverged", "fine": "completed"}
+    assert "(diverged)" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"grdi": {}}, "unknown key 'grdi' (did you mean 'grid'?)"),
+    ({"grid": {}}, "the grid is empty"),
+    ({"grid": {"optimizer": []}}, "the grid is empty"),
+    ({"grid": [{"optimizer": "adamx"}]}, "unknown optimizer 'adamx'"),
+    ({"metrics": ["backbone", "swiching"]}, "unknown metric 'swiching'"),
+    ({"metrics": ["reheat"], "metric_options": {"reheat": {"from_steps": [7]}}},
+     "reheat.from_steps: the run will have no checkpoint at step 7"),
+    ({"table": "wide"}, "table 'wide' is not one of"),
+    ({"base": {"stepz": 3}}, "unknown key 'stepz'"),
+])
+def test_bad_suites_fail_before_anything_runs(tmp_path, changes, message):
+    suite = write_suite(tmp_path, **changes)
+    result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_locked_suite_directory_is_refused(tmp_path):
+    suite = write_suite(tmp_path, grid={"optimizer": ["adamw"]}, metrics=[], metric_options={})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".lock").write_text(str(os.getpid()))  # a live process holds it
+    result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 1 or result.returncode == 2
+    assert "is in use by process" in result.stderr
+    (tmp_path / "out" / ".lock").write_text("999999999")  # a process that is gone
+    result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "out" / ".lock").exists()
+
+
+def test_builtin_tiny_suite_paper_reheat(tmp_path):
+    result = run_cli("bench", "paper-reheat", "scale=tiny", "--out", "reheat", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "reheat" / "comparison.json").read_text())
+    assert doc["table"] == "reheat" and doc["runs"][0]["gain"] >= 0
+    assert (tmp_path / "reheat" / "figures" / "reheat_curves.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ["paper-main", "paper-beta2", "paper-sgd"])
+def test_builtin_tiny_suites(tmp_path, suite):
+    result = run_cli("bench", suite, "scale=tiny", "--out", "out", cwd=tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads((tmp_path / "out" / "comparison.json").read_text()), compare.schema())
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    rng = np.random.default_rng(0)
+    values = [0.70, 0.72, 0.69]
+    lo, hi = compare.bootstrap_interval(values, rng)
+    assert min(values) - 1e-9 <= lo <= np.mean(values) <= hi <= max(values) + 1e-9
+    assert compare.bootstrap_interval([0.5, 0.5], rng) == (0.5, 0.5)
