@@ -29,7 +29,7 @@ COLUMNS = {
     "pc1_raw": (("metrics", "backbone", "scalars", "pc1_raw"), "PC1 (raw)"),
     "k95": (("metrics", "backbone", "scalars", "k95"), "k95"),
     "drift": (("metrics", "backbone", "scalars", "drift"), "drift"),
-    "mean_abs_cos": (("metrics", "alignment", "scalars", "mean_abs_cos"), "mean |cos(u, v_b)|"),
+    "mean_abs_cos": (("metrics", "alignment", "scalars", "mean_abs_cos"), "mean abs cos(u, v_b)"),
     "interference": (("metrics", "interference", "scalars", "mean_cos"), "interference"),
     "gain": (("metrics", "reheat", "scalars", "best_gain"), "G"),
 }
