@@ -144,6 +144,20 @@ class AnalysisContext:
         for i in range(n):
             yield tuple(x.to(device) for x in stream.batch(self.config.train.steps + 1 + first + i, 0))
 
+    def batch_gradients(self, step: int, names: list[str], n: int):
+        """Gradients of the composite loss (λ of that step) at checkpoint `step` for `n` batches
+        (see `batches`), each flattened over the parameters `names`."""
+        from geobench.objective import composite_loss, flat_gradient, lambda_at
+
+        model = self.model_at(step)
+        params = dict(model.named_parameters())
+        chosen = [params[name] for name in names]
+        lam = lambda_at(self.config.train.lambda_schedule, step)
+        for inputs, targets, mask in self.batches(n):
+            with self.live.autocast:
+                logits = model(inputs)
+            yield flat_gradient(composite_loss(logits, targets, mask, lam), chosen)
+
     def flatten(self, tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
         return torch.cat([tensors[n].reshape(-1).to(self.live.device, torch.float32) for n in names])
 

@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from geobench import Param, hookimpl
-from geobench.objective import composite_loss, flat_gradient, lambda_at
 from geobench.registry import MetricPlugin
 
 OPTIONS = {
@@ -47,17 +46,7 @@ def gradient_control(ctx, bb, step: int, n: int) -> list[float]:
     names = bb.gram.names
     v_b = ctx.flatten(ctx.materialize(bb.gram, bb.v_b), names)
     v_b = v_b / v_b.norm()
-    model = ctx.model_at(step)
-    params = dict(model.named_parameters())
-    chosen = [params[n] for n in names]
-    lam = lambda_at(ctx.config.train.lambda_schedule, step)
-    out = []
-    for inputs, targets, mask in ctx.batches(n):
-        with ctx.live.autocast:
-            logits = model(inputs)
-        g = flat_gradient(composite_loss(logits, targets, mask, lam), chosen)
-        out.append(float(torch.dot(g, v_b) / g.norm().clamp_min(1e-30)))
-    return out
+    return [float(torch.dot(g, v_b) / g.norm().clamp_min(1e-30)) for g in ctx.batch_gradients(step, names, n)]
 
 
 def plot(ctx, series) -> str:

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from geobench import Param, hookimpl
-from geobench.objective import composite_loss, flat_gradient, lambda_at
 from geobench.registry import MetricPlugin
 
 OPTIONS = {
@@ -43,19 +42,6 @@ def fisher_summary(G: torch.Tensor, v_b: torch.Tensor, n_random: int, generator:
             "trace": float(K.trace())}
 
 
-def per_batch_gradients(ctx, step: int, names: list[str], n: int) -> torch.Tensor:
-    model = ctx.model_at(step)
-    params = dict(model.named_parameters())
-    chosen = [params[name] for name in names]
-    lam = lambda_at(ctx.config.train.lambda_schedule, step)
-    rows = []
-    for inputs, targets, mask in ctx.batches(n):
-        with ctx.live.autocast:
-            logits = model(inputs)
-        rows.append(flat_gradient(composite_loss(logits, targets, mask, lam), chosen))
-    return torch.stack(rows)
-
-
 def compute(ctx, options: dict) -> dict:
     bb = ctx.backbone(options["scope"])
     names = bb.gram.names
@@ -63,7 +49,7 @@ def compute(ctx, options: dict) -> dict:
     generator = torch.Generator().manual_seed(options["seed"])
     rows = []
     for step in ctx.spread(options["steps"], options["count"]):
-        G = per_batch_gradients(ctx, step, names, options["batches"])
+        G = torch.stack(list(ctx.batch_gradients(step, names, options["batches"])))
         rows.append({"step": step, **fisher_summary(G, v_b, options["random_directions"], generator)})
         del G
     peak = max(rows, key=lambda r: r["anisotropy"])
