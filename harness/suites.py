@@ -101,7 +101,7 @@ def _cells(grid: Any, where: str) -> list[dict]:
     raise UsageError(f"suite {where!r}: the grid is empty (give a mapping of lists or a list of cells)")
 
 
-def _merge_options(*layers: dict) -> dict:
+def _merge_options(*layers: dict | None) -> dict:
     merged: dict = {}
     for layer in layers:
         for metric, values in (layer or {}).items():
@@ -140,7 +140,7 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
         values["metrics"] = metrics
         try:
             cfg = config.resolve(str(optimizer), values, None,
-                                 lambda n: plugin_registry.get_optimizer(n, reg).params, "paper")
+                                 lambda n: plugin_registry.get_optimizer(n, reg), "paper")
             out = RunDir(root / label)
             if not out.is_empty():
                 cfg.train.resume = True  # an interrupted cell continues

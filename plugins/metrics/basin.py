@@ -56,9 +56,9 @@ def default_recovery_points(ctx) -> list[int]:
     p = ctx.p_ood_at(ctx.checkpoint_steps())
     if not p:
         return [ctx.checkpoint_steps()[-1]]
-    best = max(p, key=p.get)
+    best = max(p, key=lambda s: p[s])
     after = {s: v for s, v in p.items() if s > best}
-    return [best] + ([min(after, key=after.get)] if after else [])
+    return [best] + ([min(after, key=lambda s: after[s])] if after else [])
 
 
 def check(cfg, options: dict) -> None:
