@@ -114,6 +114,8 @@ class AnalysisContext:
         steps = tuple(self.window(list(window), minimum=3))
         gram = self.gram(scope, steps, steps[0])
         rows = np.eye(len(steps))[1:]
+        if not np.diag(gram.gram)[1:].any():
+            raise UsageError(f"the weights of scope {scope!r} did not move over steps {steps[0]}..{steps[-1]}")
         return Backbone(gram, pca(gram, rows, normalize_rows=True), pca(gram, rows))
 
     def spread(self, steps: list[int], count: int) -> list[int]:

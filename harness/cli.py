@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pairs = config.parse_pairs(args.pairs)
     has_cuda = torch.cuda.is_available()
     cfg = config.resolve(args.optimizer, pairs, args.config,
-                         lambda name: plugin_registry.get_optimizer(name, reg).params,
+                         lambda name: plugin_registry.get_optimizer(name, reg),
                          auto_preset="paper" if has_cuda else "tiny")
     explicit = "preset" in pairs or (args.config and "preset" in config.read_yaml(args.config))
     preset_reason = "as asked" if explicit else ("auto: a CUDA device is present" if has_cuda else "auto: no CUDA device")

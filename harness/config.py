@@ -41,6 +41,9 @@ class ModelConfig:
     d_ff: int = p(2048, "MLP hidden width", low=1)
     context: int = p(256, "tokens per training window", low=16)
     compile: bool = p(False, "torch.compile the model (useful on CUDA)")
+    relax_steps: int = p(30, "eqformer: maximum free-phase relaxation steps T1", low=1)
+    damping: float = p(0.8, "eqformer: h ← (1 − γ)h + γF(h), γ", low=0, high=1, low_open=True)
+    relax_tol: float = p(1e-4, "eqformer: stop relaxing when ‖F(h) − h‖/‖h‖ is below this", low=0)
 
 
 @dataclasses.dataclass
@@ -306,21 +309,23 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def resolve(
     optimizer: str | None,
-    pairs: Mapping[str, str],
+    pairs: Mapping[str, Any],
     config_file: str | None,
-    optimizer_params_for: Any,
+    optimizer_for: Any,
     auto_preset: str,
 ) -> Config:
     """Layer defaults < preset < file < command line and validate.
 
-    `optimizer_params_for(name)` returns the declared hyperparameters of an optimizer plugin
-    (raising UsageError for an unknown name); `auto_preset` is what preset=auto becomes.
+    `optimizer_for(name)` returns the optimizer plugin (raising UsageError for an unknown name): its
+    declared hyperparameters, and the model family it trains, if any; `auto_preset` is what
+    preset=auto becomes.
     """
     file_values = read_yaml(config_file) if config_file else {}
     name = optimizer or file_values.get("optimizer.name")
     if not name:
         raise UsageError("name an optimizer: geobench run OPTIMIZER [key=value ...]")
-    opt_params = optimizer_params_for(str(name))
+    plugin = optimizer_for(str(name))
+    opt_params = plugin.params
 
     # the preset is itself a key: find it first (command line over file over auto)
     preset_raw = pairs.get("preset", file_values.get("preset", "auto"))
@@ -331,6 +336,8 @@ def resolve(
     tree = to_dict(Config())
     tree["preset"] = preset
     tree["optimizer"]["name"] = str(name)
+    if getattr(plugin, "family", None):
+        tree["model"]["family"] = plugin.family
     for section, values in PRESETS[preset].items():
         tree[section].update(copy.deepcopy(values))
     layer(tree, {k: v for k, v in file_values.items() if k not in ("preset", "optimizer.name")},

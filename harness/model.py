@@ -84,7 +84,8 @@ def _init(module: nn.Module) -> None:
 
 # Parameter scopes used by the metrics (SPEC §1). Names are those of `named_parameters()`, which
 # lists the tied embedding once (as wte.weight).
-_TRUNK = re.compile(r"^blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.up|mlp\.down)\.weight$")
+# The eqformer's single weight-tied block (`block.`) counts as block 0.
+_TRUNK = re.compile(r"^(blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.up|mlp\.down)|block\.(qkv|proj|up|down))\.weight$")
 
 
 def trunk_names(names: list[str]) -> list[str]:
@@ -94,7 +95,13 @@ def trunk_names(names: list[str]) -> list[str]:
 
 def block_names(names: list[str], i: int) -> list[str]:
     """All parameters of block i, LayerNorms included."""
-    return [n for n in names if n.startswith(f"blocks.{i}.")]
+    return [n for n in names if n.startswith(f"blocks.{i}.") or (i == 0 and n.startswith("block."))]
+
+
+def block_indices(names: list[str]) -> list[int]:
+    """The blocks a model has (the eqformer's one weight-tied block is block 0)."""
+    found = {int(n.split(".")[1]) for n in names if n.startswith("blocks.")}
+    return sorted(found | ({0} if any(n.startswith("block.") for n in names) else set()))
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:

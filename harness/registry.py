@@ -26,6 +26,11 @@ class OptimizerPlugin:
     and biases) — the validated hyperparameters and the torch device, and returns a
     `torch.optim.Optimizer`. A plugin with `variants` set answers names `NAME:VARIANT` (e.g.
     `torch:Adagrad`) by returning a concrete plugin for the variant.
+
+    A plugin may bring its own model family (`family`, the default of model.family when it is used)
+    and its own gradient rule: `gradient(model, optimizer, inputs, targets, mask, lam, hp, scale)`
+    accumulates scale × its gradient estimate into the parameters' .grad instead of autograd's
+    backward pass, and returns a dict with at least "loss" (NaN marks a diverged step).
     """
 
     name: str
@@ -33,6 +38,8 @@ class OptimizerPlugin:
     params: Mapping[str, Param]
     build: Callable[..., Any]
     variants: Callable[[str], OptimizerPlugin] | None = None
+    family: str | None = None
+    gradient: Callable[..., dict] | None = None
     source: str = ""
 
 

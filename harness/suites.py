@@ -2,7 +2,8 @@
 and the table to print — run cell by cell through the same runner as `geobench run`.
 
 Suite file keys: name, description, base (config keys for every cell), grid (a mapping of lists,
-crossed, or a list of explicit cells, each a mapping that may carry a `label`), metrics,
+crossed, or a list of explicit cells, each a mapping that may carry a `label` and its own `metrics`),
+metrics,
 metric_options ({metric: {option: value}}), table (main | beta2 | sgd | reheat), published
 ({cell group: {column: value}}, SPEC §5), scales ({tiny|short|paper: {base: ..., metric_options: ...}}).
 """
@@ -137,14 +138,16 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
         if not optimizer:
             raise UsageError(f"suite {where!r}: cell {label!r} names no optimizer")
         values.setdefault("preset", "tiny" if scale == "tiny" else "paper")
-        values["metrics"] = metrics
+        values.setdefault("metrics", metrics)  # a cell may name its own
+        cell_metrics = values["metrics"]
         try:
             cfg = config.resolve(str(optimizer), values, None,
                                  lambda n: plugin_registry.get_optimizer(n, reg), "paper")
             out = RunDir(root / label)
             if not out.is_empty():
                 cfg.train.resume = True  # an interrupted cell continues
-            checked = runner.check(cfg, out, reg, {f"{m}.{k}": v for m, opts in options.items() for k, v in opts.items()})
+            checked = runner.check(cfg, out, reg, {f"{m}.{k}": v for m, opts in options.items() if m in cell_metrics
+                                                   for k, v in opts.items()})
         except UsageError as exc:
             raise UsageError(f"suite {where!r}, cell {label!r}: {exc}") from None
         cells.append(Cell(label, group, cfg, checked, out))

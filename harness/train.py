@@ -177,6 +177,7 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         out.drop_checkpoints_after(start)
 
     forward = torch.compile(model) if cfg.model.compile else model
+    rule = run.optimizer_plugin.gradient
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
     status, diverged_at, done = "completed", None, start
     since_eval: list[float] = []
@@ -199,6 +200,10 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
             loss_sum = torch.zeros((), device=run.device)
             for micro in range(t.grad_accum):
                 inputs, targets, mask = (x.to(run.device, non_blocking=True) for x in run.stream.batch(step, micro))
+                if rule is not None:  # the optimizer plugin brings its own gradient (EP)
+                    info = rule(model, optimizer, inputs, targets, mask, lam, cfg.optimizer.params, 1 / t.grad_accum)
+                    loss_sum += info["loss"] / t.grad_accum
+                    continue
                 with run.autocast:
                     logits = forward(inputs)
                 loss = composite_loss(logits, targets, mask, lam) / t.grad_accum

@@ -55,7 +55,7 @@ def trained_run(tmp_path_factory):
 
     pairs = config.parse_pairs(FAST + ["steps=30", "eval_every=2", "checkpoint_every=2", "state_every=30",
                                        "eval_examples=40", "lr=3e-3"])
-    cfg = config.resolve("adamw", pairs, None, lambda n: get_optimizer(n).params, "tiny")
+    cfg = config.resolve("adamw", pairs, None, lambda n: get_optimizer(n), "tiny")
     out = RunDir(tmp_path_factory.mktemp("metrics") / "run")
     out.path.mkdir(parents=True)
     (out.config).write_text(config.save(cfg))

@@ -10,7 +10,7 @@ from geobench.registry import get_optimizer
 
 def resolve(optimizer="adamw", pairs=(), file=None, auto="tiny"):
     return config.resolve(optimizer, config.parse_pairs(list(pairs)), file,
-                          lambda name: get_optimizer(name).params, auto)
+                          lambda name: get_optimizer(name), auto)
 
 
 def test_defaults_are_the_paper_protocol():

@@ -69,7 +69,7 @@ def watched_run(tmp_path_factory):
     watcher = Watcher()
     reg = make_registry(extra_plugins=(watcher,))
     cfg = config.resolve("plain-sgd", config.parse_pairs(FAST + ["model.family=gpt"]), None,
-                         lambda n: reg.optimizers[n].params, "tiny")
+                         lambda n: reg.optimizers[n], "tiny")
     run = prepare(cfg, reg)
     out = RunDir(tmp_path_factory.mktemp("run") / "watched")
     outcome = train(run, out, reg.manager.hook)

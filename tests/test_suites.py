@@ -32,7 +32,7 @@ def test_list_shows_the_builtin_suites():
     result = run_cli("bench", "--list")
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["paper-beta2", "paper-main", "paper-reheat", "paper-sgd"]
+    assert names == ["ep-vs-bptt", "paper-beta2", "paper-main", "paper-reheat", "paper-sgd"]
 
 
 def test_a_suite_runs_every_cell_skips_done_ones_and_compares(tmp_path):
@@ -117,7 +117,7 @@ def test_builtin_tiny_suite_paper_reheat(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["paper-main", "paper-beta2", "paper-sgd"])
+@pytest.mark.parametrize("suite", ["paper-main", "paper-beta2", "paper-sgd", "ep-vs-bptt"])
 def test_builtin_tiny_suites(tmp_path, suite):
     result = run_cli("bench", suite, "scale=tiny", "--out", "out", cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, result.stderr

@@ -32,7 +32,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 def build_run(args) -> Run:
     pairs = {"preset": args.preset, "steps": str(args.steps), "data": args.data, "compile": str(args.compile).lower()}
-    cfg = config.resolve("adamw", pairs, None, lambda n: get_optimizer(n).params, args.preset)
+    cfg = config.resolve("adamw", pairs, None, lambda n: get_optimizer(n), args.preset)
     run = prepare(cfg)
     if args.vocab and args.vocab != run.tokenizer.vocab_size:  # throughput at the paper's vocabulary
         reg = registry()

@@ -7,6 +7,7 @@ import numpy as np
 
 from geobench import Param, hookimpl
 from geobench.linalg import pca
+from geobench.model import block_indices
 from geobench.registry import MetricPlugin
 
 OPTIONS = {
@@ -116,7 +117,7 @@ def phase_overlap(gram, split: int, ctx) -> float | None:
 
 def per_block(ctx, window: list) -> list[dict]:
     out = []
-    for i in range(ctx.config.model.n_layer):
+    for i in block_indices(list(ctx.parameter_shapes)):
         bb = ctx.backbone(f"block:{i}", tuple(window))
         out.append({"block": i, "pc1": float(bb.pca.ratios[0]), "pc1_raw": float(bb.pca_raw.ratios[0]),
                     "k95": bb.pca.k_for(0.95)})

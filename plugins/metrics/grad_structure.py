@@ -94,6 +94,9 @@ def split_band(groups: list[np.ndarray], resamples: int, rng) -> list[float] | N
 def compute(ctx, options: dict) -> dict:
     step = ctx.checkpoint_steps()[-1] if options["step"] < 0 else ctx.spread([options["step"]], 1)[0]
     model = ctx.model_at(step)
+    if not hasattr(model, "blocks"):
+        raise UsageError("grad_structure needs a GPT (model.family=gpt): its per-token gradients are exact only "
+                         "after the last block, and a fixed-point model has no last block")
     block = model.blocks[-1]
     module = block.mlp.down if options["weight"] == "mlp.down" else block.attn.proj
     if options["row"] >= module.weight.shape[0]:

@@ -1,0 +1,115 @@
+"""EP diagnostics (SPEC §4) along a run of a fixed-point model: the EP estimate against the exact
+gradient (cosine and norm ratio per parameter group), batch-to-batch self-cosine of each estimator,
+free and nudged residuals, and the leading eigenvalues of J = ∂F/∂h at the fixed point (matrix-free
+subspace iteration, which resolves a complex pair), flagging a crossing of the unit circle."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from geobench import Param, ep, hookimpl
+from geobench.errors import UsageError
+from geobench.registry import MetricPlugin
+
+OPTIONS = {
+    "steps": Param([], "checkpoints (empty: up to `count` spread over the run)"),
+    "count": Param(4, "checkpoints when `steps` is empty", low=1),
+    "batches": Param(3, "batches per checkpoint", low=2),
+    "estimator": Param("", "EP estimator to check (empty: the run's, or symmetric)"),
+    "exact": Param("implicit", "the exact gradient", choices=("implicit", "bptt")),
+    "eig_k": Param(4, "subspace size of the eigenvalue probe", low=2),
+    "eig_iterations": Param(30, "subspace iterations", low=1),
+}
+GROUPS = {"embedding": ("wte.", "wpe."), "block": ("block.",), "readout": ("ln_f.",)}
+
+
+def _gradient(model, rule, *args) -> dict:
+    """Run a gradient rule on fresh .grad buffers; the gradient per parameter group, and the rule's info."""
+    model.zero_grad(set_to_none=True)
+    info = rule(model, *args)
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().double()
+             for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return {**{g: torch.cat([v for n, v in grads.items() if n.startswith(prefixes)]) for g, prefixes in GROUPS.items()},
+            "all": torch.cat(list(grads.values())), "info": info}
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def compute(ctx, options: dict) -> dict:
+    if ctx.config.model.family != "eqformer":
+        raise UsageError("ep diagnostics need a fixed-point model (model.family=eqformer, e.g. `geobench run ep`)")
+    hp = ctx.config.optimizer.params if ctx.config.optimizer.name == "ep" else {}
+    estimator = options["estimator"] or hp.get("estimator", "symmetric")
+    if estimator in ("bptt", "implicit"):
+        estimator = "symmetric"
+    beta, n_points, nudge = hp.get("beta", 0.05), hp.get("n_points", 4), hp.get("nudge_steps", 15)
+    lam_schedule = ctx.config.train.lambda_schedule
+    rows = []
+    for step in ctx.spread(options["steps"], options["count"]):
+        model = ctx.model_at(step).train()
+        lam = [v for s, v in lam_schedule if s <= step][-1]
+        est, exact, free, nudged = [], [], [], []
+        for inputs, targets, mask in ctx.batches(options["batches"]):
+            e, h, residual = ep.free_phase(model, inputs)
+            free.append(residual)
+            g = _gradient(model, ep.ep_gradient, e, h, targets, mask, lam, estimator, beta, n_points, nudge)
+            nudged.append(g.pop("info")["nudged_residual"])
+            est.append(g)
+            if options["exact"] == "implicit":
+                exact_g = _gradient(model, ep.implicit_gradient, model.embed(inputs), h, targets, mask, lam)
+            else:
+                exact_g = _gradient(model, ep.bptt_gradient, inputs, targets, mask, lam)
+            exact_g.pop("info")
+            exact.append(exact_g)
+        row = {"step": step, "estimator": estimator}
+        for group in ("all", *GROUPS):
+            row[f"cos_{group}"] = float(np.mean([_cos(a[group], b[group]) for a, b in zip(est, exact)]))
+        row["norm_ratio"] = float(np.mean([float(a["all"].norm() / b["all"].norm().clamp_min(1e-300))
+                                           for a, b in zip(est, exact)]))
+        row["self_cos_ep"] = float(np.mean([_cos(a["all"], b["all"]) for a, b in zip(est, est[1:])]))
+        row["self_cos_exact"] = float(np.mean([_cos(a["all"], b["all"]) for a, b in zip(exact, exact[1:])]))
+        row["free_residual"], row["nudged_residual"] = float(np.mean(free)), float(np.mean(nudged))
+        inputs = next(iter(ctx.batches(1)))[0]
+        values = ep.jacobian_spectrum(model, inputs, options["eig_k"], options["eig_iterations"])
+        lead = values[0]
+        row.update(eig_abs=abs(lead), eig_real=lead.real, eig_imag=lead.imag,
+                   outside_unit_circle=abs(lead) >= 1)
+        rows.append(row)
+    crossed = [r["step"] for r in rows if r["outside_unit_circle"]]
+    scalars = {"mean_cos": float(np.mean([r["cos_all"] for r in rows])), "min_cos": min(r["cos_all"] for r in rows),
+               "max_eig_abs": max(r["eig_abs"] for r in rows), "crossed_unit_circle": int(bool(crossed)),
+               "first_crossing_step": crossed[0] if crossed else None}
+    return {"scalars": scalars, "tables": {"ep": rows}, "figures": [plot(ctx, rows)]}
+
+
+def plot(ctx, rows) -> str:
+    from geobench.report import pyplot
+
+    plt = pyplot()
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for group in ("all", *GROUPS):
+        left.plot(steps, [r[f"cos_{group}"] for r in rows], marker="o", ms=3, label=group)
+    left.set_ylim(-1.02, 1.02)
+    left.set_xlabel("step")
+    left.set_ylabel("cos(g_EP, g_exact)")
+    left.legend(fontsize=7)
+    right.plot(steps, [r["eig_abs"] for r in rows], marker="o")
+    right.axhline(1.0, color="red", ls="--", label="unit circle")
+    right.set_xlabel("step")
+    right.set_ylabel("|λ_max| of ∂F/∂h")
+    right.legend()
+    fig.tight_layout()
+    return ctx.figure(fig, "ep")
+
+
+@hookimpl
+def geobench_register_metrics(register):
+    register(MetricPlugin("ep", "EP vs exact gradient, estimator self-cosine, residuals, leading Jacobian eigenvalue",
+                          OPTIONS, compute, needs=("checkpoints", "model", "data")))
+
+
