@@ -136,8 +136,11 @@ def test_ep_trains_through_the_cli(tmp_path, estimator):
 
 
 def test_ep_metric_reports_cosine_residuals_and_eigenvalues(tmp_path):
-    result = run_cli("run", "ep", *TINY_EP, "metrics=backbone,energy,ep", "--out", "ep", cwd=tmp_path)
+    result = run_cli("run", "ep", *TINY_EP, "metrics=backbone,energy", "--out", "ep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    analyzed = run_cli("analyze", str(tmp_path / "ep"), "--metric", "ep", "ep.count=2", "ep.batches=2",
+                       "ep.eig_iterations=10")
+    assert analyzed.returncode == 0, analyzed.stderr
     doc = json.loads((tmp_path / "ep" / "report.json").read_text())
     assert {k: v["status"] for k, v in doc["metrics"].items()} == {"backbone": "ok", "energy": "ok", "ep": "ok"}
     for row in doc["metrics"]["ep"]["tables"]["ep"]:
