@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare_ = commands.add_parser("report", help="side-by-side report of finished runs or suites")
     compare_.add_argument("runs", nargs="+", help="run directories and/or suite directories")
-    compare_.add_argument("--table", default=None, choices=["main", "beta2", "sgd", "reheat"],
+    compare_.add_argument("--table", default=None, choices=["main", "beta2", "sgd", "reheat", "ep"],
                           help="paper-style table (default: the suite's, else main)")
     compare_.add_argument("--out", help="directory for comparison.{json,md,html} (default: the suite's, else runs/comparison)")
     compare_.set_defaults(handler=cmd_report)

@@ -9,6 +9,7 @@ import base64
 import html
 import json
 import math
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -32,12 +33,14 @@ COLUMNS = {
     "mean_abs_cos": (("metrics", "alignment", "scalars", "mean_abs_cos"), "mean abs cos(u, v_b)"),
     "interference": (("metrics", "interference", "scalars", "mean_cos"), "interference"),
     "gain": (("metrics", "reheat", "scalars", "best_gain"), "G"),
+    "ep_cos": (("metrics", "ep", "scalars", "mean_cos"), "cos(EP, exact)"),
 }
 TABLES = {
     "main": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "interference"],
     "beta2": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "interference", "gain"],
     "sgd": ["val_loss", "best_p_ood", "pc1", "k95", "drift"],
     "reheat": ["val_loss", "best_p_ood", "gain"],
+    "ep": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "ep_cos"],
 }
 
 
@@ -63,8 +66,10 @@ def load_run(path: Path) -> dict:
 def run_row(path: Path, doc: dict, label: str | None = None, group: str | None = None) -> dict:
     params = doc["optimizer"]["params"]
     seed = doc["config"]["train"]["seed"]
-    name = label or f"{doc['optimizer']['name']}-" + "-".join(f"{k}={v}" for k, v in params.items()) + f"-s{seed}"
-    row = {"run": str(path), "label": name, "group": group or name.replace(f"-s{seed}", ""),
+    name = label or path.name
+    # runs that differ only in their seed (`-s271`, `-seed=271` in the name) form one group
+    default_group = re.sub(rf"-(s|seed=){seed}(?=-|$)", "", name)
+    row = {"run": str(path), "label": name, "group": group or default_group,
            "optimizer": doc["optimizer"]["name"], "params": params, "seed": seed,
            "status": doc["run"]["status"], "steps": doc["run"]["last_step"]}
     row.update({col: _dig(doc, where) for col, (where, _) in COLUMNS.items()})
@@ -216,13 +221,25 @@ def figures(directory: Path, doc: dict, docs: list[dict]) -> list[str]:
             ax.legend()
             save(fig, "pc1_vs_beta2")
 
+    cosines = [(row, run["metrics"]["ep"]["tables"]["ep"]) for row, run in zip(doc["runs"], docs)
+               if run["metrics"].get("ep", {}).get("status") == "ok"]
+    if cosines:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for row, table in cosines:
+            ax.plot([r["step"] for r in table], [r["cos_all"] for r in table], marker="o", ms=3, label=row["label"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("cos(g_EP, g_exact)")
+        ax.set_ylim(-1.02, 1.02)
+        ax.legend(fontsize=7)
+        save(fig, "ep_cosine")
+
     reheats = [(row, run["metrics"]["reheat"]["tables"]["curves"]) for row, run in zip(doc["runs"], docs)
                if run["metrics"].get("reheat", {}).get("status") == "ok"]
     if reheats:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for row, curves in reheats:
-            for start, lr in dict.fromkeys((c["from_step"], c["lr"]) for c in curves):
-                pts = [c for c in curves if c["from_step"] == start and c["lr"] == lr]
+            for start, lr in dict.fromkeys((c.get("from_step"), c["lr"]) for c in curves):
+                pts = [c for c in curves if c.get("from_step") == start and c["lr"] == lr]
                 ax.plot([c["step"] for c in pts], [c["p_ood"] for c in pts], label=f"{row['label']} from {start} lr {lr:g}")
         ax.set_xlabel("reheat step")
         ax.set_ylabel("p_ood")
