@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import re
 import traceback
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,6 @@ from geobench import report
 from geobench.errors import UsageError, did_you_mean
 from geobench.linalg import PCA, TrajectoryGram, pca
 from geobench.model import block_names, trunk_names
-from geobench.report import pyplot
 from geobench.trajectory import RunDir
 
 
@@ -212,13 +210,7 @@ class AnalysisContext:
 
     def figure(self, fig, name: str) -> str:
         """Save a matplotlib figure under figures/ (atomically) and return its path in the run."""
-        self.run.figures.mkdir(parents=True, exist_ok=True)
-        path = self.run.figures / f"{name}.png"
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        pyplot().close(fig)
-        Path(tmp).replace(path)
-        return f"figures/{name}.png"
+        return report.save_figure(fig, self.run.path, name)
 
     @functools.cached_property
     def live(self):

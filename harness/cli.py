@@ -142,7 +142,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if result["status"] == "failed":
             line += f" ({result['error']})"
         else:
-            line += "; " + ", ".join(f"{k} {report._fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6])
+            line += "; " + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6])
         print(line)
     print(f"geobench: report {ctx.run.report_md}")
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0

@@ -18,7 +18,7 @@ import numpy as np
 
 import geobench
 from geobench.errors import UsageError
-from geobench.report import _fmt, finite, now, pyplot
+from geobench.report import finite, fmt, now, pyplot, save_figure
 from geobench.trajectory import atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = "1.0"
@@ -101,13 +101,13 @@ def aggregate(rows: list[dict], columns: list[str], seed: int = 0) -> list[dict]
 
 def _cell(agg: dict, col: str, published: dict) -> str:
     value, interval = agg[col], agg.get(f"{col}_interval")
-    text = _fmt(value)
+    text = fmt(value)
     if interval:
         text += f" ± {(interval[1] - interval[0]) / 2:.3g}"
     ref = published.get(agg["group"], {}).get(col)
     if ref is not None:
         diff = f", Δ {value - ref:+.3g}" if value is not None else ""
-        text += f" (pub. {_fmt(ref)}{diff})"
+        text += f" (pub. {fmt(ref)}{diff})"
     return text
 
 
@@ -154,7 +154,7 @@ def markdown(doc: dict) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in body]
     lines += ["", "## Runs", "", "| run | status | steps | " + " | ".join(doc["columns"]) + " |",
               "|---|---|---|" + "---|" * len(doc["columns"])]
-    lines += [f"| {r['label']} | {r['status']} | {r['steps']} | " + " | ".join(_fmt(r[c]) for c in doc["columns"]) + " |"
+    lines += [f"| {r['label']} | {r['status']} | {r['steps']} | " + " | ".join(fmt(r[c]) for c in doc["columns"]) + " |"
               for r in doc["runs"]]
     lines.append("")
     lines += [f"![{Path(f).stem}]({f})\n" for f in doc["figures"]]
@@ -180,14 +180,11 @@ def to_html(doc: dict, directory: Path) -> str:
 
 def figures(directory: Path, doc: dict, docs: list[dict]) -> list[str]:
     plt = pyplot()
-    (directory / "figures").mkdir(exist_ok=True)
     made = []
 
     def save(fig, name):
         fig.tight_layout()
-        fig.savefig(directory / "figures" / f"{name}.png", dpi=100)
-        plt.close(fig)
-        made.append(f"figures/{name}.png")
+        made.append(save_figure(fig, directory, name))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for row, run in zip(doc["runs"], docs):

@@ -173,16 +173,23 @@ def plot_training(out: RunDir, evals: list[dict]) -> str:
     right.set_ylabel("probe exact match")
     right.legend()
     fig.tight_layout()
-    out.figures.mkdir(parents=True, exist_ok=True)
-    path = out.figures / "training.png"
-    tmp = path.with_name(".training.tmp.png")
+    return save_figure(fig, out.path, "training")
+
+
+def save_figure(fig, directory: Path, name: str) -> str:
+    """Write a matplotlib figure to directory/figures/NAME.png atomically, close it, and return
+    its path relative to `directory`."""
+    folder = Path(directory) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp.png"
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return "figures/training.png"
+    pyplot().close(fig)
+    os.replace(tmp, folder / f"{name}.png")
+    return f"figures/{name}.png"
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A value as a table cell: 4 significant digits, — for missing."""
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -207,7 +214,7 @@ def render_markdown(report: dict, figures: list[str]) -> str:
         f"| model | {report['model']['family']}: {report['model']['parameters']['total']:,} parameters "
         f"(trunk {report['model']['parameters']['trunk']:,}) |",
         f"| device | {env['device']}, torch {env['torch']}, {env['threads']} threads |",
-        f"| throughput | {_fmt(report['throughput']['tokens_per_second'])} tokens/s over "
+        f"| throughput | {fmt(report['throughput']['tokens_per_second'])} tokens/s over "
         f"{report['throughput']['train_seconds']:.1f} s of training |",
         f"| git revision | {env['git_revision'] or '—'} |", "",
     ]
@@ -219,8 +226,8 @@ def render_markdown(report: dict, figures: list[str]) -> str:
         for key in (*EVAL_KEYS, "best_p_ood", "best_p_ood_step"):
             ref = ""
             if paper:
-                ref = f" {_fmt(PUBLISHED_FINAL.get(key)) if run['last_step'] == 10000 or key == 'best_p_ood' else '—'} |"
-            lines.append(f"| {key} | {_fmt(final.get(key))} |{ref}")
+                ref = f" {fmt(PUBLISHED_FINAL.get(key)) if run['last_step'] == 10000 or key == 'best_p_ood' else '—'} |"
+            lines.append(f"| {key} | {fmt(final.get(key))} |{ref}")
         lines.append("")
     for fig in figures:
         lines += [f"![training curves]({fig})", ""]
@@ -228,7 +235,7 @@ def render_markdown(report: dict, figures: list[str]) -> str:
         lines += ["## Evaluations", "", "| step | " + " | ".join(EVAL_KEYS) + " |",
                   "|---|" + "---|" * len(EVAL_KEYS)]
         for e in report["evals"]:
-            cells = [_fmt(e.get(k)) for k in EVAL_KEYS]
+            cells = [fmt(e.get(k)) for k in EVAL_KEYS]
             if run["preset"] == "paper" and e["step"] in PUBLISHED_VAL_LOSS:
                 cells[0] += f" (published {PUBLISHED_VAL_LOSS[e['step']]})"
             lines.append(f"| {e['step']} | " + " | ".join(cells) + " |")
@@ -244,12 +251,12 @@ def render_metric(name: str, result: dict) -> list[str]:
         return lines + [f"**failed:** {result.get('error', '')}", ""]
     scalars = result.get("scalars", {})
     if scalars:
-        lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()] + [""]
+        lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in scalars.items()] + [""]
     for table_name, rows in result.get("tables", {}).items():
         if rows:
             cols = list(rows[0])
             lines += [f"**{table_name}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-            lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
+            lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
     for fig in result.get("figures", []):
         lines += [f"![{name}]({fig})", ""]
     return lines
