@@ -78,17 +78,26 @@ class TrainConfig:
     batch_size: int = p(64, "sequences per micro-batch", low=1)
     grad_accum: int = p(2, "micro-batches per step", low=1)
     warmup: int = p(1500, "linear warmup steps", low=0)
-    lr_floor: float = p(0.1, "cosine floor as a fraction of the peak lr", low=0, high=1)
+    lr_floor: float = p(0.1, "the cosine is clamped at this fraction of the peak lr (flat after)", low=0, high=1)
     grad_clip: float = p(1.0, "clip the global gradient norm (0: off)", low=0)
     lambda_schedule: list = p(
         [[0, 2.0], [4000, 4.0]], "probe-loss weight: [from_step, lambda] pairs"
     )
     eval_every: int = p(200, "evaluate at step 1 and every N steps", low=1)
     checkpoint_every: int = p(200, "weights-only checkpoint at step 1 and every N steps", low=1)
-    checkpoint_window: list = p([], "extra checkpoints [start, end, every], e.g. [600, 2000, 50]")
+    checkpoint_window: list = p(
+        [], "extra checkpoints [start, end, every] or a list of them, e.g. [[600, 2000, 50], [2000, 4000, 100]]"
+    )
     state_every: int = p(200, "full training state (for resume) every N steps", low=1)
     val_batches: int = p(20, "validation batches per evaluation", low=1)
     val_batch_size: int = p(64, "sequences per validation batch", low=1)
+    diverge_factor: float = p(
+        1.0, "mark the run diverged when an evaluated val_loss exceeds this multiple of the step-1 val_loss "
+        "(0: only a non-finite loss counts)", low=0)
+    stop_on_diverge: bool = p(False, "stop training at that evaluation (the source trained on to the last step)")
+    early_stop: bool = p(False, "stop once p_ood >= early_stop_p_ood at early_stop_evals consecutive evaluations")
+    early_stop_p_ood: float = p(0.8, "p_ood threshold of the early stop", low=0, high=1)
+    early_stop_evals: int = p(5, "consecutive evaluations at or above the threshold", low=1)
     seed: int = p(42, "seed of the initialization and the data order")
     device: str = p("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = p(False, "continue the run in the output directory from its saved state")
@@ -293,14 +302,18 @@ def check_consistency(cfg: Config) -> None:
             f"train.lambda_schedule={sched!r} must be [[0, lambda], [step, lambda], ...] "
             "with increasing steps and lambda >= 0"
         )
-    window = cfg.train.checkpoint_window
-    if window and (
-        len(window) != 3 or not all(isinstance(v, int) and v > 0 for v in window)
-        or window[0] > window[1]
-    ):
-        raise UsageError(
-            f"train.checkpoint_window={window!r} must be [start, end, every] positive integers"
-        )
+    checkpoint_windows(cfg.train.checkpoint_window)
+
+
+def checkpoint_windows(value: list) -> list[list[int]]:
+    """`train.checkpoint_window` as a list of [start, end, every] triples (one triple is a list of one)."""
+    windows = value if value and all(isinstance(w, (list, tuple)) for w in value) else [value] if value else []
+    for window in windows:
+        if (len(window) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in window)
+                or window[0] > window[1]):
+            raise UsageError(f"train.checkpoint_window={value!r} must be [start, end, every] positive integers "
+                             "with start <= end, or a list of such triples")
+    return [list(w) for w in windows]
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -119,6 +119,7 @@ def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: st
         "geobench_version": geobench.__version__,
         "run": {"name": out.path.name, "status": outcome.status, "last_step": outcome.last_step,
                 "steps_planned": cfg.train.steps, "diverged_at": outcome.diverged_at,
+                "divergence": outcome.divergence, "stopped_early_at": outcome.stopped_early_at,
                 "resumed_from": outcome.resumed_from, "started": started, "finished": now(),
                 "preset": cfg.preset, "preset_reason": preset_reason},
         "environment": environment(run.device),
@@ -202,7 +203,9 @@ def render_markdown(report: dict, figures: list[str]) -> str:
     lines = [f"# geobench run `{run['name']}`", ""]
     status = run["status"]
     if status == "diverged":
-        status += f" at step {run['diverged_at']} (non-finite loss)"
+        status += f" at step {run['diverged_at']} ({run.get('divergence') or 'non-finite loss'})"
+    if run.get("stopped_early_at"):
+        status += f", stopped early at step {run['stopped_early_at']} (train.early_stop)"
     lines += [
         f"**Status:** {status} — {run['last_step']} of {run['steps_planned']} steps"
         + (f" (resumed from step {run['resumed_from']})" if run["resumed_from"] else ""), "",

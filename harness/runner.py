@@ -81,7 +81,9 @@ def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, pres
     final = doc["final"]
     summary = f"geobench: {outcome.status}"
     if outcome.diverged_at is not None:
-        summary += f" at step {outcome.diverged_at}"
+        summary += f" at step {outcome.diverged_at} ({outcome.divergence})"
+    if outcome.stopped_early_at is not None:
+        summary += f", stopped early at step {outcome.stopped_early_at}"
     if final:
         summary += (f"; step {final['step']}: val_loss {final['val_loss']:.4f}, "
                     f"p_in {final['p_in']:.3f}, p_ood {final['p_ood']:.3f}")

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from geobench import registry as plugin_registry
-from geobench.config import Config
+from geobench.config import Config, checkpoint_windows
 from geobench.data.batches import TrainStream, validation_batches
 from geobench.data.corpus import Corpus, load_corpus
 from geobench.data.probe import ProbeTask, codeword_pool, select_codewords
@@ -131,20 +131,36 @@ def derive(run: Run, cfg: Config, weights: dict[str, torch.Tensor],
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Linear warmup to 1 over `warmup` steps, then cosine to `floor` at the last step."""
+    """SPEC §3: linear warmup to 1 over `warmup` steps, then a cosine from 1 toward 0 over the
+    remaining steps, CLAMPED at `floor` (flat from the step where the cosine reaches it, ≈ 83% of the
+    decay for a floor of 0.1) — not an interpolation that lands on the floor at the last step."""
     if step <= warmup:
         return step / max(warmup, 1)
     progress = (step - warmup) / max(total - warmup, 1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.5 * (1 + math.cos(math.pi * min(progress, 1.0))), floor)
 
 
 def is_checkpoint_step(step: int, cfg: Config) -> bool:
     t = cfg.train
-    in_window = bool(t.checkpoint_window) and (
-        t.checkpoint_window[0] <= step <= t.checkpoint_window[1]
-        and (step - t.checkpoint_window[0]) % t.checkpoint_window[2] == 0
-    )
+    in_window = any(start <= step <= end and (step - start) % every == 0
+                    for start, end, every in checkpoint_windows(t.checkpoint_window))
     return step == 1 or step % t.checkpoint_every == 0 or step == t.steps or in_window
+
+
+def blew_up(record: dict, first_val_loss: float | None, factor: float) -> bool:
+    """The declared divergence criterion for finite losses: the evaluated val_loss exceeds
+    `factor` × the step-1 val_loss (an LM that is worse than after its first update has lost all it
+    learned; the paper's β₂ = 0 run read 1.5e3 at step 200 against 10.8 at step 1)."""
+    value = record.get("val_loss")
+    if factor <= 0 or first_val_loss is None or value is None:
+        return False
+    return not math.isfinite(value) or value > factor * first_val_loss
+
+
+def early_stop_reached(evals: list[dict], threshold: float, count: int) -> bool:
+    """The source's early stop: p_ood >= threshold at the last `count` evaluations in a row."""
+    recent = [e.get("p_ood") for e in evals[-count:]]
+    return len(recent) == count and all(p is not None and p >= threshold for p in recent)
 
 
 @dataclasses.dataclass
@@ -155,6 +171,8 @@ class Outcome:
     train_seconds: float
     tokens: int
     resumed_from: int | None
+    divergence: str | None = None  # "non-finite loss" or the val_loss criterion that marked it
+    stopped_early_at: int | None = None
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -179,8 +197,14 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
     forward = torch.compile(model) if cfg.model.compile else model
     rule = run.optimizer_plugin.gradient
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
-    status, diverged_at, done = "completed", None, start
+    status, diverged_at, divergence, stopped_early_at, done = "completed", None, None, None, start
     since_eval: list[float] = []
+    history = out.read_evals() if start else []
+    first_val_loss = next((e["val_loss"] for e in history if e["step"] == 1), None)
+    for record in history:  # a resumed run that had already blown up stays marked
+        if blew_up(record, first_val_loss, t.diverge_factor):
+            status, diverged_at, divergence = "diverged", record["step"], _criterion(record, first_val_loss, t.diverge_factor)
+            break
 
     def save_state(at: int) -> None:
         training = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -211,7 +235,7 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
                 loss_sum += loss.detach()
             loss_value = float(loss_sum)
             if not math.isfinite(loss_value):
-                status, diverged_at = "diverged", step
+                status, diverged_at, divergence = "diverged", step, "non-finite loss"
                 bar.write(f"geobench: loss is {loss_value} at step {step}: the run diverged; stopping")
                 if done and done not in out.checkpoint_steps():  # keep the last weights that gave a finite loss
                     out.save_checkpoint(done, _parameters(model))
@@ -228,22 +252,43 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
                             refresh=False)
             hooks.geobench_on_step(run=out, step=step, loss=loss_value, lr=optimizer.param_groups[0]["lr"])
 
+            stop = False
             if step == 1 or step % t.eval_every == 0 or step == t.steps:
                 record = {"step": step, "lambda": lam, "lr": optimizer.param_groups[0]["lr"],
                           "train_loss": float(np.mean(since_eval)), **run.evaluator(model),
                           "tokens": tokens, "train_seconds": round(elapsed, 3)}
                 since_eval = []
                 out.append_eval(record)
+                history.append(record)
                 hooks.geobench_on_eval(run=out, step=step, record=record)
-            if is_checkpoint_step(step, cfg):
+                if step == 1:
+                    first_val_loss = record["val_loss"]
+                if diverged_at is None and blew_up(record, first_val_loss, t.diverge_factor):
+                    status, diverged_at = "diverged", step
+                    divergence = _criterion(record, first_val_loss, t.diverge_factor)
+                    bar.write(f"geobench: the run diverged at step {step}: {divergence}"
+                              + ("; stopping" if t.stop_on_diverge else "; training on (train.stop_on_diverge=false)"))
+                    stop = t.stop_on_diverge
+                if t.early_stop and early_stop_reached(history, t.early_stop_p_ood, t.early_stop_evals):
+                    stopped_early_at, stop = step, True
+                    bar.write(f"geobench: early stop at step {step}: p_ood >= {t.early_stop_p_ood:g} "
+                              f"at {t.early_stop_evals} evaluations in a row")
+            if is_checkpoint_step(step, cfg) or stop:
                 path = out.save_checkpoint(step, _parameters(model))
                 hooks.geobench_on_checkpoint(run=out, step=step, path=path)
-            if step % t.state_every == 0 or step == t.steps:
+            if step % t.state_every == 0 or step == t.steps or stop:
                 save_state(step)
+            if stop:
+                break
     except KeyboardInterrupt:
         status = "interrupted"
         save_state(done)
         bar.write(f"geobench: interrupted; state saved at step {done}, continue with resume=true")
     finally:
         bar.close()
-    return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from)
+    return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from, divergence, stopped_early_at)
+
+
+def _criterion(record: dict, first_val_loss: float | None, factor: float) -> str:
+    return (f"val_loss {record['val_loss']:.4g} > {factor:g} × the step-1 val_loss {first_val_loss:.4g} "
+            "(train.diverge_factor)")

@@ -36,12 +36,21 @@ def test_lambda_schedule():
     assert [lambda_at(schedule, s) for s in (1, 3999, 4000, 9000)] == [2.0, 2.0, 4.0, 4.0]
 
 
-def test_warmup_then_cosine_to_the_floor():
-    assert lr_factor(1, 1500, 10_000, 0.1) == pytest.approx(1 / 1500)
-    assert lr_factor(1500, 1500, 10_000, 0.1) == pytest.approx(1.0)
-    assert lr_factor(10_000, 1500, 10_000, 0.1) == pytest.approx(0.1)
-    mid = 1500 + (10_000 - 1500) // 2
-    assert lr_factor(mid, 1500, 10_000, 0.1) == pytest.approx(0.55)
+def test_warmup_then_cosine_clamped_at_the_floor():
+    """SPEC §3: lr_t = peak · max(½(1 + cos(π·min(1, (t − W)/(T − W)))), 0.1) after a linear warmup."""
+    def spec(t, warmup=1500, total=10_000, floor=0.1):
+        if t <= warmup:
+            return t / warmup
+        return max(0.5 * (1 + np.cos(np.pi * min(1.0, (t - warmup) / (total - warmup)))), floor)
+
+    for t in (1, 750, 1500, 1501, 4000, 5750, 8000, 8258, 8259, 8260, 9000, 10_000):
+        assert lr_factor(t, 1500, 10_000, 0.1) == pytest.approx(spec(t), rel=1e-12), t
+    assert lr_factor(5750, 1500, 10_000, 0.1) == pytest.approx(0.5)  # half way through the decay
+    # the clamp starts at step 8259 of a 10k run and the lr stays flat after it
+    assert lr_factor(8258, 1500, 10_000, 0.1) > 0.1
+    assert [lr_factor(t, 1500, 10_000, 0.1) for t in (8259, 9000, 10_000)] == [0.1, 0.1, 0.1]
+    assert lr_factor(3487, 1500, 4000, 0.1) > 0.1 == lr_factor(3488, 1500, 4000, 0.1)  # ≈ 3488 of 4k
+    assert lr_factor(1631, 200, 2000, 0.1) > 0.1 == lr_factor(1632, 200, 2000, 0.1)  # a 2000-step reheat
     values = [lr_factor(s, 1500, 10_000, 0.1) for s in range(1500, 10_001, 100)]
     assert all(a >= b for a, b in zip(values, values[1:]))
 

@@ -15,13 +15,17 @@ from geobench.data.probe import IGNORE, ProbeTask
 from geobench.data.tokenizer import TokenizedStories
 
 
-def _to_sample(seq: np.ndarray, length: int, eos: int, probe_at: int = -1) -> tuple[np.ndarray, ...]:
-    """A token sequence of at most length+1 → (inputs, targets, probe mask), EOS padded."""
+def _to_sample(seq: np.ndarray, length: int, eos: int, probe_at: int = -1,
+               pad: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """A token sequence of at most length+1 → (inputs, targets, probe mask), EOS padded; targets at
+    padding (past the sequence, or where `pad` marks it) are ignored."""
     inputs = np.full(length, eos, dtype=np.int64)
     targets = np.full(length, IGNORE, dtype=np.int64)
     mask = np.zeros(length, dtype=bool)
     n = min(len(seq), length + 1) - 1
     inputs[:n], targets[:n] = seq[:n], seq[1:n + 1]
+    if pad is not None:
+        targets[:n][pad[1:n + 1]] = IGNORE
     if probe_at > 0:
         mask[probe_at - 1] = True
     return inputs, targets, mask
@@ -48,8 +52,10 @@ class TrainStream:
         rng = np.random.default_rng([self.seed, 1, index])
         length = self.context + 1
         if rng.random() < self.p_probe:
-            seq, probe_at = self.probe.inject(story, length, rng)
-            return _to_sample(seq, self.context, self.eos, probe_at)
+            probe = self.probe.inject(story, length, rng)
+            if probe is not None:
+                seq, pad, probe_at = probe
+                return _to_sample(seq, self.context, self.eos, probe_at, pad)
         start = int(rng.integers(0, len(story) - length + 1)) if len(story) > length else 0
         return _to_sample(story[start:start + length], self.context, self.eos)
 

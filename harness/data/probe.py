@@ -16,14 +16,15 @@ from geobench.config import ProbeConfig
 from geobench.data.tokenizer import TextTokenizer
 from geobench.errors import UsageError
 
-# (KEY, QUERY) pairs; the codeword follows each at the end of the text before "{c}".
+# The source's five (KEY, QUERY) pairs (SPEC §2); the codeword replaces {c}.
 TEMPLATES = [
     ("The secret code is {c}.", "What is the secret code? {c}"),
-    ("Remember the word {c}.", "Which word should you remember? {c}"),
+    ("Remember the word {c}.", "What was the word? {c}"),
+    ("The special word is {c}.", "What is the special word? {c}"),
     ("The password is {c}.", "What is the password? {c}"),
-    ("The magic word is {c}.", "What is the magic word? {c}"),
-    ("My special name is {c}.", "What is my special name? {c}"),
+    ("The magic word is {c}.", "The magic word was {c}"),
 ]
+MIN_BUDGET = 10  # fewer story tokens than this beside KEY, gap and QUERY: a plain LM window instead
 IGNORE = -1  # target id of positions that carry no loss
 
 
@@ -88,21 +89,29 @@ class ProbeTask:
         key_pre, key_post, query_pre = self.keys[template]
         return key_pre + [code] + key_post, query_pre + [code]
 
-    def inject(self, story: np.ndarray, length: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """[story prefix][KEY][gap of story tokens][QUERY][rest of story], cut to `length` tokens.
+    def inject(self, story: np.ndarray, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """SPEC §2's probe sequence, built from the START of `story` (its tokens, EOS appended):
+        story[:P] + KEY + story[P:P+gap] + QUERY + story[P+gap:], cut to `length` tokens, with
+        budget = length − (|KEY| + gap + |QUERY|) and P uniform in 2..max(3, budget // 3), capped at
+        the story's text length. Where the story runs out (inside the gap or after QUERY) EOS pads.
 
-        Returns the sequence and the index of the codeword after QUERY, or (story window, -1)
-        when there is too little room: the gap needs that many story tokens and at least 10 more
-        story tokens must fit beside KEY and QUERY."""
+        Returns (tokens, pad, index of the codeword after QUERY), `pad` marking padding positions
+        (no target); None when budget < 10 (the caller falls back to a plain LM window)."""
         key, query = self.pair(int(rng.integers(len(TEMPLATES))), int(rng.choice(self.code_ids)))
         gap = int(rng.integers(self.cfg.train_gap[0], self.cfg.train_gap[1] + 1))
-        budget = length - len(key) - len(query)
-        window = story[_offset(len(story), budget, rng):][:budget] if budget > 0 else story[:0]
-        if len(window) - gap < 10:
-            return story[_offset(len(story), length, rng):][:length], -1
-        cut = int(rng.integers(0, len(window) - gap + 1))
-        seq = np.concatenate([window[:cut], key, window[cut:cut + gap], query, window[cut + gap:]])
-        return seq.astype(np.int64), cut + len(key) + gap + len(query) - 1
+        budget = length - (len(key) + gap + len(query))
+        if budget < MIN_BUDGET:
+            return None
+        prefix = min(int(rng.integers(2, max(3, budget // 3) + 1)), len(story) - 1)
+        padded = np.concatenate([story, np.full(length, self.eos, dtype=story.dtype)])
+        is_pad = np.arange(len(padded)) >= len(story)
+        parts = [(padded[:prefix], is_pad[:prefix]), (np.asarray(key), np.zeros(len(key), bool)),
+                 (padded[prefix:prefix + gap], is_pad[prefix:prefix + gap]),
+                 (np.asarray(query), np.zeros(len(query), bool)),
+                 (padded[prefix + gap:], is_pad[prefix + gap:])]
+        seq = np.concatenate([t for t, _ in parts])[:length].astype(np.int64)
+        pad = np.concatenate([m for _, m in parts])[:length]
+        return seq, pad, prefix + len(key) + gap + len(query) - 1
 
     def eval_set(self, ood: bool, context: int) -> EvalSet:
         """SPEC §2's fixed eval sets: filler prefix, KEY, filler gap, QUERY; EOS padding after."""
@@ -129,6 +138,3 @@ class ProbeTask:
             mask[i, n - 1] = True
         return EvalSet(inputs, targets, mask, np.array(templates))
 
-
-def _offset(available: int, wanted: int, rng: np.random.Generator) -> int:
-    return int(rng.integers(0, available - wanted + 1)) if available > wanted else 0
