@@ -108,8 +108,12 @@ class AnalysisContext:
                 self.run.checkpoint_path(anchor), anchor, device=self.device)
         return self._grams[key]
 
-    def backbone(self, scope: str = "trunk", window: tuple = ()) -> Backbone:
+    def backbone(self, scope: str = "trunk", window: tuple = (), every: int = 0) -> Backbone:
+        """The trajectory PCA of `scope` over the checkpoints of `window` (with `every`, only those at
+        multiples of `every` steps, plus the window's first and last)."""
         steps = tuple(self.window(list(window), minimum=3))
+        if every:
+            steps = tuple(s for i, s in enumerate(steps) if s % every == 0 or i in (0, len(steps) - 1))
         gram = self.gram(scope, steps, steps[0])
         rows = np.eye(len(steps))[1:]
         if not np.diag(gram.gram)[1:].any():

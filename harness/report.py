@@ -252,6 +252,8 @@ def render_metric(name: str, result: dict) -> list[str]:
     lines = [f"## Metric `{name}`", ""]
     if result["status"] == "failed":
         return lines + [f"**failed:** {result.get('error', '')}", ""]
+    if result.get("variant"):
+        lines += [f"*Computed as:* {result['variant']}", ""]
     scalars = result.get("scalars", {})
     if scalars:
         lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in scalars.items()] + [""]

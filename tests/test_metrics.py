@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from geobench import series
 from geobench.analysis import AnalysisContext, metric_options, run_metrics
 from geobench.errors import UsageError
 from geobench.model import trunk_names
@@ -59,13 +60,25 @@ def test_backbone_against_numpy(ctx, trajectory):
     np.testing.assert_allclose(result["series"]["r_norm"], np.linalg.norm(full - np.outer(a, v_b), axis=1),
                                rtol=1e-4, atol=1e-6)
     assert result["series"]["a"][-1] > 0  # sign convention
-    # rotation: adjacent windows of 5 checkpoints, each anchored at its own first
+    # rotation: sliding windows of 5 checkpoints after Θ₀, stride one, each anchored at its own first
     backbones = []
-    for start in range(0, len(steps) - 4, 5):
+    for start in range(1, len(steps) - 4):
         window = thetas[start + 1:start + 5] - thetas[start]
         backbones.append(numpy_pca(window, normalize=True)[1])
     expected_rho = [abs(u @ v) for u, v in zip(backbones, backbones[1:])]
+    assert len(expected_rho) == len(steps) - 1 - 5
     np.testing.assert_allclose(result["series"]["rotation_rho"], expected_rho, atol=1e-6)
+    assert s["rotation_mean"] == pytest.approx(np.mean(expected_rho), abs=1e-6)
+    assert s["rotation_min"] == pytest.approx(np.min(expected_rho), abs=1e-6)
+    # PC1 with the top-10 denominator, as the source published its trunk PC1
+    _, sv, _ = np.linalg.svd(delta / np.linalg.norm(delta, axis=1, keepdims=True), full_matrices=False)
+    assert s["pc1_top10"] == pytest.approx(sv[0] ** 2 / (sv[:10] ** 2).sum(), abs=1e-6)
+    # power laws in half-open windows, against numpy's polyfit on the same points
+    for row in result["tables"]["fits"]:
+        inside = [i for i, t in enumerate(steps) if row["start"] < t <= row["end"] and abs(a[i]) > 0]
+        if len(inside) >= 2:
+            slope = np.polyfit(np.log(np.array(steps)[inside]), np.log(np.abs(a[inside])), 1)[0]
+            assert row["gamma_a"] == pytest.approx(slope, abs=1e-6)
     blocks = {row["block"]: row["pc1"] for row in result["tables"]["per_block"]}
     assert set(blocks) == {0, 1} and all(0 < v <= 1 for v in blocks.values())
 
@@ -98,45 +111,61 @@ def test_alignment_against_numpy(ctx, trajectory):
         assert cos == pytest.approx(g @ v_b / np.linalg.norm(g), abs=1e-5)
 
 
-def test_switch_detection_on_a_planted_series():
-    p = np.array([0.0, 0.1, 0.5, 0.2, 0.05, 0.06, 0.3, 0.31, 0.3, 0.0, 0.0, 0.02])
-    peaks, troughs = switching.extrema(p, prominence=0.03, reach=3)
-    assert peaks == [2, 7] and troughs == [0, 4, 9]
-    assert switching.pair(peaks, troughs) == [(2, 4), (7, 9)]
-    flat = np.full(8, 0.4)
-    assert switching.extrema(flat, 0.03, 3) == ([], [])
+def test_bootstrap_sigma_of_a_rate_and_of_a_paired_difference():
     rng = np.random.default_rng(0)
     same = rng.random(200) < 0.5
-    assert switching.bootstrap_sigma(same, same, 20, rng) == 0.0
+    assert series.bootstrap_sigma(same, 20, rng, paired_with=same) == 0.0
     a, b = rng.random(2000) < 0.6, rng.random(2000) < 0.4
-    sigma = switching.bootstrap_sigma(a, b, 200, rng)
+    sigma = series.bootstrap_sigma(a, 200, rng, paired_with=b)
     assert sigma == pytest.approx(np.sqrt(0.6 * 0.4 / 2000 + 0.4 * 0.6 / 2000), rel=0.25)
+    assert series.bootstrap_sigma(a, 300, rng) == pytest.approx(np.sqrt(0.6 * 0.4 / 2000), rel=0.25)
+    assert [series.tier(d, 0.01) for d in (0.031, 0.02, 0.019)] == ["A", "B", "C"]
 
 
-def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch):
-    steps, _, thetas = trajectory
-    planted = {s: (0.5 if i in (3, 10) else 0.1) for i, s in enumerate(steps)}  # two clear peaks
-    monkeypatch.setattr(type(ctx), "p_ood_at", lambda self, ss: {s: planted[s] for s in ss})
-    result = switching.compute(ctx, options("switching", resamples=5))
+def planted_evals(steps):
+    """p_ood with two clear switches (peaks at checkpoints 3 and 10, troughs at 5 and 12)."""
+    level = {3: 0.6, 10: 0.6, 5: 0.05, 12: 0.05}
+    return [{"step": s, "p_ood": level.get(i, 0.3)} for i, s in enumerate(steps)]
+
+
+@pytest.mark.parametrize("variant", ["rownorm", "raw"])
+def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant):
+    steps, names, thetas = trajectory
+    monkeypatch.setattr(type(ctx), "evals", property(lambda self: planted_evals(steps)))
+    result = switching.compute(ctx, options("switching", resamples=5, backbone=variant, per_block=True, sigma="last"))
     delta = thetas[1:] - thetas[0]
-    ratios, v_b = numpy_pca(delta, normalize=True)
-    unit = delta / np.linalg.norm(delta, axis=1, keepdims=True)
-    _, _, vt = np.linalg.svd(unit, full_matrices=False)
-    rows = result["tables"]["switches"]
-    assert [(r["peak"], r["trough"]) for r in rows] == [(steps[3], steps[4]), (steps[10], steps[11])]
-    for r in rows:
+    rows = delta / np.linalg.norm(delta, axis=1, keepdims=True) if variant == "rownorm" else delta
+    _, _, vt = np.linalg.svd(rows, full_matrices=False)
+    v_b = vt[0] if vt[0] @ delta[-1] > 0 else -vt[0]
+    found = result["tables"]["switches"]
+    assert [(r["peak"], r["trough"]) for r in found] == [(steps[3], steps[5]), (steps[10], steps[12])]
+    for r in found:
         v = thetas[steps.index(r["peak"])] - thetas[steps.index(r["trough"])]
         v /= np.linalg.norm(v)
         assert r["abs_cos_vb"] == pytest.approx(abs(v @ v_b), abs=1e-6)
         perp = v - (v @ v_b) * v_b
         perp /= np.linalg.norm(perp)
         assert r["e2_6"] == pytest.approx(sum((perp @ vt[k]) ** 2 for k in range(1, 6)), abs=1e-6)
-        assert r["tier"] in ("A", "B", "-") and r["sigma"] >= 0
+        assert r["tier"] == series.tier(r["delta_p"], r["sigma_last"]) and r["sigma_paired"] >= 0
+    # per block: each block's own trajectory PCA, LayerNorms included
+    offsets = np.cumsum([0] + [int(np.prod(ctx.parameter_shapes[n])) for n in ctx.scope("all")])
+    everything = np.stack([np.concatenate([ctx.load_checkpoint(s)[n].double().numpy().ravel()
+                                           for n in ctx.scope("all")]) for s in steps])
+    index = {n: (offsets[i], offsets[i + 1]) for i, n in enumerate(ctx.scope("all"))}
+    for r in result["tables"]["per_block"]:
+        cols = np.concatenate([np.arange(*index[n]) for n in ctx.scope(f"block:{r['block']}")])
+        block = everything[:, cols]
+        d = block[1:] - block[0]
+        rows = d / np.linalg.norm(d, axis=1, keepdims=True) if variant == "rownorm" else d
+        vb = np.linalg.svd(rows, full_matrices=False)[2][0]
+        v = block[steps.index(r["peak"])] - block[steps.index(r["trough"])]
+        assert r["abs_cos_vb"] == pytest.approx(abs(v @ vb) / np.linalg.norm(v), abs=1e-6)
+    assert "raw PCA" in result["variant"] if variant == "raw" else "row-normalized PCA" in result["variant"]
 
 
-def test_switching_needs_p_ood_at_checkpoints(ctx, monkeypatch):
-    monkeypatch.setattr(type(ctx), "p_ood_at", lambda self, ss: {})
-    with pytest.raises(UsageError, match="p_ood at only 0 checkpoint steps"):
+def test_switching_needs_three_evaluations(ctx, monkeypatch):
+    monkeypatch.setattr(type(ctx), "evals", property(lambda self: [{"step": 1, "p_ood": 0.0}]))
+    with pytest.raises(UsageError, match="has only 1 evaluations of p_ood"):
         switching.compute(ctx, options("switching"))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from geobench import Param, hookimpl
+from geobench import series as series_math
 from geobench.linalg import pca
 from geobench.model import block_indices
 from geobench.registry import MetricPlugin
@@ -14,10 +15,13 @@ OPTIONS = {
     "scope": Param("trunk", "parameters: trunk, all or block:I"),
     "window": Param([], "checkpoint steps [start, end] (empty: the whole run), anchored at the first"),
     "top_k": Param(10, "explained-variance ratios reported", low=1),
-    "rotation_window": Param(10, "checkpoints per rotation window (adjacent windows do not overlap)", low=3),
+    "rotation_window": Param(10, "checkpoints W per sliding rotation window (stride one checkpoint)", low=3),
     "phase_split": Param(-1, "step splitting v_E and v_L (-1: the λ switch of the run's schedule)"),
-    "fit_windows": Param([], "[[start, end], ...] for power laws and corr(p_ood, |r|) (empty: whole, halves)"),
+    "fit_windows": Param([], "[[lo, hi], ...] half-open (lo, hi] windows for power laws and corr(p_ood, |r|) "
+                             "(empty: the source's six, scaled to the run's length)"),
     "per_block": Param(True, "also the PC1 of every block"),
+    "per_block_every": Param(0, "per-block PCA on checkpoints every N steps plus the first and last "
+                                "(0: every checkpoint; the source's Table 2 used 400)", low=0),
 }
 
 
@@ -33,6 +37,8 @@ def compute(ctx, options: dict) -> dict:
     k = options["top_k"]
     scalars = {
         "pc1": float(bb.pca.ratios[0]), "pc1_raw": float(bb.pca_raw.ratios[0]),
+        "pc1_top10": float(series_math.explained_ratios(bb.pca.sigma, top=10)[0]),
+        "pc1_raw_top10": float(series_math.explained_ratios(bb.pca_raw.sigma, top=10)[0]),
         "k95": bb.pca.k_for(0.95), "k99": bb.pca.k_for(0.99),
         "k95_raw": bb.pca_raw.k_for(0.95), "k99_raw": bb.pca_raw.k_for(0.99),
         "drift": float(np.sqrt(sq[-1])), "backbone_fraction_final": float(fraction[-1]),
@@ -41,59 +47,45 @@ def compute(ctx, options: dict) -> dict:
     }
     series = {"steps": steps, "ratios": bb.pca.ratios[:k].tolist(), "ratios_raw": bb.pca_raw.ratios[:k].tolist(),
               "a": a.tolist(), "r_norm": r.tolist(), "backbone_fraction": fraction.tolist()}
-    tables = {"fits": fits(ctx, steps, a, r, options["fit_windows"])}
+    p_ood = ctx.p_ood_at(steps)
+    windows = options["fit_windows"] or series_math.default_fit_windows(steps[-1])
+    tables = {"fits": series_math.window_fits(steps, a.tolist(), r.tolist(), [p_ood.get(s) for s in steps], windows)}
 
     rho_steps, rho = rotation(gram, options["rotation_window"])
     series.update(rotation_steps=rho_steps, rotation_rho=rho)
     if rho:
         scalars.update(rotation_mean=float(np.mean(rho)), rotation_min=float(np.min(rho)))
     scalars["phase_overlap"] = phase_overlap(gram, options["phase_split"], ctx)
+    every = options["per_block_every"]
     if options["per_block"]:
-        tables["per_block"] = per_block(ctx, options["window"])
+        tables["per_block"] = per_block(ctx, options["window"], every)
     figures = plots(ctx, bb, steps, a, r, rho_steps, rho, k)
-    return {"scalars": scalars, "series": series, "tables": tables, "figures": figures}
+    variant = (f"{options['scope']}-scope PCA of {len(steps)} checkpoints anchored at step {steps[0]}, uncentered; "
+               "v_b, pc1, k95: row-normalized rows, full-spectrum denominator; pc1_top10: top-10 denominator (how the "
+               "source published its trunk PC1); *_raw: raw rows; fits: half-open windows (lo, hi], least squares on "
+               f"logs; rotation: sliding windows of {options['rotation_window']} checkpoints after the anchor, stride 1"
+               + (f"; per_block: PCA per block on {'every checkpoint' if not every else f'checkpoints every {every} steps plus the first and last'}"
+                  if options["per_block"] else ""))
+    return {"scalars": scalars, "series": series, "tables": tables, "figures": figures, "variant": variant}
 
 
-def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
-    keep = (x > 0) & (y > 0)
-    if keep.sum() < 2:
-        return None
-    return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
-
-
-def fits(ctx, steps: list[int], a: np.ndarray, r: np.ndarray, windows: list) -> list[dict]:
-    """Power-law exponents of |a| and |r| against the step, and corr(p_ood, |r|), per window."""
-    t = np.array(steps, dtype=float)
-    if not windows:
-        mid = steps[len(steps) // 2]
-        windows = [[steps[0], steps[-1]], [steps[0], mid], [mid, steps[-1]]]
-    p_ood = ctx.p_ood_at(steps)
-    rows = []
-    for start, end in windows:
-        inside = (t >= start) & (t <= end)
-        pairs = [(p_ood[s], rr) for s, rr, ok in zip(steps, r, inside) if ok and s in p_ood]
-        corr = None
-        if len(pairs) >= 3:
-            p, rr = np.array(pairs).T
-            corr = float(np.corrcoef(p, rr)[0, 1]) if p.std() > 0 and rr.std() > 0 else None
-        rows.append({"start": start, "end": end, "slope_a": _slope(t[inside], np.abs(a[inside])),
-                     "slope_r": _slope(t[inside], r[inside]), "corr_p_ood_r": corr, "n": int(inside.sum())})
-    return rows
-
-
-def rotation(gram, size: int) -> tuple[list[int], list[float]]:
-    """ρ = |⟨v_w, v_w+1⟩| for adjacent windows of `size` checkpoints, each anchored at its own first
-    checkpoint, v_w the row-normalized PC1. Returns the first step of each later window and ρ."""
+def rotation(gram, size: int) -> tuple[list[float], list[float]]:
+    """The source's rotation curve: sliding windows (stride one checkpoint) of `size` consecutive
+    checkpoints taken after the anchor (Θ₀ is never in a window), each window's drift anchored at
+    its own first checkpoint, v_w its row-normalized PC1; ρ = |⟨v_w, v_w+1⟩| for adjacent windows
+    (40 values for 50 checkpoints after Θ₀ and W = 10). Returns the midpoint step of each pair of
+    windows (the mean of their centres) and ρ."""
     T = len(gram.steps)
-    starts = list(range(0, T - size + 1, size))
-    backbones = []
+    starts = list(range(1, T - size + 1))
+    backbones, centres = [], []
     for s in starts:
         rows = np.zeros((size - 1, T))
         rows[:, s + 1:s + size] = np.eye(size - 1)
         rows[:, s] = -1.0  # Δ_t − Δ_s
         backbones.append(pca(gram, rows, normalize_rows=True).directions[0])
+        centres.append((gram.steps[s] + gram.steps[s + size - 1]) / 2)
     rho = [abs(gram.inner(u, v)) for u, v in zip(backbones, backbones[1:])]
-    return [gram.steps[s] for s in starts[1:]], rho
+    return [(a + b) / 2 for a, b in zip(centres, centres[1:])], rho
 
 
 def phase_overlap(gram, split: int, ctx) -> float | None:
@@ -115,12 +107,12 @@ def phase_overlap(gram, split: int, ctx) -> float | None:
     return abs(gram.inner(v_e, v_l))
 
 
-def per_block(ctx, window: list) -> list[dict]:
+def per_block(ctx, window: list, every: int) -> list[dict]:
     out = []
     for i in block_indices(list(ctx.parameter_shapes)):
-        bb = ctx.backbone(f"block:{i}", tuple(window))
+        bb = ctx.backbone(f"block:{i}", tuple(window), every=every)
         out.append({"block": i, "pc1": float(bb.pca.ratios[0]), "pc1_raw": float(bb.pca_raw.ratios[0]),
-                    "k95": bb.pca.k_for(0.95)})
+                    "k95": bb.pca.k_for(0.95), "k95_raw": bb.pca_raw.k_for(0.95), "checkpoints": len(bb.gram.steps)})
     return out
 
 
@@ -151,7 +143,7 @@ def plots(ctx, bb, steps, a, r, rho_steps, rho, k) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.plot(rho_steps, rho, marker="o")
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("step (start of the later window)")
+        ax.set_xlabel("step (midpoint of two adjacent windows)")
         ax.set_ylabel("ρ = |⟨v_w, v_w+1⟩|")
         fig.tight_layout()
         figures.append(ctx.figure(fig, "backbone_rotation"))

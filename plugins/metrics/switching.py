@@ -1,92 +1,122 @@
-"""Switching (SPEC §4): peaks and troughs of p_ood, their bootstrap significance, and where the
-switch directions v_sw = unit(θ_peak − θ_trough) point relative to the backbone and the next PCs."""
+"""Switching (SPEC §4): peaks and troughs of p_ood by the source's detector, their bootstrap
+significance, and where the switch directions v_sw = unit(θ_peak − θ_trough) point relative to the
+backbone and the next PCs."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from geobench import Param, hookimpl
+from geobench import series as series_math
 from geobench.errors import UsageError
+from geobench.model import block_indices
 from geobench.registry import MetricPlugin
 
 OPTIONS = {
     "scope": Param("trunk", "parameters: trunk, all or block:I"),
     "window": Param([], "checkpoint steps [start, end] (empty: the whole run)"),
-    "prominence": Param(0.03, "minimum rise/fall of an extremum against its neighbourhood", low=0),
-    "reach": Param(3, "neighbourhood of an extremum: ± this many evaluations", low=1),
+    "prominence": Param(series_math.PROMINENCE, "minimum prominence of a peak or trough", low=0),
+    "reach": Param(series_math.REACH, "prominence against the min (max) of this many evaluations each side", low=1),
+    "backbone": Param("rownorm", "v_b and PCs 2-6 from the row-normalized or the raw PCA (the source: raw)",
+                      choices=("rownorm", "raw")),
+    "per_block": Param(False, "shares and E2:6 per transformer block against that block's own PCA "
+                              "(the source's published numbers), besides the scope's"),
     "resamples": Param(20, "bootstrap resamples of the OOD set for the noise σ (0: skip)", low=0),
+    "sigma": Param("paired", "σ that tiers the pairs: 'paired' (of p_peak − p_trough on shared resamples) or "
+                             "'last' (the source: of p_ood at the last checkpoint)", choices=("paired", "last")),
     "seed": Param(0, "seed of the bootstrap"),
 }
 
 
-def extrema(p: np.ndarray, prominence: float, reach: int) -> tuple[list[int], list[int]]:
-    """Indices of local maxima (minima) of p within ±reach whose height above the neighbourhood's
-    minimum (depth below its maximum) is at least `prominence`; of equal neighbours the first."""
-    peaks, troughs = [], []
-    for i in range(len(p)):
-        hood = p[max(0, i - reach): i + reach + 1]
-        first_of_plateau = i == 0 or p[i - 1] != p[i]
-        if p[i] == hood.max() and p[i] - hood.min() >= prominence and first_of_plateau:
-            peaks.append(i)
-        if p[i] == hood.min() and hood.max() - p[i] >= prominence and first_of_plateau:
-            troughs.append(i)
-    return peaks, troughs
-
-
-def pair(peaks: list[int], troughs: list[int]) -> list[tuple[int, int]]:
-    """Each peak with the next trough after it."""
-    return [(pk, next(t for t in troughs if t > pk)) for pk in peaks if any(t > pk for t in troughs)]
-
-
-def bootstrap_sigma(correct_a: np.ndarray, correct_b: np.ndarray, resamples: int, rng) -> float:
-    """σ of p_a − p_b over resamples of the (shared) OOD examples."""
-    n = len(correct_a)
-    diffs = [correct_a[idx].mean() - correct_b[idx].mean() for idx in (rng.integers(0, n, n) for _ in range(resamples))]
-    return float(np.std(diffs, ddof=1))
+def direction_shares(ctx, bb, pca, s_peak: int, s_trough: int) -> dict:
+    """|⟨v_sw, v_b⟩|, the backbone share ⟨v_sw, v_b⟩² and E2:6 of v_sw against one trajectory PCA."""
+    gram, v_b = bb.gram, pca.directions[0]
+    v = gram.row(s_peak) - gram.row(s_trough)
+    v = v / gram.norm(v)
+    along = gram.inner(v, v_b)
+    perp = v - along * v_b
+    perp_norm = gram.norm(perp)
+    e26 = sum(gram.inner(perp / perp_norm, d) ** 2 for d in pca.directions[1:6]) if perp_norm > 0 else 0.0
+    return {"v": v, "backbone_share": along**2, "abs_cos_vb": abs(along), "e2_6": e26}
 
 
 def compute(ctx, options: dict) -> dict:
-    bb = ctx.backbone(options["scope"], tuple(options["window"]))
-    gram = bb.gram
-    p_ood = ctx.p_ood_at(gram.steps)
-    if len(p_ood) < 3:
-        raise UsageError(f"run {str(ctx.run)!r} has p_ood at only {len(p_ood)} checkpoint steps; "
-                         "switching needs evaluations at checkpoint steps (eval_every a multiple of checkpoint_every)")
-    steps = sorted(p_ood)
-    p = np.array([p_ood[s] for s in steps])
-    peaks, troughs = extrema(p, options["prominence"], options["reach"])
+    window = options["window"]
+    evals = [(e["step"], e["p_ood"]) for e in ctx.evals if e.get("p_ood") is not None
+             and (not window or window[0] <= e["step"] <= window[1])]
+    if len(evals) < 3:
+        raise UsageError(f"run {str(ctx.run)!r} has only {len(evals)} evaluations of p_ood "
+                         f"{'in ' + str(window) if window else ''}; switching needs at least 3")
+    steps = [s for s, _ in evals]
+    p = np.array([v for _, v in evals])
+    peaks, troughs = series_math.detect_switches(p, options["prominence"], options["reach"])
+    pairs = series_math.pair_switches(peaks, troughs)
+    pick = (lambda b: b.pca) if options["backbone"] == "rownorm" else (lambda b: b.pca_raw)
+    bb = ctx.backbone(options["scope"], tuple(window))
+    checkpoints = set(bb.gram.steps)
+    blocks = ({i: ctx.backbone(f"block:{i}", tuple(window)) for i in block_indices(list(ctx.parameter_shapes))}
+              if options["per_block"] else {})
     rng = np.random.default_rng(options["seed"])
     correct: dict[int, np.ndarray] = {}
-    rows, directions = [], []
-    for pk, tr in pair(peaks, troughs):
+
+    def ood_correct(step: int) -> np.ndarray:
+        if step not in correct:
+            correct[step] = ctx.live.evaluator.ood_correct(ctx.model_at(step))
+        return correct[step]
+
+    sigma_last = None
+    if options["resamples"] and pairs:
+        sigma_last = series_math.bootstrap_sigma(ood_correct(ctx.checkpoint_steps()[-1]), options["resamples"], rng)
+    rows, directions, block_rows = [], [], []
+    for pk, tr in pairs:
         s_peak, s_trough = steps[pk], steps[tr]
-        v = gram.row(s_peak) - gram.row(s_trough)
-        v = v / gram.norm(v)
-        along = gram.inner(v, bb.v_b)
-        perp = v - along * bb.v_b
-        perp_norm = gram.norm(perp)
-        e26 = sum(gram.inner(perp / perp_norm, d) ** 2 for d in bb.pca.directions[1:6]) if perp_norm > 0 else 0.0
-        row = {"peak": s_peak, "trough": s_trough, "p_peak": float(p[pk]), "p_trough": float(p[tr]),
-               "delta_p": float(p[pk] - p[tr]), "backbone_share": along**2, "abs_cos_vb": abs(along), "e2_6": e26}
+        row: dict = {"peak": s_peak, "trough": s_trough, "p_peak": float(p[pk]), "p_trough": float(p[tr]),
+                     "delta_p": float(p[pk] - p[tr])}
+        if {s_peak, s_trough} <= checkpoints:
+            shares = direction_shares(ctx, bb, pick(bb), s_peak, s_trough)
+            directions.append(shares.pop("v"))
+            row.update(shares)
+            for i, block in blocks.items():
+                block_shares = direction_shares(ctx, block, pick(block), s_peak, s_trough)
+                block_shares.pop("v")
+                block_rows.append({"peak": s_peak, "trough": s_trough, "block": i, **block_shares})
+        else:
+            row.update(backbone_share=None, abs_cos_vb=None, e2_6=None)  # no checkpoint there: no direction
         if options["resamples"]:
-            for s in (s_peak, s_trough):
-                if s not in correct:
-                    correct[s] = ctx.live.evaluator.ood_correct(ctx.model_at(s))
-            sigma = bootstrap_sigma(correct[s_peak], correct[s_trough], options["resamples"], rng)
-            row["sigma"] = sigma
-            row["tier"] = "A" if row["delta_p"] >= 3 * sigma else "B" if row["delta_p"] >= 2 * sigma else "-"
+            paired = None
+            if {s_peak, s_trough} <= checkpoints:
+                paired = series_math.bootstrap_sigma(ood_correct(s_peak), options["resamples"], rng,
+                                                     paired_with=ood_correct(s_trough))
+            row.update(sigma_paired=paired, sigma_last=sigma_last)
+            row["tier"] = series_math.tier(row["delta_p"], paired if options["sigma"] == "paired" else sigma_last)
         rows.append(row)
-        directions.append(v)
-    pairwise = [[abs(gram.inner(a, b)) for b in directions] for a in directions]
+    pairwise = [[abs(bb.gram.inner(a, b)) for b in directions] for a in directions]
     scalars: dict[str, float] = {"n_peaks": len(peaks), "n_troughs": len(troughs), "n_switches": len(rows)}
-    if rows:
-        scalars.update(mean_abs_cos_vb=float(np.mean([r["abs_cos_vb"] for r in rows])),
-                       mean_e2_6=float(np.mean([r["e2_6"] for r in rows])))
-        if options["resamples"]:
-            scalars.update(tier_a=sum(r["tier"] == "A" for r in rows), tier_b=sum(r["tier"] == "B" for r in rows))
+    measured = [r for r in rows if r["abs_cos_vb"] is not None]
+    if measured:
+        scalars.update(mean_abs_cos_vb=float(np.mean([r["abs_cos_vb"] for r in measured])),
+                       mean_e2_6=float(np.mean([r["e2_6"] for r in measured])))
+    if block_rows:
+        scalars.update(block_mean_abs_cos_vb=float(np.mean([r["abs_cos_vb"] for r in block_rows])),
+                       block_mean_e2_6=float(np.mean([r["e2_6"] for r in block_rows])))
+    if options["resamples"] and rows:
+        scalars.update(tier_a=sum(r["tier"] == "A" for r in rows), tier_b=sum(r["tier"] == "B" for r in rows))
+        if sigma_last is not None:
+            scalars["sigma_last"] = sigma_last
     series = {"steps": steps, "p_ood": p.tolist(), "peaks": [steps[i] for i in peaks],
               "troughs": [steps[i] for i in troughs], "pairwise_abs_cos": pairwise}
-    return {"scalars": scalars, "series": series, "tables": {"switches": rows}, "figures": [plot(ctx, series, rows)]}
+    tables = {"switches": rows}
+    if block_rows:
+        tables["per_block"] = block_rows
+    variant = (f"the source's detector (interior strict extrema, prominence >= {options['prominence']:g} against "
+               f"±{options['reach']} evaluations, each peak paired with the first trough after it) on every "
+               f"evaluation; v_b and PCs 2-6 from the {options['scope']}-scope "
+               f"{'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} PCA"
+               + ("; per_block: each block against its own PCA, LayerNorms included" if options["per_block"] else "")
+               + (f"; tiers by the {'paired bootstrap σ of p_peak − p_trough' if options['sigma'] == 'paired' else 'bootstrap σ of p_ood at the last checkpoint (the source)'}, "
+                  f"{options['resamples']} resamples" if options["resamples"] else "; no tiers (resamples=0)"))
+    return {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series, rows)],
+            "variant": variant}
 
 
 def plot(ctx, series, rows) -> str:
@@ -99,7 +129,7 @@ def plot(ctx, series, rows) -> str:
     ax.scatter(series["peaks"], [p[s] for s in series["peaks"]], marker="^", color="green", s=50, label="peak", zorder=3)
     ax.scatter(series["troughs"], [p[s] for s in series["troughs"]], marker="v", color="red", s=50, label="trough", zorder=3)
     for r in rows:
-        ax.annotate(r.get("tier", ""), (r["peak"], r["p_peak"]), textcoords="offset points", xytext=(0, 6), ha="center")
+        ax.annotate(r.get("tier") or "", (r["peak"], r["p_peak"]), textcoords="offset points", xytext=(0, 6), ha="center")
     ax.set_xlabel("step")
     ax.set_ylabel("p_ood")
     ax.legend()
