@@ -64,9 +64,12 @@ def compute(ctx, options: dict) -> dict:
                "v_b, pc1, k95: row-normalized rows, full-spectrum denominator; pc1_top10: top-10 denominator (how the "
                "source published its trunk PC1); *_raw: raw rows; fits: half-open windows (lo, hi], least squares on "
                f"logs; rotation: sliding windows of {options['rotation_window']} checkpoints after the anchor, stride 1"
-               + (f"; per_block: PCA per block on {'every checkpoint' if not every else f'checkpoints every {every} steps plus the first and last'}"
-                  if options["per_block"] else ""))
+               + (f"; per_block: PCA per block on {thinned(every)}" if options["per_block"] else ""))
     return {"scalars": scalars, "series": series, "tables": tables, "figures": figures, "variant": variant}
+
+
+def thinned(every: int) -> str:
+    return f"checkpoints every {every} steps plus the first and last" if every else "every checkpoint"
 
 
 def rotation(gram, size: int) -> tuple[list[float], list[float]]:

@@ -27,6 +27,9 @@ OPTIONS = {
     "seed": Param(0, "seed of the bootstrap"),
 }
 
+SIGMAS = {"paired": "paired bootstrap σ of p_peak − p_trough",
+          "last": "bootstrap σ of p_ood at the last checkpoint (the source)"}
+
 
 def direction_shares(ctx, bb, pca, s_peak: int, s_trough: int) -> dict:
     """|⟨v_sw, v_b⟩|, the backbone share ⟨v_sw, v_b⟩² and E2:6 of v_sw against one trajectory PCA."""
@@ -113,8 +116,8 @@ def compute(ctx, options: dict) -> dict:
                f"evaluation; v_b and PCs 2-6 from the {options['scope']}-scope "
                f"{'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} PCA"
                + ("; per_block: each block against its own PCA, LayerNorms included" if options["per_block"] else "")
-               + (f"; tiers by the {'paired bootstrap σ of p_peak − p_trough' if options['sigma'] == 'paired' else 'bootstrap σ of p_ood at the last checkpoint (the source)'}, "
-                  f"{options['resamples']} resamples" if options["resamples"] else "; no tiers (resamples=0)"))
+               + (f"; tiers by the {SIGMAS[options['sigma']]}, {options['resamples']} resamples"
+                  if options["resamples"] else "; no tiers (resamples=0)"))
     return {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series, rows)],
             "variant": variant}
 
