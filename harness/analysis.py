@@ -129,7 +129,7 @@ class AnalysisContext:
                 raise UsageError(f"run {str(self.run)!r} has no checkpoint at step(s) {missing}; "
                                  f"it has {available[0]}..{available[-1]} ({len(available)} checkpoints)")
             return list(steps)
-        picks = np.linspace(0, len(available) - 1, min(count, len(available))).round().astype(int)
+        picks = np.linspace(len(available) - 1, 0, min(count, len(available))).round().astype(int)
         return [available[i] for i in sorted(set(picks))]
 
     def model_at(self, step: int) -> torch.nn.Module:
@@ -148,15 +148,15 @@ class AnalysisContext:
         for i in range(n):
             yield tuple(x.to(device) for x in stream.batch(self.config.train.steps + 1 + first + i, 0))
 
-    def batch_gradients(self, step: int, names: list[str], n: int):
-        """Gradients of the composite loss (λ of that step) at checkpoint `step` for `n` batches
-        (see `batches`), each flattened over the parameters `names`."""
+    def batch_gradients(self, step: int, names: list[str], n: int, lam: float | None = None):
+        """Gradients of the composite loss (λ given, or the schedule's at that step) at checkpoint
+        `step` for `n` batches (see `batches`), each flattened over the parameters `names`."""
         from geobench.objective import composite_loss, flat_gradient, lambda_at
 
         model = self.model_at(step)
         params = dict(model.named_parameters())
         chosen = [params[name] for name in names]
-        lam = lambda_at(self.config.train.lambda_schedule, step)
+        lam = lambda_at(self.config.train.lambda_schedule, step) if lam is None else lam
         for inputs, targets, mask in self.batches(n):
             with self.live.autocast:
                 logits = model(inputs)

@@ -70,6 +70,8 @@ class ProbeConfig:
     eval_prefix: list = p([2, 10], "filler tokens before KEY in the eval sets [min, max]")
     filler_ids: list = p([100, 5000], "token ids the eval filler is drawn from [min, max]")
     codeword_seed: int = p(0, "seed of the codeword shuffle and of the fixed eval sets")
+    lm_ood: str = p("clean", "lm_ood over the OOD examples' filler and template tokens ('clean') or also over the "
+                    "EOS padding after the query, as the source counted it ('source')", choices=("clean", "source"))
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ class Evaluator:
     batch_size: int
     device: torch.device
     autocast: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
+    lm_ood_padding_eos: int | None = None  # an EOS id: count the eval sets' padding in lm_ood (the source's)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
@@ -53,17 +54,19 @@ class Evaluator:
     def _probe(self, model: torch.nn.Module, data: EvalSet) -> tuple[np.ndarray, float, float]:
         """(per-example exact match, mean CE on probe positions, mean CE on the other non-pad positions)."""
         hits, probe_ce, probe_n, lm_ce, lm_n = [], 0.0, 0, 0.0, 0
+        lm_targets = data.targets if self.lm_ood_padding_eos is None else data.padded_targets(self.lm_ood_padding_eos)
         for start in range(0, len(data.inputs), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            inputs, targets, mask = (torch.from_numpy(a[rows]).to(self.device) for a in
-                                     (data.inputs, data.targets, data.mask))
+            inputs, targets, mask, lm = (torch.from_numpy(a[rows]).to(self.device) for a in
+                                         (data.inputs, data.targets, data.mask, lm_targets))
             logits = self._logits(model, inputs)
             ce = token_losses(logits, targets)
             correct = (logits.argmax(-1) == targets) | ~mask
             hits.append(correct.all(dim=1).cpu().numpy())
             probe_ce += float((ce * mask).sum())
             probe_n += int(mask.sum())
-            other = (targets >= 0) & ~mask
-            lm_ce += float((ce * other).sum())
+            other = (lm >= 0) & ~mask
+            lm_ce += float((token_losses(logits, lm) * other).sum()) if lm_targets is not data.targets \
+                else float((ce * other).sum())
             lm_n += int(other.sum())
         return np.concatenate(hits), probe_ce / max(probe_n, 1), lm_ce / max(lm_n, 1)

@@ -37,6 +37,11 @@ PUBLISHED_VAL_LOSS = {1: 10.81, 200: 4.35, 4000: 2.18, 10000: 1.216}
 PUBLISHED_FINAL = {"p_in": 0.90, "p_ood": 0.166, "best_p_ood": 0.777}
 
 
+LM_OOD = {"clean": "CE on the OOD examples' non-probe tokens, padding excluded (probe.lm_ood=clean)",
+          "source": "CE on the OOD examples' non-probe tokens and the EOS padding after the query, as the "
+                    "source counted it (probe.lm_ood=source)"}
+
+
 def schema() -> dict:
     text = resources.files("geobench.schemas").joinpath(f"report-{SCHEMA_VERSION}.json").read_text()
     return json.loads(text)
@@ -219,6 +224,9 @@ def render_markdown(report: dict, figures: list[str]) -> str:
         f"| device | {env['device']}, torch {env['torch']}, {env['threads']} threads |",
         f"| throughput | {fmt(report['throughput']['tokens_per_second'])} tokens/s over "
         f"{report['throughput']['train_seconds']:.1f} s of training |",
+        f"| lm_ood | {LM_OOD[report['config']['probe'].get('lm_ood', 'clean')]} |",
+        f"| divergence criterion | val_loss > {report['config']['train'].get('diverge_factor', 1.0):g} × the step-1 "
+        f"val_loss, or a non-finite loss |",
         f"| git revision | {env['git_revision'] or '—'} |", "",
     ]
     final = report["final"]

@@ -104,6 +104,7 @@ def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
         validation_batches(val, context, cfg.train.val_batches, cfg.train.val_batch_size, tokenizer.eos_id),
         probe.eval_set(ood=False, context=context), probe.eval_set(ood=True, context=context),
         cfg.train.val_batch_size, device, autocast(device),
+        lm_ood_padding_eos=tokenizer.eos_id if cfg.probe.lm_ood == "source" else None,
     )
     return Run(cfg, device, corpus, tokenizer, probe, _stream(cfg, tokenizer, corpus, probe), evaluator,
                model, optimizer, optimizer_plugin)

@@ -171,9 +171,11 @@ def test_eval_sets_follow_spec(real_text, ood):
     data = ProbeTask(ProbeConfig(eval_examples=50, n_codewords=48), tok, probe.codewords).eval_set(ood, context=256)
     lo, hi = (80, 200) if ood else (5, 30)
     code_ids = set(probe.code_ids.tolist())
-    for x, y, mask in zip(data.inputs, data.targets, data.mask):
+    for x, y, mask, pad in zip(data.inputs, data.targets, data.mask, data.padding):
         (j,) = np.flatnonzero(mask)
-        assert int(y[j]) in code_ids and (y[j + 1:] == IGNORE).all() and (x[j + 1:] == tok.eos_id).all()
+        assert int(y[j]) in code_ids and (y[j + 1:] == IGNORE).all()
+        assert x[j + 1] == y[j] and (x[j + 2:] == tok.eos_id).all()  # the codeword, then EOS padding
+        assert not pad[:j + 1].any() and pad[j + 1:].all()  # the source counted these targets in lm_ood
         seq = np.append(x[: j + 1], y[j])
         key, query = next((k, q) for k, q in (probe.pair(t, int(y[j])) for t in range(5)) if list(seq[-len(q):]) == q)
         start = next(i for i in range(len(seq)) if list(seq[i:i + len(key)]) == key)

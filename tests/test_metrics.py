@@ -111,6 +111,61 @@ def test_alignment_against_numpy(ctx, trajectory):
         assert cos == pytest.approx(g @ v_b / np.linalg.norm(g), abs=1e-5)
 
 
+def test_alignment_source_variant_against_numpy(ctx, trajectory):
+    """SPEC §6: per block against the block's RAW v_b; the control on block 0 at several checkpoints."""
+    steps, _, _ = trajectory
+    opts = options("alignment", backbone="raw", per_block=True, control_scope="block:0", control_batches=2,
+                   control_checkpoints=2)
+    result = run_metrics(ctx, ["alignment"], options={"alignment": opts})["alignment"]
+    assert result["status"] == "ok", result.get("error")
+
+    def block_rows(i):
+        names = ctx.scope(f"block:{i}")
+        return names, np.stack([np.concatenate([ctx.load_checkpoint(s)[n].double().numpy().ravel() for n in names])
+                                for s in steps])
+
+    for row in result["tables"]["per_block"]:
+        _, thetas = block_rows(row["block"])
+        _, v_raw = numpy_pca(thetas[1:] - thetas[0], normalize=False)
+        updates = np.diff(thetas, axis=0)
+        expected = np.abs(updates @ v_raw / np.linalg.norm(updates, axis=1))
+        assert row["mean_abs_cos"] == pytest.approx(expected.mean(), abs=1e-6)
+    names, thetas = block_rows(0)
+    _, v_raw = numpy_pca(thetas[1:] - thetas[0], normalize=False)
+    at = ctx.spread([], 2)
+    assert at == [steps[0], steps[-1]] and result["scalars"]["control_checkpoints"] == 2
+    expected = []
+    for step in at:
+        model = ctx.model_at(step)
+        lam = lambda_at(ctx.config.train.lambda_schedule, step)
+        params = dict(model.named_parameters())
+        for inputs, targets, mask in ctx.batches(2):
+            model.zero_grad()
+            composite_loss(model(inputs), targets, mask, lam).backward()
+            g = np.concatenate([params[n].grad.double().numpy().ravel() for n in names])
+            expected.append(g @ v_raw / np.linalg.norm(g))
+    np.testing.assert_allclose(result["series"]["control_cos"], expected, atol=1e-5)
+    assert "raw v_b" in result["variant"] and "block:0 scope" in result["variant"]
+
+
+def test_fisher_with_a_fixed_lambda_and_the_raw_backbone(ctx, trajectory):
+    steps, names, thetas = trajectory
+    result = run_metrics(ctx, ["fisher"], options={"fisher": options(
+        "fisher", steps=[steps[-1]], batches=3, random_directions=2, backbone="raw", lam=2.0)})["fisher"]
+    assert result["status"] == "ok", result.get("error")
+    _, v_raw = numpy_pca(thetas[1:] - thetas[0], normalize=False)
+    model = ctx.model_at(steps[-1])
+    params = dict(model.named_parameters())
+    G = []
+    for inputs, targets, mask in ctx.batches(3):
+        model.zero_grad()
+        composite_loss(model(inputs), targets, mask, 2.0).backward()
+        G.append(np.concatenate([params[n].grad.double().numpy().ravel() for n in names]))
+    q_b = np.mean((np.array(G) @ v_raw) ** 2)
+    assert result["tables"]["fisher"][0]["q_b"] == pytest.approx(q_b, rel=1e-4)
+    assert "λ = 2" in result["variant"] and "raw v_b" in result["variant"]
+
+
 def test_bootstrap_sigma_of_a_rate_and_of_a_paired_difference():
     rng = np.random.default_rng(0)
     same = rng.random(200) < 0.5

@@ -92,3 +92,11 @@ def test_evaluator_against_hand_counts():
     assert result["r_ood"] == pytest.approx(np.mean(probe) / np.mean(other), rel=1e-5)
     assert result["val_loss"] == pytest.approx(np.mean(everything), rel=1e-5)
     assert math.isfinite(result["val_loss"])
+    # the source's lm_ood also counts the EOS padding targets after the query
+    padding = targets < 0
+    padded = EvalSet(inputs, targets, mask, padding=padding)
+    source = Evaluator(val, padded, padded, batch_size=2, device=torch.device("cpu"), lm_ood_padding_eos=5)(
+        FixedLogits(table))
+    with_padding = other + [ce(inputs[b, t], 5) for b, t in zip(*np.nonzero(padding))]
+    assert source["lm_ood"] == pytest.approx(np.mean(with_padding), rel=1e-5)
+    assert source["nll_ood"] == pytest.approx(result["nll_ood"]) and source["p_ood"] == result["p_ood"]

@@ -60,10 +60,15 @@ def select_codewords(tok: TextTokenizer, n: int, seed: int) -> list[str]:
 class EvalSet:
     """Fixed probe examples: inputs, targets (IGNORE where no loss) and the probe mask."""
 
-    inputs: np.ndarray   # (N, L) int64
+    inputs: np.ndarray   # (N, L) int64: the example (codeword included), then EOS padding
     targets: np.ndarray  # (N, L) int64
     mask: np.ndarray     # (N, L) bool
     templates: np.ndarray | None = None  # (N,) index of the KEY/QUERY template of each example
+    padding: np.ndarray | None = None    # (N, L) bool: targets that are EOS padding (IGNORE in `targets`)
+
+    def padded_targets(self, eos: int) -> np.ndarray:
+        """`targets` with EOS at the padding positions: the source's eval sets counted them as LM targets."""
+        return np.where(self.padding, eos, self.targets) if self.padding is not None else self.targets
 
 
 class ProbeTask:
@@ -125,16 +130,18 @@ class ProbeTask:
             prefix = rng.choice(self.filler, int(rng.integers(cfg.eval_prefix[0], cfg.eval_prefix[1] + 1)))
             gap = rng.choice(self.filler, int(rng.integers(gap_lo, gap_hi + 1)))
             seqs.append(np.concatenate([prefix, key, gap, query]).astype(np.int64))
-        longest = max(len(s) for s in seqs) - 1
+        longest = max(len(s) for s in seqs)
         if longest > context:
             raise UsageError(f"probe eval examples need {longest} tokens but model.context={context}; "
                              f"lower probe.{'ood_gap' if ood else 'train_gap'} or raise model.context")
         inputs = np.full((len(seqs), longest), self.eos, dtype=np.int64)
         targets = np.full((len(seqs), longest), IGNORE, dtype=np.int64)
         mask = np.zeros((len(seqs), longest), dtype=bool)
+        padding = np.zeros((len(seqs), longest), dtype=bool)
         for i, seq in enumerate(seqs):
             n = len(seq) - 1
-            inputs[i, :n], targets[i, :n] = seq[:-1], seq[1:]
+            inputs[i, :n + 1], targets[i, :n] = seq, seq[1:]
             mask[i, n - 1] = True
-        return EvalSet(inputs, targets, mask, np.array(templates))
+            padding[i, n:] = True
+        return EvalSet(inputs, targets, mask, np.array(templates), padding)
 

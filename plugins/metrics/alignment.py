@@ -7,44 +7,83 @@ import numpy as np
 import torch
 
 from geobench import Param, hookimpl
+from geobench.model import block_indices
 from geobench.registry import MetricPlugin
 
 OPTIONS = {
     "scope": Param("trunk", "parameters: trunk, all or block:I"),
     "window": Param([], "checkpoint steps [start, end] (empty: the whole run)"),
-    "control_batches": Param(16, "per-batch gradients for the control (0: skip it)", low=0),
-    "control_step": Param(-1, "checkpoint of the gradient control (-1: the last)"),
+    "backbone": Param("rownorm", "v_b of the row-normalized or the raw PCA (the source: raw)", choices=("rownorm", "raw")),
+    "per_block": Param(False, "also C(t) per transformer block against that block's own v_b (the source's "
+                              "published 0.15-0.32)"),
+    "control_batches": Param(16, "per-batch gradients for the control at each control checkpoint (0: skip it)", low=0),
+    "control_step": Param(-1, "checkpoint of the gradient control (-1: see control_checkpoints)"),
+    "control_checkpoints": Param(1, "with control_step -1: this many checkpoints spread over the run, the last "
+                                    "included (the source: 11)", low=1),
+    "control_scope": Param("", "parameters of the gradient control and its v_b (empty: scope; the source: block:0)"),
 }
 
 
-def compute(ctx, options: dict) -> dict:
-    bb = ctx.backbone(options["scope"], tuple(options["window"]))
-    gram, steps = bb.gram, bb.gram.steps
+def update_cosines(bb, v_b: np.ndarray) -> np.ndarray:
+    """C(t) = ⟨u_t, v_b⟩/‖u_t‖ for the update u_t = θ_t − θ_(t−1) over each checkpoint interval."""
+    gram, T = bb.gram, len(bb.gram.steps)
     cosines = []
-    for i in range(1, len(steps)):
-        u = np.zeros(len(steps))
+    for i in range(1, T):
+        u = np.zeros(T)
         u[i], u[i - 1] = 1.0, -1.0
         norm = gram.norm(u)
-        cosines.append(gram.inner(u, bb.v_b) / norm if norm > 0 else 0.0)
-    signed = np.array(cosines)
+        cosines.append(gram.inner(u, v_b) / norm if norm > 0 else 0.0)
+    return np.array(cosines)
+
+
+def backbone_direction(bb, variant: str) -> np.ndarray:
+    return (bb.pca if variant == "rownorm" else bb.pca_raw).directions[0]
+
+
+def compute(ctx, options: dict) -> dict:
+    window = tuple(options["window"])
+    bb = ctx.backbone(options["scope"], window)
+    steps = bb.gram.steps
+    signed = update_cosines(bb, backbone_direction(bb, options["backbone"]))
     scalars = {"mean_abs_cos": float(np.abs(signed).mean()), "min_abs_cos": float(np.abs(signed).min()),
                "max_abs_cos": float(np.abs(signed).max()), "mean_signed_cos": float(signed.mean())}
     series = {"steps": steps[1:], "cos": signed.tolist(), "abs_cos": np.abs(signed).tolist()}
+    tables = {}
+    if options["per_block"]:
+        rows = []
+        for i in block_indices(list(ctx.parameter_shapes)):
+            block = ctx.backbone(f"block:{i}", window)
+            c = np.abs(update_cosines(block, backbone_direction(block, options["backbone"])))
+            rows.append({"block": i, "mean_abs_cos": float(c.mean()), "min_abs_cos": float(c.min()),
+                         "max_abs_cos": float(c.max())})
+        tables["per_block"] = rows
+        scalars.update(block_mean_abs_cos=float(np.mean([r["mean_abs_cos"] for r in rows])),
+                       block_min_abs_cos=float(min(r["mean_abs_cos"] for r in rows)),
+                       block_max_abs_cos=float(max(r["mean_abs_cos"] for r in rows)))
+    control_scope = options["control_scope"] or options["scope"]
     if options["control_batches"]:
-        step = steps[-1] if options["control_step"] < 0 else options["control_step"]
-        control = gradient_control(ctx, bb, step, options["control_batches"])
+        control_bb = bb if control_scope == options["scope"] else ctx.backbone(control_scope, window)
+        at = [options["control_step"]] if options["control_step"] >= 0 else ctx.spread([], options["control_checkpoints"])
+        control = [c for step in at for c in gradient_control(ctx, control_bb, step, options["control_batches"],
+                                                              backbone_direction(control_bb, options["backbone"]))]
         series["control_cos"] = control
+        dimension = sum(np.prod(ctx.parameter_shapes[n]) for n in control_bb.gram.names)
         scalars.update(control_mean_abs_cos=float(np.mean(np.abs(control))),
                        control_max_abs_cos=float(np.max(np.abs(control))),
-                       isotropic_floor=float(1 / np.sqrt(sum(np.prod(ctx.parameter_shapes[n]) for n in gram.names))),
-                       control_step=step)
-    return {"scalars": scalars, "series": series, "figures": [plot(ctx, series)]}
+                       isotropic_floor=float(1 / np.sqrt(dimension)), control_step=at[-1], control_checkpoints=len(at))
+    variant = (f"C(t) against the {'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} v_b of the "
+               f"{options['scope']} PCA" + ("; per_block: each block (LayerNorms included) against its own v_b"
+                                            if options["per_block"] else "")
+               + (f"; control: {options['control_batches']} per-batch gradients at each of "
+                  f"{options['control_checkpoints'] if options['control_step'] < 0 else 1} checkpoint(s), "
+                  f"{control_scope} scope" if options["control_batches"] else ""))
+    return {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series)], "variant": variant}
 
 
-def gradient_control(ctx, bb, step: int, n: int) -> list[float]:
+def gradient_control(ctx, bb, step: int, n: int, direction: np.ndarray) -> list[float]:
     """cos(g, v_b) for `n` per-batch gradients of the composite loss at checkpoint `step`."""
     names = bb.gram.names
-    v_b = ctx.flatten(ctx.materialize(bb.gram, bb.v_b), names)
+    v_b = ctx.flatten(ctx.materialize(bb.gram, direction), names)
     v_b = v_b / v_b.norm()
     return [float(torch.dot(g, v_b) / g.norm().clamp_min(1e-30)) for g in ctx.batch_gradients(step, names, n)]
 

@@ -15,6 +15,8 @@ OPTIONS = {
     "steps": Param([], "checkpoints to measure at (empty: up to `count` spread over the run)"),
     "count": Param(5, "checkpoints when `steps` is empty", low=1),
     "batches": Param(32, "per-batch gradients M", low=2),
+    "backbone": Param("rownorm", "v_b of the row-normalized or the raw PCA (the source: raw)", choices=("rownorm", "raw")),
+    "lam": Param(-1.0, "λ of the composite loss (-1: the schedule's λ at each checkpoint; the source: 2)", low=-1),
     "random_directions": Param(10, "random unit directions orthogonal to v_b", low=1),
     "seed": Param(0, "seed of the random directions"),
 }
@@ -45,17 +47,22 @@ def fisher_summary(G: torch.Tensor, v_b: torch.Tensor, n_random: int, generator:
 def compute(ctx, options: dict) -> dict:
     bb = ctx.backbone(options["scope"])
     names = bb.gram.names
-    v_b = ctx.flatten(ctx.materialize(bb.gram, bb.v_b), names)
+    direction = (bb.pca if options["backbone"] == "rownorm" else bb.pca_raw).directions[0]
+    v_b = ctx.flatten(ctx.materialize(bb.gram, direction), names)
     generator = torch.Generator().manual_seed(options["seed"])
+    lam = options["lam"] if options["lam"] >= 0 else None
     rows = []
     for step in ctx.spread(options["steps"], options["count"]):
-        G = torch.stack(list(ctx.batch_gradients(step, names, options["batches"])))
+        G = torch.stack(list(ctx.batch_gradients(step, names, options["batches"], lam=lam)))
         rows.append({"step": step, **fisher_summary(G, v_b, options["random_directions"], generator)})
         del G
     peak = max(rows, key=lambda r: r["anisotropy"])
     scalars = {"max_anisotropy": peak["anisotropy"], "max_anisotropy_step": peak["step"],
                "q_b_first": rows[0]["q_b"], "q_b_last": rows[-1]["q_b"]}
-    return {"scalars": scalars, "tables": {"fisher": rows}, "figures": [plot(ctx, rows)]}
+    variant = (f"{options['batches']} per-batch gradients of the composite loss with "
+               + (f"λ = {lam:g}" if lam is not None else "the schedule's λ at each checkpoint")
+               + f"; the {'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} v_b of the {options['scope']} PCA")
+    return {"scalars": scalars, "tables": {"fisher": rows}, "figures": [plot(ctx, rows)], "variant": variant}
 
 
 def plot(ctx, rows) -> str:

@@ -20,6 +20,7 @@ OPTIONS = {
     "eval_every": Param(200, "evaluate every N steps (and at steps 0 and 1)", low=1),
     "optimizer": Param("", "optimizer plugin (empty: the run's own, with its hyperparameters)"),
     "threshold": Param(0.6, "report the first step with p_ood at or above this", low=0, high=1),
+    "grad_accum": Param(0, "micro-batches per reheat step (0: the run's; the source's β₂ reheats used 1)", low=0),
 }
 
 
@@ -47,7 +48,13 @@ def compute(ctx, options: dict) -> dict:
     best = max(rows, key=lambda r: r["peak_p_ood"])
     scalars = {"best_from_step": best["from_step"], "best_lr": best["lr"], "best_peak_p_ood": best["peak_p_ood"],
                "best_gain": best["gain"]}
-    return {"scalars": scalars, "tables": {"reheat": rows, "curves": curves}, "figures": [plot(ctx, curves)]}
+    t = ctx.config.train
+    variant = (f"a fresh {options['optimizer'] or ctx.config.optimizer.name} per lr, λ = {options['lam']:g}, "
+               f"{options['steps']} steps, warmup {options['warmup']} then the cosine clamped at "
+               f"{t.lr_floor:g} of the peak, {t.batch_size} × {options['grad_accum'] or t.grad_accum} sequences per step; "
+               "G = max p_ood − p_ood at the start (the start evaluation included)")
+    return {"scalars": scalars, "tables": {"reheat": rows, "curves": curves}, "figures": [plot(ctx, curves)],
+            "variant": variant}
 
 
 def reheat_from(ctx, step: int, options: dict) -> tuple[list[dict], list[dict]]:
@@ -59,6 +66,8 @@ def reheat_from(ctx, step: int, options: dict) -> tuple[list[dict], list[dict]]:
                      "train.checkpoint_window": [], "optimizer.params.lr": lr}
         if options["optimizer"]:
             overrides["optimizer.name"] = options["optimizer"]
+        if options["grad_accum"]:
+            overrides["train.grad_accum"] = options["grad_accum"]
         evals = ctx.retrain(step, f"reheat-from{step}-lr{lr:g}", overrides)
         curves += [{"from_step": step, "lr": lr, "step": e["step"], "p_ood": e["p_ood"]} for e in evals if "p_ood" in e]
         rows.append({"from_step": step, "lr": lr, **summarize(evals, options["threshold"])})
