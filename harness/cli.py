@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     compare_ = commands.add_parser("report", help="side-by-side report of finished runs or suites")
-    compare_.add_argument("runs", nargs="+", help="run directories and/or suite directories")
+    compare_.add_argument("runs", nargs="*", help="run directories and/or suite directories")
+    compare_.add_argument("--published", metavar="NAME[,NAME]",
+                          help="published series to draw and tabulate beside the runs: mini_gpt-s42, mini_gpt-s271, "
+                               "mini_gpt-beta2-0.99 ... -0.0, or the groups mini_gpt, mini_gpt-beta2")
     compare_.add_argument("--table", default=None, choices=["main", "beta2", "sgd", "reheat", "ep"],
                           help="paper-style table (default: the suite's, else main)")
     compare_.add_argument("--out", help="directory for comparison.{json,md,html} (default: the suite's, else runs/comparison)")
@@ -175,9 +178,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from geobench import compare, suites
+    from geobench import compare, published, suites
 
-    paths, labels, groups, table, published = [], {}, {}, args.table, {}
+    paths, labels, groups, table, figures = [], {}, {}, args.table, {}
+    references = published.resolve(args.published) if args.published is not None else []
+    if not args.runs and not references:
+        raise UsageError("name runs or suites to compare, or --published series")
     for given in args.runs:
         path = Path(given)
         index = path / "suite.json"
@@ -190,18 +196,21 @@ def cmd_report(args: argparse.Namespace) -> int:
                     paths.append(cell_path)
                     labels[str(cell_path)], groups[str(cell_path)] = cell["label"], cell["group"]
             if info["scale"] == "paper" and info["name"] in suites.builtin():
-                published.update(suites.load_published(info["name"]))
+                figures.update(suites.load_published(info["name"]))
+            references += [r for r in info.get("references", []) if r not in references]
         elif (path / "report.json").exists():
             paths.append(path)
         else:
             raise UsageError(f"{given!r} is neither a run directory (report.json) nor a suite directory (suite.json)")
-    if not paths:
+    if args.runs and not paths:
         raise UsageError("no finished runs to compare")
     single_suite = len(args.runs) == 1 and (Path(args.runs[0]) / "suite.json").exists()
     out = Path(args.out) if args.out else (Path(args.runs[0]) if single_suite else Path("runs") / "comparison")
-    doc, docs = compare.build(paths, "geobench comparison", table or "main", published, labels, groups)
+    title = "geobench comparison" if paths else "published reference series"
+    doc, docs = compare.build(paths, title, table or "main", figures, labels, groups, references=references)
     compare.write(out, doc, docs)
-    print(f"geobench: compared {len(paths)} runs; {out / 'comparison.md'}, {out / 'comparison.html'}")
+    print(f"geobench: compared {len(paths)} runs" + (f" with {len(references)} published series" if references else "")
+          + f"; {out / 'comparison.md'}, {out / 'comparison.html'}")
     return 0
 
 

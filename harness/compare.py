@@ -17,6 +17,7 @@ import jsonschema
 import numpy as np
 
 import geobench
+from geobench import published
 from geobench.errors import UsageError
 from geobench.report import finite, fmt, now, pyplot, save_figure
 from geobench.trajectory import atomic_write_json, atomic_write_text
@@ -27,16 +28,19 @@ COLUMNS = {
     "val_loss": (("final", "val_loss"), "val loss"),
     "best_p_ood": (("final", "best_p_ood"), "best p_ood"),
     "pc1": (("metrics", "backbone", "scalars", "pc1"), "PC1 (row-norm.)"),
+    "pc1_top10": (("metrics", "backbone", "scalars", "pc1_top10"), "PC1 (row-norm., top-10 denom.)"),
     "pc1_raw": (("metrics", "backbone", "scalars", "pc1_raw"), "PC1 (raw)"),
     "k95": (("metrics", "backbone", "scalars", "k95"), "k95"),
     "drift": (("metrics", "backbone", "scalars", "drift"), "drift"),
     "mean_abs_cos": (("metrics", "alignment", "scalars", "mean_abs_cos"), "mean abs cos(u, v_b)"),
+    "block_mean_abs_cos": (("metrics", "alignment", "scalars", "block_mean_abs_cos"), "mean abs cos(u, v_b), per block"),
     "interference": (("metrics", "interference", "scalars", "mean_cos"), "interference"),
     "gain": (("metrics", "reheat", "scalars", "best_gain"), "G"),
     "ep_cos": (("metrics", "ep", "scalars", "mean_cos"), "cos(EP, exact)"),
 }
 TABLES = {
-    "main": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "interference"],
+    "main": ["val_loss", "best_p_ood", "pc1", "pc1_top10", "pc1_raw", "k95", "drift", "mean_abs_cos",
+             "block_mean_abs_cos", "interference"],
     "beta2": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "interference", "gain"],
     "sgd": ["val_loss", "best_p_ood", "pc1", "k95", "drift"],
     "reheat": ["val_loss", "best_p_ood", "gain"],
@@ -99,21 +103,43 @@ def aggregate(rows: list[dict], columns: list[str], seed: int = 0) -> list[dict]
     return out
 
 
-def _cell(agg: dict, col: str, published: dict) -> str:
+def _cell(agg: dict, col: str, figures: dict) -> str:
     value, interval = agg[col], agg.get(f"{col}_interval")
     text = fmt(value)
     if interval:
         text += f" ± {(interval[1] - interval[0]) / 2:.3g}"
-    ref = published.get(agg["group"], {}).get(col)
+    ref = figures.get(agg["group"], {}).get(col)
     if ref is not None:
         diff = f", Δ {value - ref:+.3g}" if value is not None else ""
         text += f" (pub. {fmt(ref)}{diff})"
     return text
 
 
-def build(paths: list[Path], title: str, table: str = "main", published: dict | None = None,
-          labels: dict | None = None, groups: dict | None = None, extra: dict | None = None) -> tuple[dict, list[dict]]:
-    """The comparison document and the loaded run reports."""
+def variants(columns: list[str], docs: list[dict]) -> dict[str, list[str]]:
+    """Per column, how its numbers were computed: the `variant` each run's metric result states."""
+    out = {}
+    for col in columns:
+        where = COLUMNS[col][0]
+        if where[0] != "metrics":
+            continue
+        stated = {d["metrics"].get(where[1], {}).get("variant") for d in docs}
+        out[col] = sorted(v for v in stated if v)
+    return out
+
+
+def reference_entry(name: str) -> dict:
+    """A published series (geobench.published) with its curves, analysed by geobench's series code."""
+    series = published.load(name)
+    return {**published.analyze(series),
+            "series": {"steps": series.steps, "p_ood": series.p_ood, "val_loss": series.val_loss,
+                       "a": series.a, "r_norm": series.r_norm}}
+
+
+def build(paths: list[Path], title: str, table: str = "main", published_figures: dict | None = None,
+          labels: dict | None = None, groups: dict | None = None, extra: dict | None = None,
+          references: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """The comparison document and the loaded run reports; `references` names published series
+    (geobench.published) drawn and tabulated beside the runs."""
     if table not in TABLES:
         raise UsageError(f"table {table!r} is not one of {', '.join(TABLES)}")
     docs = [load_run(p) for p in paths]
@@ -121,7 +147,8 @@ def build(paths: list[Path], title: str, table: str = "main", published: dict | 
     columns = TABLES[table]
     doc = {"schema_version": SCHEMA_VERSION, "geobench_version": geobench.__version__, "title": title,
            "created": now(), "table": table, "columns": columns, "runs": rows,
-           "groups": aggregate(rows, columns), "published": published or {}, "figures": [], **(extra or {})}
+           "groups": aggregate(rows, columns), "published": published_figures or {}, "variants": variants(columns, docs),
+           "references": [reference_entry(n) for n in references or []], "figures": [], **(extra or {})}
     return finite(doc), docs
 
 
@@ -145,32 +172,79 @@ def _table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+REFERENCE_COLUMNS = [("name", "series"), ("best_p_ood", "best p_ood"), ("best_p_ood_step", "at step"),
+                     ("final_val_loss", "final val loss"), ("drift", "drift"), ("pc1", "PC1 (row-norm., full)"),
+                     ("pc1_top10", "PC1 (row-norm., top-10)"), ("pc1_raw_as_published", "PC1 (raw, as published)"),
+                     ("switch_pairs", "switch pairs (peak→trough)")]
+
+
+def _reference_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    body = []
+    for ref in doc.get("references", []):
+        pairs = ", ".join(f"{p}→{t}" for p, t in ref["switching"]["pairs"]) or "none"
+        body.append([fmt(ref.get(key)) if key != "switch_pairs" else pairs for key, _ in REFERENCE_COLUMNS])
+    return [title for _, title in REFERENCE_COLUMNS], body
+
+
+def _variant_lines(doc: dict) -> list[str]:
+    lines = []
+    for col, stated in doc.get("variants", {}).items():
+        for text in stated or ["not computed by any run"]:
+            lines.append(f"- **{COLUMNS[col][1]}**: {text}")
+    return lines
+
+
 def markdown(doc: dict) -> str:
-    header, body = _table_rows(doc)
-    lines = [f"# {doc['title']}", "", f"geobench {doc['geobench_version']}, {doc['created']}. "
-             "Values are the mean over a configuration's runs; ± is half the 95% bootstrap interval over seeds; "
-             "(pub. X, Δ d) is the published figure of SPEC §5 and our difference.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    lines += ["", "## Runs", "", "| run | status | steps | " + " | ".join(doc["columns"]) + " |",
-              "|---|---|---|" + "---|" * len(doc["columns"])]
-    lines += [f"| {r['label']} | {r['status']} | {r['steps']} | " + " | ".join(fmt(r[c]) for c in doc["columns"]) + " |"
-              for r in doc["runs"]]
+    lines = [f"# {doc['title']}", "", f"geobench {doc['geobench_version']}, {doc['created']}."]
+    if doc["runs"]:
+        header, body = _table_rows(doc)
+        lines += ["Values are the mean over a configuration's runs; ± is half the 95% bootstrap interval over seeds; "
+                  "(pub. X, Δ d) is the published figure of SPEC §5 and our difference.", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines += ["", "## Runs", "", "| run | status | steps | " + " | ".join(doc["columns"]) + " |",
+                  "|---|---|---|" + "---|" * len(doc["columns"])]
+        lines += [f"| {r['label']} | {r['status']} | {r['steps']} | " + " | ".join(fmt(r[c]) for c in doc["columns"])
+                  + " |" for r in doc["runs"]]
+        lines += ["", "## How each column was computed", ""] + _variant_lines(doc)
+    if doc.get("references"):
+        header, body = _reference_rows(doc)
+        lines += ["", "## Published reference series", "",
+                  "The source's published outputs (mini_gpt, MIT), analysed by geobench's own series code: the "
+                  "source's switch detector on their p_ood, PC1 from their singular values with both denominators, "
+                  "power laws in half-open windows.", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        fit_keys = ("gamma_a", "R2_a", "gamma_r", "R2_r", "corr_p_ood_r", "n")
+        for ref in doc["references"]:
+            lines += ["", f"**{ref['name']}: power laws |a(t)| ∝ t^γ_a, ‖r(t)‖ ∝ t^γ_r in (lo, hi]**", "",
+                      "| window | " + " | ".join(fit_keys) + " |", "|---|" + "---|" * len(fit_keys)]
+            lines += [f"| ({f['start']}, {f['end']}] | " + " | ".join(fmt(f[k]) for k in fit_keys) + " |"
+                      for f in ref["fits"]]
     lines.append("")
     lines += [f"![{Path(f).stem}]({f})\n" for f in doc["figures"]]
     return "\n".join(lines)
 
 
 def to_html(doc: dict, directory: Path) -> str:
-    header, body = _table_rows(doc)
     esc = html.escape
+
+    def table(header: list[str], body: list[list[str]]) -> list[str]:
+        return (["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+                + ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body] + ["</table>"])
+
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(doc['title'])}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}</style></head><body>",
-             f"<h1>{esc(doc['title'])}</h1><p>geobench {esc(doc['geobench_version'])}, {esc(doc['created'])}</p>",
-             "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body]
-    parts.append("</table>")
+             f"<h1>{esc(doc['title'])}</h1><p>geobench {esc(doc['geobench_version'])}, {esc(doc['created'])}</p>"]
+    if doc["runs"]:
+        parts += table(*_table_rows(doc))
+        parts += ["<h2>How each column was computed</h2><ul>"]
+        parts += [f"<li>{esc(line.removeprefix('- ').replace('**', ''))}</li>" for line in _variant_lines(doc)]
+        parts.append("</ul>")
+    if doc.get("references"):
+        parts.append("<h2>Published reference series</h2>")
+        parts += table(*_reference_rows(doc))
     for fig in doc["figures"]:
         data = base64.b64encode((directory / fig).read_bytes()).decode()
         parts.append(f"<h3>{esc(Path(fig).stem)}</h3><img alt='{esc(fig)}' src='data:image/png;base64,{data}'>")
@@ -186,13 +260,32 @@ def figures(directory: Path, doc: dict, docs: list[dict]) -> list[str]:
         fig.tight_layout()
         made.append(save_figure(fig, directory, name))
 
+    references = doc.get("references", [])
+
+    def with_references(ax, key: str) -> None:
+        for ref in references:
+            pts = [(s, v) for s, v in zip(ref["series"]["steps"], ref["series"][key]) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), ls="--", lw=1.2, label=f"{ref['name']} (published)")
+
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for row, run in zip(doc["runs"], docs):
         ax.plot([e["step"] for e in run["evals"]], [e["p_ood"] for e in run["evals"]], label=row["label"])
+    with_references(ax, "p_ood")
     ax.set_xlabel("step")
     ax.set_ylabel("p_ood")
     ax.legend(fontsize=7)
     save(fig, "p_ood_all")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for row, run in zip(doc["runs"], docs):
+        ax.plot([e["step"] for e in run["evals"]], [e["val_loss"] for e in run["evals"]], label=row["label"])
+    with_references(ax, "val_loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val_loss")
+    ax.legend(fontsize=7)
+    save(fig, "val_loss_all")
 
     planes = [(row, run["metrics"]["backbone"]["series"]) for row, run in zip(doc["runs"], docs)
               if run["metrics"].get("backbone", {}).get("status") == "ok"]
@@ -204,6 +297,18 @@ def figures(directory: Path, doc: dict, docs: list[dict]) -> list[str]:
         ax.set_ylabel("‖r(t)‖")
         ax.legend(fontsize=7)
         save(fig, "backbone_planes")
+    if planes or references:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for row, series in planes:
+            left.plot(series["steps"], np.abs(series["a"]), label=row["label"])
+            right.plot(series["steps"], series["r_norm"], label=row["label"])
+        with_references(left, "a")
+        with_references(right, "r_norm")
+        for ax, name in ((left, "|a(t)|"), (right, "‖r(t)‖")):
+            ax.set_xlabel("step")
+            ax.set_ylabel(name)
+            ax.legend(fontsize=7)
+        save(fig, "backbone_curves")
 
     if doc["table"] == "beta2":
         points = sorted((g["params"]["beta2"], g["pc1"], g["pc1_raw"]) for g in doc["groups"]

@@ -26,6 +26,7 @@ SERIES = {
     "mini_gpt-beta2-0.8": ("beta2_backbone", "b208", "mini_gpt AdamW β₂ = 0.80, 4000 steps (published)"),
     "mini_gpt-beta2-0.0": ("beta2_backbone", "b200", "mini_gpt AdamW β₂ = 0.0, 4000 steps, diverged (published)"),
 }
+BETA2_FIT_WINDOWS = [[0, 2000], [2000, 4000], [0, 4000]]
 GROUPS = {"mini_gpt": ["mini_gpt-s42", "mini_gpt-s271"],
           "mini_gpt-beta2": [n for n in SERIES if n.startswith("mini_gpt-beta2-")]}
 
@@ -107,13 +108,18 @@ def pc1(series: PublishedSeries) -> dict:
     return out
 
 
+def fit_windows(series: PublishedSeries) -> list[list[int]]:
+    """The windows the source fitted this series in: its six for the 10k runs, (0, 2000], (2000, 4000]
+    and (0, 4000] for the β₂ runs."""
+    return BETA2_FIT_WINDOWS if series.beta2 is not None else series_math.default_fit_windows(series.steps[-1])
+
+
 def analyze(series: PublishedSeries) -> dict:
     """The published series through geobench's own series code: one comparison row."""
     steps, p = series.evaluated()
     peaks, troughs = series_math.detect_switches(p)
     pairs = series_math.pair_switches(peaks, troughs)
-    fits = series_math.window_fits(series.steps, series.a, series.r_norm, series.p_ood,
-                                   series_math.default_fit_windows(series.steps[-1]))
+    fits = series_math.window_fits(series.steps, series.a, series.r_norm, series.p_ood, fit_windows(series))
     evaluated_loss = [v for v in series.val_loss if v is not None]
     return {
         "name": series.name, "description": series.description, "beta2": series.beta2,

@@ -5,7 +5,9 @@ Suite file keys: name, description, base (config keys for every cell), grid (a m
 crossed, or a list of explicit cells, each a mapping that may carry a `label` and its own `metrics`),
 metrics,
 metric_options ({metric: {option: value}}), table (main | beta2 | sgd | reheat), published
-({cell group: {column: value}}, SPEC §5), scales ({tiny|short|paper: {base: ..., metric_options: ...}}).
+({cell group: {column: value}}, SPEC §5, shown beside paper-scale tables), references (published series
+of `geobench.published` drawn and tabulated beside the cells at every scale), scales ({tiny|short|paper:
+{base: ..., metric_options: ...}}).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from typing import Any
 import yaml
 
 from geobench import compare, config, runner
+from geobench import published as published_series
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError, did_you_mean
 from geobench.trajectory import RunDir, atomic_write_json
 
-SUITE_KEYS = ("name", "description", "base", "grid", "metrics", "metric_options", "table", "published", "scales")
+SUITE_KEYS = ("name", "description", "base", "grid", "metrics", "metric_options", "table", "published", "references",
+              "scales")
 SCALES = ("tiny", "short", "paper")
 DONE = ("completed", "diverged")
 
@@ -50,6 +54,7 @@ class Suite:
     published: dict
     directory: Path
     cells: list[Cell]
+    references: list[str] = dataclasses.field(default_factory=list)
 
 
 def builtin() -> dict[str, str]:
@@ -152,7 +157,12 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
             raise UsageError(f"suite {where!r}, cell {label!r}: {exc}") from None
         cells.append(Cell(label, group, cfg, checked, out))
     published = data.get("published") or {}
-    return Suite(name, data.get("description", ""), scale, table, published if scale == "paper" else {}, root, cells)
+    try:
+        references = published_series.resolve(",".join(data.get("references") or [])) if data.get("references") else []
+    except UsageError as exc:
+        raise UsageError(f"suite {where!r}: {exc}") from None
+    return Suite(name, data.get("description", ""), scale, table, published if scale == "paper" else {}, root, cells,
+                 references)
 
 
 @contextlib.contextmanager
@@ -230,7 +240,8 @@ def run(suite: Suite, reg: plugin_registry.Registry) -> dict[str, str]:
             doc, docs = compare.build([c.out.path for c in finished], f"geobench suite {suite.name} ({suite.scale})",
                                       suite.table, suite.published, {str(c.out.path): c.label for c in finished},
                                       {str(c.out.path): c.group for c in finished},
-                                      {"suite": {"name": suite.name, "scale": suite.scale, "cells": statuses}})
+                                      {"suite": {"name": suite.name, "scale": suite.scale, "cells": statuses}},
+                                      suite.references)
             compare.write(suite.directory, doc, docs)
     return statuses
 
@@ -238,6 +249,7 @@ def run(suite: Suite, reg: plugin_registry.Registry) -> dict[str, str]:
 def _write_index(suite: Suite, statuses: dict[str, str]) -> None:
     atomic_write_json(suite.directory / "suite.json", {
         "name": suite.name, "description": suite.description, "scale": suite.scale, "table": suite.table,
+        "references": suite.references,
         "cells": [{"label": c.label, "group": c.group, "directory": c.out.path.name,
                    "status": statuses.get(c.label, "pending")} for c in suite.cells]})
 

@@ -5,12 +5,13 @@ import signal
 import subprocess
 import time
 
+import jsonschema
 import pytest
 import torch
 import yaml
 
 from conftest import FAST, geobench_command, run_cli
-from geobench import report
+from geobench import compare, report
 from geobench.trajectory import RunDir
 
 
@@ -215,3 +216,35 @@ def test_a_failing_metric_is_recorded_and_the_others_still_run(tmp_path):
     assert doc["metrics"]["switching"]["status"] == "failed"
     assert "has only 2 evaluations of p_ood" in doc["metrics"]["switching"]["error"]
     assert doc["metrics"]["backbone"]["status"] == "ok"
+
+
+def test_report_places_published_series_beside_a_run(finished_run, tmp_path):
+    where, _ = finished_run
+    run = where / "runs" / "adamw-beta2=0.9"
+    result = run_cli("report", str(run), "--published", "mini_gpt-s42", "--out", str(tmp_path / "cmp"))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    jsonschema.validate(doc, compare.schema())
+    assert [r["label"] for r in doc["runs"]] == ["adamw-beta2=0.9"]
+    (ref,) = doc["references"]
+    assert ref["name"] == "mini_gpt-s42" and ref["pc1_top10"] == pytest.approx(0.71432209151769)
+    assert ref["switching"]["pairs"][0] == [1800, 2000]
+    assert {"figures/p_ood_all.png", "figures/val_loss_all.png"} <= set(doc["figures"])
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## Published reference series" in text and "## How each column was computed" in text
+
+
+def test_report_of_the_published_side_alone(tmp_path):
+    result = run_cli("report", "--published", "mini_gpt-s42", "--out", "pub", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "pub" / "comparison.json").read_text())
+    jsonschema.validate(doc, compare.schema())
+    assert doc["runs"] == [] and len(doc["references"]) == 1
+    switching = doc["references"][0]["switching"]
+    assert all(isinstance(s, int) for s in switching["peaks"] + switching["troughs"])
+    assert switching["peaks"][:3] == [1800, 2400, 2800] and switching["troughs"][:3] == [2000, 2600, 3200]
+    for bad, message in ((["--published", "mini_gpt-s7"], "unknown published series 'mini_gpt-s7'"),
+                         ([], "name runs or suites to compare, or --published series")):
+        refused = run_cli("report", *bad, "--out", "nothing", cwd=tmp_path)
+        assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1
+        assert not (tmp_path / "nothing").exists()

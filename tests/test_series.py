@@ -107,3 +107,14 @@ def test_series_names_and_groups():
     assert published.resolve("mini_gpt-s42,mini_gpt") == ["mini_gpt-s42", "mini_gpt-s271"]
     with pytest.raises(Exception, match="unknown published series 'mini_gpt-s43'"):
         published.resolve("mini_gpt-s43")
+
+
+def test_power_laws_recover_the_published_beta2_fits():
+    summary = json.loads(ANALYSIS.joinpath("beta2_backbone/beta2_backbone_summary.json").read_text())
+    for entry in summary:
+        found = published.analyze(published.load(f"mini_gpt-beta2-{entry['beta2']}"))["fits"]
+        assert [[f["start"], f["end"]] for f in found] == published.BETA2_FIT_WINDOWS
+        for row in found:
+            want = entry["fit_results"][f"{row['start']}-{row['end']}"]
+            for key in ("gamma_a", "R2_a", "gamma_r", "R2_r"):
+                assert row[key] == pytest.approx(want[key], abs=1e-6)
