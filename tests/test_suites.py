@@ -130,3 +130,26 @@ def test_bootstrap_interval_brackets_the_mean():
     lo, hi = compare.bootstrap_interval(values, rng)
     assert min(values) - 1e-9 <= lo <= np.mean(values) <= hi <= max(values) + 1e-9
     assert compare.bootstrap_interval([0.5, 0.5], rng) == (0.5, 0.5)
+
+
+def test_the_beta2_suite_checkpoints_where_the_published_series_has_rows(tmp_path):
+    from geobench import published, suites
+    from geobench.registry import registry
+    from geobench.train import is_checkpoint_step
+
+    suite = suites.load("paper-beta2", "paper", {}, str(tmp_path / "b2"), registry())
+    cfg = suite.cells[0].cfg
+    assert (cfg.train.steps, cfg.probe.p_probe, cfg.train.eval_every, cfg.train.early_stop) == (4000, 0.2, 200, False)
+    steps = [s for s in range(1, cfg.train.steps + 1) if is_checkpoint_step(s, cfg)]
+    assert steps == published.load("mini_gpt-beta2-0.99").steps
+
+
+def test_published_figures_name_columns_of_their_table(tmp_path):
+    from geobench import suites
+    from geobench.registry import registry
+
+    for name in suites.builtin():
+        suite = suites.load(name, "paper", {}, str(tmp_path / name), registry())
+        for group, values in suite.published.items():
+            assert set(values) <= set(compare.TABLES[suite.table]), (name, group)
+            assert group in {c.group for c in suite.cells}, (name, group)
