@@ -224,9 +224,9 @@ def render_markdown(report: dict, figures: list[str]) -> str:
         f"| device | {env['device']}, torch {env['torch']}, {env['threads']} threads |",
         f"| throughput | {fmt(report['throughput']['tokens_per_second'])} tokens/s over "
         f"{report['throughput']['train_seconds']:.1f} s of training |",
-        f"| lm_ood | {LM_OOD[report['config']['probe'].get('lm_ood', 'clean')]} |",
-        f"| divergence criterion | val_loss > {report['config']['train'].get('diverge_factor', 1.0):g} × the step-1 "
-        f"val_loss, or a non-finite loss |",
+        f"| lm_ood | {LM_OOD[report['config'].get('probe', {}).get('lm_ood', 'clean')]} |",
+        f"| divergence criterion | val_loss > {report['config'].get('train', {}).get('diverge_factor', 1.0):g} × the "
+        "step-1 val_loss, or a non-finite loss |",
         f"| git revision | {env['git_revision'] or '—'} |", "",
     ]
     final = report["final"]
