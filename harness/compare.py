@@ -268,24 +268,17 @@ def figures(directory: Path, doc: dict, docs: list[dict]) -> list[str]:
             if pts:
                 ax.plot(*zip(*pts), ls="--", lw=1.2, label=f"{ref['name']} (published)")
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for row, run in zip(doc["runs"], docs):
-        ax.plot([e["step"] for e in run["evals"]], [e["p_ood"] for e in run["evals"]], label=row["label"])
-    with_references(ax, "p_ood")
-    ax.set_xlabel("step")
-    ax.set_ylabel("p_ood")
-    ax.legend(fontsize=7)
-    save(fig, "p_ood_all")
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for row, run in zip(doc["runs"], docs):
-        ax.plot([e["step"] for e in run["evals"]], [e["val_loss"] for e in run["evals"]], label=row["label"])
-    with_references(ax, "val_loss")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("val_loss")
-    ax.legend(fontsize=7)
-    save(fig, "val_loss_all")
+    for key, log in (("p_ood", False), ("val_loss", True)):  # every run's evaluations, the references dashed
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for row, run in zip(doc["runs"], docs):
+            ax.plot([e["step"] for e in run["evals"]], [e[key] for e in run["evals"]], label=row["label"])
+        with_references(ax, key)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=7)
+        save(fig, f"{key}_all")
 
     planes = [(row, run["metrics"]["backbone"]["series"]) for row, run in zip(doc["runs"], docs)
               if run["metrics"].get("backbone", {}).get("status") == "ok"]
