@@ -187,11 +187,12 @@ def _reference_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _variant_lines(doc: dict) -> list[str]:
-    lines = []
+    """One line per metric (and variant) naming the columns it produced."""
+    by_text: dict[tuple[str, str], list[str]] = {}
     for col, stated in doc.get("variants", {}).items():
-        for text in stated or ["not computed by any run"]:
-            lines.append(f"- **{COLUMNS[col][1]}**: {text}")
-    return lines
+        for text in stated or ["not stated in the runs' reports"]:
+            by_text.setdefault((COLUMNS[col][0][1], text), []).append(COLUMNS[col][1])
+    return [f"- `{metric}` ({', '.join(cols)}): {text}" for (metric, text), cols in by_text.items()]
 
 
 def markdown(doc: dict) -> str:
@@ -240,7 +241,7 @@ def to_html(doc: dict, directory: Path) -> str:
     if doc["runs"]:
         parts += table(*_table_rows(doc))
         parts += ["<h2>How each column was computed</h2><ul>"]
-        parts += [f"<li>{esc(line.removeprefix('- ').replace('**', ''))}</li>" for line in _variant_lines(doc)]
+        parts += [f"<li>{esc(line.removeprefix('- ').replace('`', ''))}</li>" for line in _variant_lines(doc)]
         parts.append("</ul>")
     if doc.get("references"):
         parts.append("<h2>Published reference series</h2>")

@@ -43,7 +43,9 @@ def compute(ctx, options: dict) -> dict:
         rows.append({"step": step, "cos_lm_probe": float(np.mean(cosines)), "std": float(np.std(cosines)),
                      "batches": len(cosines)})
     scalars = {"mean_cos": float(np.mean([r["cos_lm_probe"] for r in rows])), "last_cos": rows[-1]["cos_lm_probe"]}
-    return {"scalars": scalars, "tables": {"interference": rows}}
+    variant = (f"cos(g_LM, g_probe) over the {options['scope']} parameters, mean over {options['batches']} batches with "
+               "probe targets at each checkpoint, the two terms of the composite loss differentiated apart")
+    return {"scalars": scalars, "tables": {"interference": rows}, "variant": variant}
 
 
 @hookimpl
