@@ -84,10 +84,14 @@ def load(name: str) -> PublishedSeries:
     with _file(folder, f"backbone_timeseries_{suffix}.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     column = {key: [_number(r.get(key)) for r in rows] for key in rows[0]}
+
+    def complete(key: str) -> list[float]:  # a column every row fills
+        return [float(r[key]) for r in rows]
+
     singular = json.loads(_file(folder, f"singular_values_{suffix}.json").read_text())
-    return PublishedSeries(name, description, [int(s) for s in column["step"]], column["probe_ood_acc"],
-                           column["probe_in_acc"], column["val_loss"], column["a_t"], column["norm_r_t"],
-                           column["norm_delta_t"], singular, singular.get("beta2"))
+    return PublishedSeries(name, description, [int(float(r["step"])) for r in rows], column["probe_ood_acc"],
+                           column["probe_in_acc"], column["val_loss"], complete("a_t"), complete("norm_r_t"),
+                           complete("norm_delta_t"), singular, singular.get("beta2"))
 
 
 def pc1(series: PublishedSeries) -> dict:

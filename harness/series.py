@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+Values = Sequence[float] | np.ndarray
+
 PROMINENCE = 0.03  # the source's frozen detection constants
 REACH = 3
 TIER_A, TIER_B = 3.0, 2.0  # |Δp_ood| in units of σ
@@ -16,7 +18,7 @@ TIER_A, TIER_B = 3.0, 2.0  # |Δp_ood| in units of σ
 FIT_FRACTIONS = ((0.0, 0.2), (0.2, 0.4), (0.0, 0.4), (0.4, 0.6), (0.4, 1.0), (0.6, 1.0))
 
 
-def detect_switches(values: Sequence[float], prominence: float = PROMINENCE,
+def detect_switches(values: Values, prominence: float = PROMINENCE,
                     reach: int = REACH) -> tuple[list[int], list[int]]:
     """Peaks and troughs of a series by the source's detector (SPEC §4): interior points only; a
     peak is strictly above both neighbours and its prominence v[i] − max(min of the ≤reach values
@@ -106,7 +108,7 @@ def window_fits(steps: Sequence[int], a: Sequence[float], r: Sequence[float], p_
     return rows
 
 
-def explained_ratios(sigma: Sequence[float], top: int | None = None) -> np.ndarray:
+def explained_ratios(sigma: Values, top: int | None = None) -> np.ndarray:
     """σ_k² / Σ σ_j², over the full spectrum or (top=k) over the first k values, as the published
     trunk PC1 of the source was computed."""
     s2 = np.asarray(sigma, dtype=float) ** 2
