@@ -155,7 +155,7 @@ def blew_up(record: dict, first_val_loss: float | None, factor: float) -> bool:
     value = record.get("val_loss")
     if factor <= 0 or first_val_loss is None or value is None:
         return False
-    return not math.isfinite(value) or value > factor * first_val_loss
+    return not math.isfinite(value) or (record["step"] > 1 and value > factor * first_val_loss)
 
 
 def early_stop_reached(evals: list[dict], threshold: float, count: int) -> bool:

@@ -105,6 +105,32 @@ def test_divergence_is_a_result_with_a_report(tmp_path):
     assert doc["run"]["last_step"] in RunDir(tmp_path / "boom").checkpoint_steps()
 
 
+def test_a_finite_blow_up_is_marked_diverged_and_training_goes_on(tmp_path):
+    # a factor below 1 makes the criterion fire at the first evaluation after step 1 (step 6)
+    result = run_cli("run", "adamw", *FAST, "diverge_factor=0.1", "--out", "marked", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "marked" / "report.json").read_text())
+    assert doc["run"]["status"] == "diverged" and doc["run"]["diverged_at"] == 6 and doc["run"]["last_step"] == 12
+    assert "train.diverge_factor" in doc["run"]["divergence"] and "diverged at step 6" in result.stdout
+    assert [e["step"] for e in doc["evals"]] == [1, 6, 12]
+    stopped = run_cli("run", "adamw", *FAST, "diverge_factor=0.1", "stop_on_diverge=true", "--out", "stopped",
+                      cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    doc = json.loads((tmp_path / "stopped" / "report.json").read_text())
+    assert (doc["run"]["status"], doc["run"]["last_step"]) == ("diverged", 6)
+    assert 6 in RunDir(tmp_path / "stopped").checkpoint_steps()
+
+
+def test_early_stop_is_opt_in(tmp_path):
+    result = run_cli("run", "adamw", *FAST, "early_stop=true", "early_stop_p_ood=0", "early_stop_evals=2",
+                     "--out", "early", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "early" / "report.json").read_text())
+    assert doc["run"]["status"] == "completed" and doc["run"]["stopped_early_at"] == doc["run"]["last_step"] == 6
+    assert RunDir(tmp_path / "early").checkpoint_steps()[-1] == 6
+    assert "stopped early at step 6" in (tmp_path / "early" / "report.md").read_text()
+
+
 SLOW_ENOUGH = ["steps=80", "state_every=10", "checkpoint_every=20", "eval_every=40", "batch_size=16"]
 
 

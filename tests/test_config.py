@@ -58,6 +58,10 @@ def test_preset_can_be_chosen_and_is_checked():
     ("lambda=[[5,2.0]]", r"train.lambda_schedule"),
     ("ood_gap=[9,3]", r"probe.ood_gap"),
     ("device=tpu", r"train.device='tpu' is not allowed"),
+    ("checkpoint_window=[600,200,50]", r"train.checkpoint_window=\[600, 200, 50\] must be \[start, end, every\]"),
+    ("checkpoint_window=[[600,2000,50],[2000,0]]", r"train.checkpoint_window=.* or a list of such triples"),
+    ("lm_ood=padded", r"probe.lm_ood='padded' is not allowed: expected one of clean, source"),
+    ("diverge_factor=-1", r"train.diverge_factor='-1' is out of range"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(pair, message):
     with pytest.raises(UsageError, match=message):
@@ -115,3 +119,15 @@ def test_param_rejects_every_value_out_of_range(x):
 ])
 def test_coercion(raw, kind, expected):
     assert Param(kind() if kind is not str else "", kind=kind).check("k", raw) == expected
+
+
+def test_checkpoint_windows_one_triple_or_several():
+    from geobench.config import checkpoint_windows
+    from geobench.train import is_checkpoint_step
+
+    assert checkpoint_windows([600, 2000, 50]) == [[600, 2000, 50]]
+    assert checkpoint_windows([]) == []
+    cfg = resolve(pairs=["steps=4000", "checkpoint_every=200", "checkpoint_window=[[600,2000,50],[2000,4000,100]]"])
+    steps = [s for s in range(1, 4001) if is_checkpoint_step(s, cfg)]
+    assert steps[:6] == [1, 200, 400, 600, 650, 700] and steps[-3:] == [3800, 3900, 4000]
+    assert len(steps) == 1 + 2 + 29 + 20  # step 1, 200 and 400, [600, 2000] by 50, (2000, 4000] by 100
