@@ -19,7 +19,7 @@ import torch
 from geobench import __version__, config, report, runner
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError
-from geobench.trajectory import RunDir, atomic_write_text
+from geobench.trajectory import RunDir
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,10 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     energy = commands.add_parser("energy", help="shared-direction energy of Hugging Face style checkpoints")
     energy.add_argument("--manifest", required=True,
                         help='JSON: {"optimizers": {NAME: {"checkpoints": [{"iter": N, "hf_path": DIR}]}}}')
-    energy.add_argument("--opt", required=True, help="optimizer of the manifest whose checkpoints are measured")
-    energy.add_argument("--ref", help="optimizer whose first→last drift gives θ₀ and φ̂ (default: --opt)")
-    energy.add_argument("--params", default=".", help="regular expression selecting parameter names (default: all)")
-    energy.add_argument("--out", required=True, help="CSV to write")
+    energy.add_argument("--opt", required=True, help="optimizer(s) of the manifest to measure: NAME, A,B or all")
+    energy.add_argument("--theta0", help="θ₀: a directory of per-parameter .npz files, a .safetensors file or an HF "
+                                         "checkpoint directory (default: the first checkpoint of --ref)")
+    energy.add_argument("--phi-hat", help="φ̂, in the same forms as --theta0 (default: the unit last − first drift of --ref)")
+    energy.add_argument("--ref", help="optimizer whose checkpoints give the default θ₀ and φ̂ (default: the first --opt)")
+    energy.add_argument("--params", help="regular expression selecting parameter names (default: those of --phi-hat, "
+                                         "else all)")
+    for flag, default, what in (("--healthy-cos", 0.9, "healthy: cos_eff at least this at every checkpoint"),
+                                ("--spike-factor", 10.0, "collapse: a step's energy per iter above this × the median before it"),
+                                ("--decline", 0.1, "diffuse: cos_eff falls by at least this"),
+                                ("--perp-ratio", 3.0, "diffuse: E_perp at least this × E_phi at the end")):
+        energy.add_argument(flag, type=float, default=default, help=f"{what} (default {default:g})")
+    energy.add_argument("--out", required=True, help="CSV to write; <stem>.md, <stem>.html and figures/ go beside it")
     energy.set_defaults(handler=cmd_energy)
 
     plugins = commands.add_parser("plugins", help="list every optimizer, metric and model plugin")
@@ -215,13 +224,28 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_energy(args: argparse.Namespace) -> int:
-    from geobench.energy import manifest_energy, to_csv
+    from geobench.energy import manifest_energy
+    from geobench.energy_report import Thresholds, write
 
-    rows = manifest_energy(args.manifest, args.opt, args.ref, args.params)
-    atomic_write_text(args.out, to_csv(rows))
-    last = rows[-1]
-    print(f"geobench: {len(rows)} checkpoints of {args.opt}, {last['n_params']} parameters; "
-          f"final cos_eff {last['cos_eff']:.4f}, E_perp/E_tau {last['p_perp']:.4f}; wrote {args.out}")
+    limits = Thresholds(args.healthy_cos, args.spike_factor, args.decline, args.perp_ratio)
+    for flag, value in vars(limits).items():
+        if not value > 0:
+            raise UsageError(f"--{flag.replace('_', '-')}={value:g} must be > 0")
+    out = Path(args.out)
+    if out.suffix != ".csv":
+        raise UsageError(f"--out {args.out!r} must name a .csv file")
+    measurement = manifest_energy(args.manifest, args.opt, args.ref, args.params, args.theta0, args.phi_hat,
+                                  notice=lambda text: print(f"geobench: notice: {text}", file=sys.stderr))
+    reference = args.ref or measurement.opts[0]
+    judged = write(measurement, out, limits, {
+        "theta0": args.theta0 or f"the first checkpoint of {reference!r}",
+        "phi_hat": args.phi_hat or f"the unit drift last − first of {reference!r}"})
+    for verdict in judged:
+        print(f"geobench: {verdict['opt']}: {verdict['checkpoints']} checkpoints, final cos_eff "
+              f"{report.fmt(verdict['cos_eff_final'])}: {verdict['verdict']}"
+              + (f" at iter {verdict['spike_iter']}" if verdict["spike_iter"] is not None else ""))
+    print(f"geobench: {len(measurement.rows)} rows, {measurement.rows[0]['n_params']} parameter tensors; wrote {out}, "
+          f"{out.with_suffix('.md')}, {out.with_suffix('.html')}")
     return 0
 
 

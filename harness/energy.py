@@ -3,26 +3,54 @@
 For checkpoints θ_t, an origin θ₀ and per-parameter unit directions φ̂_p:
 τ_p = θ_t,p − θ₀,p; α_p = ⟨τ_p, φ̂_p⟩; E_phi = Σ α_p²; E_tau = Σ ‖τ_p‖²; E_perp = E_tau − E_phi;
 p_phi = E_phi / E_tau; p_perp = 1 − p_phi; cos_eff = √p_phi.
-Only one parameter of each checkpoint is in memory at a time, so models far larger than memory work.
+
+Only one parameter is in memory at a time (its origin, its direction, the previous and the current
+checkpoint's values, and each optimizer's final drift for the pairwise cosines), so peak memory is
+the largest parameter times a small constant, whatever the number of checkpoints: models far larger
+than memory work. θ₀ and φ̂ may be given as a directory of per-parameter .npz files (repro_pkg's
+layout), a .safetensors file or a Hugging Face checkpoint directory.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from geobench.errors import UsageError
 
 COLUMNS = ["opt", "iter", "n_params", "E_tau", "E_phi", "E_perp", "p_phi", "p_perp", "cos_eff"]
 INDEX = "model.safetensors.index.json"
+UNIT_TOLERANCE = 1e-3  # a given φ̂ whose norm is further than this from 1 is normalized, with a notice
+
+
+class Source(Protocol):
+    """Per-parameter tensors: a checkpoint, or θ₀ / φ̂ as shipped by repro_pkg."""
+
+    path: Path
+
+    def names(self) -> list[str]: ...
+
+    def where(self, name: str) -> Path: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+def _checked(tensor: torch.Tensor, where: Path, name: str) -> torch.Tensor:
+    values = tensor.to(torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        raise UsageError(f"{str(where)!r}: parameter {name!r} holds non-finite values")
+    return values
 
 
 class CheckpointReader:
@@ -34,7 +62,10 @@ class CheckpointReader:
         if self.path.is_file():
             self.files = {name: self.path for name in self._keys(self.path)}
         elif (self.path / INDEX).exists():
-            weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+            try:
+                weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(f"{str(self.path / INDEX)!r} is not a safetensors index (no weight_map)") from None
             for shard in sorted(set(weight_map.values())):
                 if not (self.path / shard).exists():
                     raise UsageError(f"checkpoint {str(self.path)!r}: shard {shard!r} listed in {INDEX} is missing")
@@ -42,55 +73,155 @@ class CheckpointReader:
         elif (self.path / "model.safetensors").exists():
             single = self.path / "model.safetensors"
             self.files = {name: single for name in self._keys(single)}
+        elif not self.path.exists():
+            raise UsageError(f"checkpoint {str(self.path)!r} does not exist")
         else:
             raise UsageError(f"checkpoint {str(self.path)!r} is neither a .safetensors file nor a directory "
                              f"with model.safetensors or {INDEX}")
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
-        with safe_open(str(path), framework="pt") as fh:
-            return list(fh.keys())
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return list(fh.keys())
+        except (SafetensorError, OSError) as exc:
+            raise UsageError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
 
     def names(self) -> list[str]:
         return list(self.files)
 
-    def get(self, name: str) -> torch.Tensor:
+    def where(self, name: str) -> Path:
         if name not in self.files:
             raise UsageError(f"checkpoint {str(self.path)!r} has no parameter {name!r}")
-        with safe_open(str(self.files[name]), framework="pt") as fh:
-            return fh.get_tensor(name).to(torch.float64)
+        return self.files[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self.where(name)), framework="pt") as fh:
+            return tuple(fh.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        where = self.where(name)
+        try:
+            with safe_open(str(where), framework="pt") as fh:
+                tensor = fh.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise UsageError(f"cannot read parameter {name!r} from {str(where)!r}: {exc}") from None
+        return _checked(tensor, where, name)
 
 
-def energy_rows(opt: str, checkpoints: Sequence[tuple[int, CheckpointReader]], origin: CheckpointReader,
-                direction: Callable[[str], torch.Tensor], names: Sequence[str]) -> list[dict]:
-    """One row per checkpoint, in SPEC's columns; φ̂_p = unit(direction(p)), τ measured from `origin`."""
+class NpzDirectory:
+    """One .npz file per parameter, named after it (`model.layers.7.mlp.down_proj.weight.npz`); the
+    array is the file's only array, or the one stored under the parameter's name."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files = {p.name.removesuffix(".npz"): p for p in sorted(self.path.glob("*.npz"))}
+        if not self.files:
+            raise UsageError(f"{str(self.path)!r} holds no .npz files")
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def where(self, name: str) -> Path:
+        if name not in self.files:
+            raise UsageError(f"{str(self.path)!r} has no file {name + '.npz'!r} for parameter {name!r}")
+        return self.files[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        where = self.where(name)
+        try:
+            with np.load(where) as data:
+                keys = list(data.keys())
+                if name in keys:
+                    array = data[name]
+                elif len(keys) == 1:
+                    array = data[keys[0]]
+                else:
+                    raise UsageError(f"{str(where)!r} holds {len(keys)} arrays ({', '.join(keys)}) and none is "
+                                     f"named {name!r}")
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {str(where)!r} as .npz: {exc}") from None
+        return _checked(torch.from_numpy(np.asarray(array, dtype=np.float64)), where, name)
+
+
+def open_source(path: str | Path) -> CheckpointReader | NpzDirectory:
+    """θ₀ or φ̂ from a directory of .npz files, a .safetensors file or a Hugging Face checkpoint directory."""
+    path = Path(path)
+    if path.is_dir() and any(path.glob("*.npz")) and not any(path.glob("*.safetensors")):
+        return NpzDirectory(path)
+    return CheckpointReader(path)
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Rows in SPEC's columns (by optimizer, then iter), the per-checkpoint step energy
+    ‖θ_i − θ_(i−1)‖² (from θ₀ for the first), and the inner products of the optimizers' final drifts."""
+
+    rows: list[dict]
+    step_energy: dict[str, list[float]]
+    final_dots: np.ndarray
+    opts: list[str]
+
+    def final_cosines(self) -> np.ndarray:
+        """Pairwise cosines of the final drift directions over the whole parameter set (each
+        parameter weighted by its drift energy)."""
+        norms = np.sqrt(np.clip(np.diag(self.final_dots), 1e-300, None))
+        return self.final_dots / np.outer(norms, norms)
+
+
+def measure(trajectories: Mapping[str, Sequence[tuple[int, Source]]], origin: Source,
+            direction: Callable[[str], torch.Tensor], names: Sequence[str],
+            notice: Callable[[str], None] | None = None) -> Measurement:
+    """Stream every parameter once through every checkpoint of every optimizer. With `notice`, a
+    direction that is not unit norm is reported before it is normalized (a given φ̂ should be unit)."""
     if not names:
         raise UsageError("the parameter set is empty")
-    e_tau = [0.0] * len(checkpoints)
-    e_phi = [0.0] * len(checkpoints)
+    opts = list(trajectories)
+    e_tau = {o: [0.0] * len(trajectories[o]) for o in opts}
+    e_phi = {o: [0.0] * len(trajectories[o]) for o in opts}
+    e_step = {o: [0.0] * len(trajectories[o]) for o in opts}
+    dots = np.zeros((len(opts), len(opts)))
     for name in names:
         theta0 = origin.get(name)
         phi = direction(name)
         if phi.shape != theta0.shape:
             raise UsageError(f"parameter {name!r}: the direction has shape {tuple(phi.shape)}, "
-                             f"the origin {tuple(theta0.shape)}")
-        phi_norm = phi.norm()
-        phi_hat = phi / phi_norm if phi_norm > 0 else torch.zeros_like(phi)
-        for i, (step, reader) in enumerate(checkpoints):
-            theta = reader.get(name)
-            if theta.shape != theta0.shape:
-                raise UsageError(f"parameter {name!r} has shape {tuple(theta.shape)} at iter {step} "
-                                 f"but {tuple(theta0.shape)} at the origin")
-            tau = theta - theta0
-            e_tau[i] += float(tau.pow(2).sum())
-            e_phi[i] += float((tau * phi_hat).sum()) ** 2
-    rows = []
-    for (step, _), tau2, phi2 in zip(checkpoints, e_tau, e_phi):
-        p_phi = phi2 / tau2 if tau2 > 0 else float("nan")
-        rows.append({"opt": opt, "iter": step, "n_params": len(names), "E_tau": tau2, "E_phi": phi2,
-                     "E_perp": tau2 - phi2, "p_phi": p_phi, "p_perp": 1 - p_phi,
-                     "cos_eff": math.sqrt(max(p_phi, 0.0)) if tau2 > 0 else float("nan")})
-    return rows
+                             f"θ₀ {tuple(theta0.shape)} ({str(origin.where(name))!r})")
+        norm = float(phi.norm())
+        if notice is not None and abs(norm - 1) > UNIT_TOLERANCE:
+            notice(f"φ̂ of {name!r} has norm {norm:.6g}; normalized to 1")
+        phi_hat = phi / norm if norm > 0 else torch.zeros_like(phi)
+        finals = []
+        for o in opts:
+            previous, tau = theta0, torch.zeros_like(theta0)
+            for i, (step, source) in enumerate(trajectories[o]):
+                theta = source.get(name)
+                if theta.shape != theta0.shape:
+                    raise UsageError(f"parameter {name!r} has shape {tuple(theta.shape)} at iter {step} of {o!r} "
+                                     f"({str(source.where(name))!r}) but {tuple(theta0.shape)} in θ₀")
+                tau = theta - theta0
+                e_tau[o][i] += float(tau.pow(2).sum())
+                e_phi[o][i] += float((tau * phi_hat).sum()) ** 2
+                e_step[o][i] += float((theta - previous).pow(2).sum())
+                previous = theta
+            finals.append(tau.reshape(-1))
+        stacked = torch.stack(finals)
+        dots += (stacked @ stacked.T).numpy()
+    rows = [row(o, step, len(names), tau2, phi2) for o in opts
+            for (step, _), tau2, phi2 in zip(trajectories[o], e_tau[o], e_phi[o])]
+    return Measurement(rows, e_step, dots, opts)
+
+
+def row(opt: str, step: int, n_params: int, tau2: float, phi2: float) -> dict:
+    p_phi = phi2 / tau2 if tau2 > 0 else float("nan")
+    return {"opt": opt, "iter": step, "n_params": n_params, "E_tau": tau2, "E_phi": phi2, "E_perp": tau2 - phi2,
+            "p_phi": p_phi, "p_perp": 1 - p_phi, "cos_eff": math.sqrt(max(p_phi, 0.0)) if tau2 > 0 else float("nan")}
+
+
+def energy_rows(opt: str, checkpoints: Sequence[tuple[int, Source]], origin: Source,
+                direction: Callable[[str], torch.Tensor], names: Sequence[str]) -> list[dict]:
+    """The rows of one optimizer's checkpoints; φ̂_p = unit(direction(p)), τ measured from `origin`."""
+    return measure({opt: checkpoints}, origin, direction, names).rows
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -103,7 +234,7 @@ def to_csv(rows: list[dict]) -> str:
 
 def read_manifest(path: str | Path) -> dict[str, list[tuple[int, Path]]]:
     """{"optimizers": {NAME: {"checkpoints": [{"iter": N, "hf_path": DIR}, ...]}}} → NAME → [(iter, path)],
-    sorted by iter; relative paths are relative to the manifest."""
+    sorted by iter; relative paths are relative to the manifest; an iter may appear once per optimizer."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -112,13 +243,20 @@ def read_manifest(path: str | Path) -> dict[str, list[tuple[int, Path]]]:
     except json.JSONDecodeError as exc:
         raise UsageError(f"manifest {str(path)!r} is not valid JSON (line {exc.lineno})") from None
     try:
-        optimizers = data["optimizers"]
-        return {name: sorted((int(c["iter"]), (path.parent / c["hf_path"]).resolve()) for c in entry["checkpoints"])
-                for name, entry in optimizers.items()}
+        runs = {name: sorted((int(c["iter"]), (path.parent / c["hf_path"]).resolve()) for c in entry["checkpoints"])
+                for name, entry in data["optimizers"].items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"manifest {str(path)!r} does not have the form "
                          '{"optimizers": {NAME: {"checkpoints": [{"iter": N, "hf_path": DIR}]}}} '
                          f"({type(exc).__name__}: {exc})") from None
+    for name, checkpoints in runs.items():
+        iters = [it for it, _ in checkpoints]
+        repeated = sorted({it for it in iters if iters.count(it) > 1})
+        if repeated:
+            raise UsageError(f"manifest {str(path)!r}: optimizer {name!r} lists iter {repeated[0]} more than once")
+        if not checkpoints:
+            raise UsageError(f"manifest {str(path)!r} lists no checkpoints for optimizer {name!r}")
+    return runs
 
 
 def select(names: Sequence[str], pattern: str) -> list[str]:
@@ -129,19 +267,37 @@ def select(names: Sequence[str], pattern: str) -> list[str]:
     return [n for n in names if regex.search(n)]
 
 
-def manifest_energy(manifest: str | Path, opt: str, reference: str | None, pattern: str) -> list[dict]:
-    """Energy of optimizer `opt`'s checkpoints against the reference optimizer's drift direction
-    (θ₀ = the reference's first checkpoint, φ̂ = unit(its last − its first)); `reference` defaults to `opt`."""
+def chosen_optimizers(runs: Mapping[str, object], spec: str) -> list[str]:
+    """`NAME`, `A,B` or `all` → optimizer names of the manifest, in the order given (manifest order for all)."""
+    names = list(runs) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    missing = [n for n in names if n not in runs]
+    if missing or not names:
+        raise UsageError(f"manifest has no optimizer {(missing or [spec])[0]!r}; it lists {', '.join(runs)}")
+    return names
+
+
+def manifest_energy(manifest: str | Path, opts: str, reference: str | None = None, pattern: str | None = None,
+                    theta0: str | Path | None = None, phi_hat: str | Path | None = None,
+                    notice: Callable[[str], None] | None = None) -> Measurement:
+    """Energy of the manifest's optimizers `opts` (`NAME`, `A,B` or `all`).
+
+    θ₀: `theta0` (npz directory, .safetensors file or HF directory) or else the first checkpoint of
+    `reference` (default: the first optimizer named). φ̂: `phi_hat`, normalized with a notice where
+    it is not unit, or else the unit drift last − first of `reference`. The parameters: those matching
+    `pattern`, else those of `phi_hat`, else all of θ₀."""
     runs = read_manifest(manifest)
-    for name in (opt, reference or opt):
-        if name not in runs:
-            raise UsageError(f"manifest has no optimizer {name!r}; it lists {', '.join(runs)}")
-        if not runs[name]:
-            raise UsageError(f"manifest lists no checkpoints for optimizer {name!r}")
-    ref = runs[reference or opt]
-    origin, end = CheckpointReader(ref[0][1]), CheckpointReader(ref[-1][1])
-    checkpoints = [(step, CheckpointReader(path)) for step, path in runs[opt]]
-    names = select(origin.names(), pattern)
-    if not names:
-        raise UsageError(f"--params {pattern!r} matches no parameter of {str(ref[0][1])!r}")
-    return energy_rows(opt, checkpoints, origin, lambda n: end.get(n) - origin.get(n), names)
+    chosen = chosen_optimizers(runs, opts)
+    ref = chosen_optimizers(runs, reference)[0] if reference else chosen[0]
+    ref_first, ref_last = CheckpointReader(runs[ref][0][1]), CheckpointReader(runs[ref][-1][1])
+    origin: Source = open_source(theta0) if theta0 else ref_first
+    given_phi = open_source(phi_hat) if phi_hat else None
+    if pattern is not None:
+        names = select((given_phi or origin).names(), pattern)
+        if not names:
+            raise UsageError(f"--params {pattern!r} matches no parameter of {str((given_phi or origin).path)!r}")
+    else:
+        names = (given_phi or origin).names()
+    direction: Callable[[str], torch.Tensor] = (
+        given_phi.get if given_phi else (lambda n: ref_last.get(n) - ref_first.get(n)))
+    trajectories = {o: [(it, CheckpointReader(p)) for it, p in runs[o]] for o in chosen}
+    return measure(trajectories, origin, direction, names, notice=notice if given_phi else None)

@@ -70,7 +70,7 @@ def manifest(tmp_path):
 
 
 def test_manifest_of_sharded_checkpoints_matches_numpy(manifest, tmp_path):
-    rows = manifest_energy(manifest, "sgd", "adamw", r"\.w$")
+    rows = manifest_energy(manifest, "sgd", "adamw", r"\.w$").rows
     assert [r["iter"] for r in rows] == [0, 100, 200] and rows[0]["n_params"] == 2
 
     def load(opt, it):
@@ -98,9 +98,11 @@ def test_bad_manifests_are_one_line_errors(manifest, tmp_path):
         manifest_energy(manifest, "adamw", None, ".")
     with pytest.raises(UsageError, match="manifest has no optimizer 'lion'; it lists adamw, sgd"):
         manifest_energy(manifest, "lion", None, ".")
+    with pytest.raises(UsageError, match="manifest has no optimizer 'lion'"):
+        manifest_energy(manifest, "sgd,lion", None, ".")
     save_file({"layer.0.w": torch.zeros(5, 5), "layer.1.w": torch.zeros(3, 3), "norm.b": torch.zeros(3)},
               tmp_path / "sgd" / "iter_100" / "model-00001-of-00002.safetensors")
-    with pytest.raises(UsageError, match=r"'layer.0.w' has shape \(5, 5\) at iter 100 but \(4, 3\)"):
+    with pytest.raises(UsageError, match=r"'layer.0.w' has shape \(5, 5\) at iter 100 of 'sgd' \('.*model-00001-of-00002.safetensors'\) but \(4, 3\)"):
         manifest_energy(manifest, "sgd", None, ".")
     broken = tmp_path / "broken.json"
     broken.write_text('{"optimizers": {"x": {"ckpts": []}}}')
