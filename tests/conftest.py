@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -61,3 +62,19 @@ def trained_run(tmp_path_factory):
     (out.config).write_text(config.save(cfg))
     train(prepare(cfg), out, registry().manager.hook)
     return out
+
+
+def hf_checkpoint(directory, tensors, shards=2):
+    """A Hugging Face style checkpoint: safetensors shards plus model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    names = sorted(tensors)
+    weight_map = {}
+    for k in range(shards):
+        shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[k::shards]}
+        save_file(part, directory / shard)
+        weight_map.update({n: shard for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory

@@ -11,23 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from conftest import hf_checkpoint, run_cli
 from geobench.energy import COLUMNS, CheckpointReader, energy_rows, manifest_energy
 from geobench.errors import UsageError
-
-
-def hf_checkpoint(directory, tensors, shards=2):
-    """A Hugging Face style checkpoint: safetensors shards plus model.safetensors.index.json."""
-    directory.mkdir(parents=True)
-    names = sorted(tensors)
-    weight_map = {}
-    for k in range(shards):
-        shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[k::shards]}
-        save_file(part, directory / shard)
-        weight_map.update({n: shard for n in part})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return directory
 
 
 def test_hand_computed_energy(tmp_path):
@@ -102,7 +88,8 @@ def test_bad_manifests_are_one_line_errors(manifest, tmp_path):
         manifest_energy(manifest, "sgd,lion", None, ".")
     save_file({"layer.0.w": torch.zeros(5, 5), "layer.1.w": torch.zeros(3, 3), "norm.b": torch.zeros(3)},
               tmp_path / "sgd" / "iter_100" / "model-00001-of-00002.safetensors")
-    with pytest.raises(UsageError, match=r"'layer.0.w' has shape \(5, 5\) at iter 100 of 'sgd' \('.*model-00001-of-00002.safetensors'\) but \(4, 3\)"):
+    shape = r"'layer.0.w' has shape \(5, 5\) at iter 100 of 'sgd' \('.*model-00001-of-00002.safetensors'\) but \(4, 3\)"
+    with pytest.raises(UsageError, match=shape):
         manifest_energy(manifest, "sgd", None, ".")
     broken = tmp_path / "broken.json"
     broken.write_text('{"optimizers": {"x": {"ckpts": []}}}')

@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from conftest import hf_checkpoint, run_cli
 from geobench.energy import COLUMNS, Measurement
 from geobench.energy_report import Thresholds, classify, spike
-from test_energy import hf_checkpoint
 
 MEASURED = [f"model.layers.{i}.mlp.down_proj.weight" for i in (7, 14, 21, 28)] + [
     "model.layers.21.self_attn.q_proj.weight", "model.layers.21.self_attn.o_proj.weight"]
@@ -91,7 +90,7 @@ def test_several_optimizers_with_given_theta0_and_phi_hat_match_numpy(repro):
     assert list(table[0]) == COLUMNS
     assert [(r["opt"], int(r["iter"])) for r in table] == [(o, it) for o in ("adam", "muon", "sgd") for it in ITERS]
     assert {int(r["n_params"]) for r in table} == {6}  # the measured set: the parameters φ̂ holds
-    for row, (opt, it, e_tau, e_phi) in zip(table, expected_rows(base, phi, stored, ("adam", "muon", "sgd"))):
+    for row, (_, _, e_tau, e_phi) in zip(table, expected_rows(base, phi, stored, ("adam", "muon", "sgd"))):
         assert float(row["E_tau"]) == pytest.approx(e_tau, rel=1e-9)
         assert float(row["E_phi"]) == pytest.approx(e_phi, rel=1e-9)
         assert float(row["cos_eff"]) == pytest.approx(np.sqrt(e_phi / e_tau), rel=1e-9)
