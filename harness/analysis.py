@@ -15,6 +15,7 @@ import yaml
 from geobench import config as config_mod
 from geobench import registry as plugin_registry
 from geobench import report
+from geobench.checkpoints import CheckpointReader
 from geobench.errors import UsageError, did_you_mean
 from geobench.linalg import PCA, TrajectoryGram, pca
 from geobench.model import block_names, trunk_names
@@ -40,8 +41,14 @@ class Backbone:
 
 @dataclasses.dataclass
 class AnalysisContext:
+    """A trajectory of checkpoints and what metrics may ask of it. `run` is where results go: a
+    geobench run directory, or the output directory of an analysis of checkpoints geobench did not
+    write (`external`: iter → checkpoint, from a manifest; `config` is then None: no model, data or
+    evaluations)."""
+
     run: RunDir
-    config: config_mod.Config
+    config: config_mod.Config | None
+    external: dict[int, CheckpointReader] | None = None
     _grams: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
@@ -53,14 +60,41 @@ class AnalysisContext:
         opt = plugin_registry.get_optimizer(tree["optimizer"]["name"], reg)
         return cls(run, config_mod.build(tree, opt.params))
 
+    @classmethod
+    def of_manifest(cls, manifest, opt: str, pattern: str, out) -> AnalysisContext:
+        """The checkpoints of optimizer `opt` of a manifest (energy's format), restricted to the
+        parameters matching `pattern`; results go to the directory `out`."""
+        from geobench.energy import read_manifest, select
+
+        runs = read_manifest(manifest)
+        if opt not in runs:
+            raise UsageError(f"manifest has no optimizer {opt!r}; it lists {', '.join(runs)}")
+        readers = {it: CheckpointReader(path) for it, path in runs[opt]}
+        first = next(iter(readers.values()))
+        names = select(first.names(), pattern)
+        if not names:
+            raise UsageError(f"--params {pattern!r} matches no parameter of {str(first.path)!r}")
+        for reader in readers.values():
+            for name in names:
+                reader.where(name)  # every checkpoint holds every chosen parameter
+        ctx = cls(RunDir(out), None, readers)
+        ctx.__dict__["parameter_shapes"] = {n: first.shape(n) for n in names}
+        return ctx
+
     @functools.cached_property
     def evals(self) -> list[dict]:
-        return self.run.read_evals()
+        return [] if self.external is not None else self.run.read_evals()
 
     def checkpoint_steps(self) -> list[int]:
-        return self.run.checkpoint_steps()
+        return sorted(self.external) if self.external is not None else self.run.checkpoint_steps()
+
+    def reader(self, step: int) -> CheckpointReader:
+        return self.external[step] if self.external is not None else CheckpointReader(self.run.checkpoint_path(step))
 
     def load_checkpoint(self, step: int, names=None) -> dict[str, torch.Tensor]:
+        if self.external is not None:
+            reader = self.reader(step)
+            return {n: reader.get(n) for n in (names or self.parameter_shapes)}
         return self.run.load_checkpoint(step, names)
 
     @functools.cached_property
@@ -68,12 +102,16 @@ class AnalysisContext:
         steps = self.checkpoint_steps()
         if not steps:
             raise UsageError(f"run {str(self.run)!r} has no checkpoints")
-        return {name: tuple(t.shape) for name, t in self.load_checkpoint(steps[0]).items()}
+        reader = self.reader(steps[0])
+        return {name: reader.shape(name) for name in reader.names()}
 
     def scope(self, scope: str) -> list[str]:
         """Parameter names of a scope: `trunk`, `all` or `block:I` (SPEC §1)."""
         names = list(self.parameter_shapes)
         match = re.fullmatch(r"block:(\d+)", scope)
+        if self.external is not None and scope != "all":
+            raise UsageError(f"scope={scope!r}: a manifest's trajectory has only the parameters chosen with --params "
+                             "(scope=all)")
         if scope == "trunk":
             chosen = trunk_names(names)
         elif scope == "all":
@@ -103,9 +141,8 @@ class AnalysisContext:
         several metrics of one analysis share it)."""
         key = (scope, steps, anchor)
         if key not in self._grams:
-            self._grams[key] = TrajectoryGram.build(
-                [self.run.checkpoint_path(s) for s in steps], steps, self.scope(scope),
-                self.run.checkpoint_path(anchor), anchor, device=self.device)
+            self._grams[key] = TrajectoryGram.build([self.reader(s) for s in steps], steps, self.scope(scope),
+                                                    self.reader(anchor), anchor, device=self.device)
         return self._grams[key]
 
     def backbone(self, scope: str = "trunk", window: tuple = (), every: int = 0) -> Backbone:
@@ -201,8 +238,7 @@ class AnalysisContext:
         return evals
 
     def materialize(self, gram: TrajectoryGram, coefficients: np.ndarray) -> dict[str, torch.Tensor]:
-        return gram.materialize([self.run.checkpoint_path(s) for s in gram.steps],
-                                self.run.checkpoint_path(gram.anchor), coefficients)
+        return gram.materialize([self.reader(s) for s in gram.steps], self.reader(gram.anchor), coefficients)
 
     @property
     def device(self) -> torch.device:
@@ -222,6 +258,9 @@ class AnalysisContext:
         gradients or evaluations); load a checkpoint into `live.model` before use."""
         from geobench.train import prepare
 
+        if self.config is None:
+            raise UsageError("this metric needs the model and data of a geobench run; a manifest's trajectory has "
+                             "checkpoints only")
         return prepare(self.config)
 
 

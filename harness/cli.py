@@ -39,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/<name>)")
     run.set_defaults(handler=cmd_run)
 
-    analyze = commands.add_parser("analyze", help="(re)compute metric plugins on a finished run and update its report")
-    analyze.add_argument("run", help="run directory")
+    analyze = commands.add_parser("analyze", help="(re)compute metric plugins on a finished run and update its report, "
+                                                  "or analyse a manifest's checkpoints")
+    analyze.add_argument("run", nargs="?", help="run directory")
+    analyze.add_argument("--manifest", help="instead of a run: checkpoints listed in a manifest (the format of "
+                                            "`geobench energy`), analysed by the checkpoint-only metrics")
+    analyze.add_argument("--opt", help="with --manifest: the optimizer whose checkpoints are analysed")
+    analyze.add_argument("--params", default=".", help="with --manifest: regular expression choosing the parameters")
+    analyze.add_argument("--out", help="with --manifest: the directory for report.json, report.md and figures")
     analyze.add_argument("--metric", action="append", dest="metrics", metavar="NAME",
                          help="metric to compute (repeatable; default: the run's configured set)")
     analyze.add_argument("pairs", nargs="*", metavar="NAME.option=value", help="metric options, e.g. backbone.scope=all")
@@ -138,6 +144,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from geobench.analysis import AnalysisContext, metric_options, run_metrics
 
     reg = plugin_registry.registry()
+    if args.run and "=" in args.run and not Path(args.run).exists():  # a NAME.option=value pair, not a run
+        args.pairs.insert(0, args.run)
+        args.run = None
+    if args.manifest:
+        return analyze_manifest(args, reg)
+    if not args.run:
+        raise UsageError("name a run directory, or --manifest M.json --opt NAME --out DIR")
     ctx = AnalysisContext.open(args.run, reg)
     if not ctx.run.report_json.exists():
         raise UsageError(f"run {args.run!r} has no report.json (was it killed? finish it with resume=true)")
@@ -158,6 +171,46 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(line)
     print(f"geobench: report {ctx.run.report_md}")
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0
+
+
+CHECKPOINT_ONLY = {"checkpoints", "evals"}  # what a manifest's trajectory can give a metric
+
+
+def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) -> int:
+    """Checkpoint-only metrics (default: backbone) on a manifest's trajectory, streamed parameter by
+    parameter from its shards; a report of the run schema without training sections."""
+    from geobench.analysis import AnalysisContext, metric_options, run_metrics
+
+    if args.run or not args.opt or not args.out:
+        raise UsageError("--manifest analyses a manifest's checkpoints: give --opt NAME and --out DIR, and no run")
+    names = args.metrics or ["backbone"]
+    for name in names:
+        needs = set(plugin_registry.get_metric(name, reg).needs)
+        if not needs <= CHECKPOINT_ONLY:
+            raise UsageError(f"metric {name!r} needs {', '.join(sorted(needs - CHECKPOINT_ONLY))}, which a manifest's "
+                             "checkpoints cannot give; checkpoint-only metrics: "
+                             + ", ".join(n for n, m in reg.metrics.items() if set(m.needs) <= CHECKPOINT_ONLY))
+    pairs = config.parse_pairs(args.pairs)
+    for name in names:  # a manifest has no GPT trunk or blocks: the chosen parameters are the scope
+        declared = plugin_registry.get_metric(name, reg).options
+        for option, value in (("scope", "all"), ("per_block", "false")):
+            if option in declared:
+                pairs.setdefault(f"{name}.{option}", value)
+    options = metric_options(names, pairs, reg)
+    out = RunDir(args.out)
+    if not out.is_empty():
+        raise UsageError(f"output directory {args.out!r} exists and is not empty; choose another with --out")
+    ctx = AnalysisContext.of_manifest(args.manifest, args.opt, args.params, args.out)
+    started = report.now()
+    results = run_metrics(ctx, names, reg, options, strict=True)
+    doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params, ctx.checkpoint_steps(),
+                                     ctx.parameter_shapes, results, started)
+    report.write(out, doc, reg.manager.hook)
+    for name, result in results.items():
+        print(f"geobench: {name}: {result['status']}; "
+              + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6]))
+    print(f"geobench: report {out.report_md}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

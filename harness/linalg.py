@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from geobench.checkpoints import CheckpointReader
+
 CHUNK_ELEMENTS = 2**22
 
 
@@ -40,6 +42,30 @@ def _read(handle, name: str, rows: slice, scalar: bool) -> torch.Tensor:
     return part.reshape(-1).to(torch.float64)
 
 
+class _Handles:
+    """Open safetensors files, one handle per file, for the checkpoints of one streaming pass.
+    A checkpoint is a path (one .safetensors file) or a `CheckpointReader` (shards: each parameter
+    is read from the file that holds it)."""
+
+    def __init__(self, stack: contextlib.ExitStack, checkpoints: Sequence[Checkpoint]):
+        self.stack, self.open = stack, {}
+        self.readers = [c if isinstance(c, CheckpointReader) else CheckpointReader(c) for c in checkpoints]
+
+    def __call__(self, i: int, name: str):
+        path = self.readers[i].where(name)
+        if path not in self.open:
+            self.open[path] = self.stack.enter_context(safe_open(str(path), framework="pt"))
+        return self.open[path]
+
+    def rows(self, name: str, rows: slice, scalar: bool, device: torch.device) -> torch.Tensor:
+        """Rows `rows` of parameter `name` of every checkpoint minus those of the last one (the anchor)."""
+        *others, anchor = (_read(self(i, name), name, rows, scalar).to(device) for i in range(len(self.readers)))
+        return torch.stack(others) - anchor
+
+
+Checkpoint = Path | CheckpointReader
+
+
 @dataclasses.dataclass
 class TrajectoryGram:
     steps: list[int]
@@ -48,18 +74,16 @@ class TrajectoryGram:
     gram: np.ndarray  # (T, T) float64, rows Δ_t = θ_t − θ_anchor
 
     @classmethod
-    def build(cls, paths: Sequence[Path], steps: Sequence[int], names: Sequence[str], anchor_path: Path,
+    def build(cls, paths: Sequence[Checkpoint], steps: Sequence[int], names: Sequence[str], anchor_path: Checkpoint,
               anchor: int, device: torch.device | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> TrajectoryGram:
         device = device or torch.device("cpu")
         gram = torch.zeros(len(paths), len(paths), dtype=torch.float64, device=device)
         with contextlib.ExitStack() as stack:
-            files = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
-            base = stack.enter_context(safe_open(str(anchor_path), framework="pt"))
+            handles = _Handles(stack, [*paths, anchor_path])
             for name in names:
-                shape = base.get_slice(name).get_shape()
-                for rows in _row_chunks(shape, chunk_elements, len(files) + 1):
-                    origin = _read(base, name, rows, not shape).to(device)
-                    block = torch.stack([_read(f, name, rows, not shape).to(device) for f in files]) - origin
+                shape = handles(len(paths), name).get_slice(name).get_shape()
+                for rows in _row_chunks(shape, chunk_elements, len(paths) + 1):
+                    block = handles.rows(name, rows, not shape, device)
                     gram += block @ block.T
         return cls(list(steps), list(names), anchor, gram.cpu().numpy())
 
@@ -79,21 +103,17 @@ class TrajectoryGram:
         e[self.index(step)] = 1.0
         return e
 
-    def materialize(self, paths: Sequence[Path], anchor_path: Path, coefficients: np.ndarray,
+    def materialize(self, paths: Sequence[Checkpoint], anchor_path: Checkpoint, coefficients: np.ndarray,
                     chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
         """The direction Σ c_t Δ_t as float32 tensors, one per parameter of the scope."""
         c = torch.from_numpy(coefficients)
         out = {}
         with contextlib.ExitStack() as stack:
-            files = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
-            base = stack.enter_context(safe_open(str(anchor_path), framework="pt"))
+            handles = _Handles(stack, [*paths, anchor_path])
             for name in self.names:
-                shape = base.get_slice(name).get_shape()
-                parts = []
-                for rows in _row_chunks(shape, chunk_elements, len(files) + 1):
-                    origin = _read(base, name, rows, not shape)
-                    block = torch.stack([_read(f, name, rows, not shape) for f in files]) - origin
-                    parts.append(c @ block)
+                shape = handles(len(paths), name).get_slice(name).get_shape()
+                parts = [c @ handles.rows(name, rows, not shape, torch.device("cpu"))
+                         for rows in _row_chunks(shape, chunk_elements, len(paths) + 1)]
                 out[name] = torch.cat(parts).reshape(shape).to(torch.float32)
         return out
 

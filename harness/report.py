@@ -143,12 +143,27 @@ def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: st
     }
 
 
+def assemble_trajectory(source: str, optimizer: str, params: str, steps: list[int], shapes: dict, metrics: dict,
+                        started: str) -> dict:
+    """The report of checkpoints geobench did not write (a manifest's trajectory): no training sections."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "geobench_version": geobench.__version__,
+        "environment": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "trajectory": {"kind": "manifest", "source": source, "optimizer": optimizer, "params": params, "steps": steps,
+                       "parameters": len(shapes), "dimension": sum(math.prod(s) for s in shapes.values()),
+                       "started": started, "finished": now()},
+        "metrics": metrics,
+        "extensions": {},
+    }
+
+
 def write(out: RunDir, report: dict, hooks) -> None:
     """Let lifecycle plugins extend it, validate it, then write report.json, report.md, figures."""
     hooks.geobench_on_report(run=out, report=report)
     report = finite(report)
     validate(report)
-    figures = [plot_training(out, report["evals"])] if report["evals"] else []
+    figures = [plot_training(out, report["evals"])] if report.get("evals") else []
     atomic_write_json(out.report_json, report)
     atomic_write_text(out.report_md, render_markdown(report, figures))
 
@@ -204,6 +219,8 @@ def fmt(value: Any) -> str:
 
 
 def render_markdown(report: dict, figures: list[str]) -> str:
+    if "trajectory" in report:
+        return render_trajectory(report)
     run, env = report["run"], report["environment"]
     lines = [f"# geobench run `{run['name']}`", ""]
     status = run["status"]
@@ -251,6 +268,18 @@ def render_markdown(report: dict, figures: list[str]) -> str:
                 cells[0] += f" (published {PUBLISHED_VAL_LOSS[e['step']]})"
             lines.append(f"| {e['step']} | " + " | ".join(cells) + " |")
         lines.append("")
+    for name, result in report["metrics"].items():
+        lines += render_metric(name, result)
+    return "\n".join(lines)
+
+
+def render_trajectory(report: dict) -> str:
+    t, env = report["trajectory"], report["environment"]
+    lines = [f"# geobench analysis of `{t['optimizer']}` from `{t['source']}`", "",
+             "Checkpoints geobench did not write: no training section.", "", "| | |", "|---|---|",
+             f"| checkpoints | {len(t['steps'])} (iter {t['steps'][0]} … {t['steps'][-1]}) |",
+             f"| parameters | {t['parameters']} tensors matching `{t['params']}`, {t['dimension']:,} values |",
+             f"| device | {env['device']}, torch {env['torch']} |", ""]
     for name, result in report["metrics"].items():
         lines += render_metric(name, result)
     return "\n".join(lines)

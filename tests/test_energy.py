@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import hf_checkpoint, run_cli
-from geobench.energy import COLUMNS, CheckpointReader, energy_rows, manifest_energy
+from geobench.checkpoints import CheckpointReader
+from geobench.energy import COLUMNS, energy_rows, manifest_energy
 from geobench.errors import UsageError
 
 

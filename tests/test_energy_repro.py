@@ -225,3 +225,40 @@ def test_reading_guide_classes_on_planted_trajectories():
     assert classify(*planted("x", 0.1, lambda t: 0.06 * t), limits)["verdict"] == "mixed"  # cos_eff 0.86, flat
     assert spike([10, 20, 30, 40], [100.0, 1.0, 1.0, 1.0], 10) is None  # the first step from θ₀ is history only
     assert Measurement([], {}, np.eye(2) * 4, ["a", "b"]).final_cosines().tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "muon"])  # fp32 and bf16 shards
+def test_backbone_of_a_manifest_trajectory_against_numpy(repro, tmp_path, opt):
+    import jsonschema
+
+    from geobench import report
+
+    root, _, _, stored = repro
+    out = tmp_path / "analysis"
+    result = run_cli("analyze", "--manifest", str(root / "manifest.json"), "--opt", opt, "--params", r"layers\.",
+                     "--out", str(out), "backbone.rotation_window=3")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "report.json").read_text())
+    jsonschema.validate(doc, report.schema())
+    assert "run" not in doc and "evals" not in doc and doc["trajectory"]["steps"] == list(ITERS)
+    names = sorted(n for n in stored[(opt, 10)] if "layers." in n)
+    assert doc["trajectory"]["parameters"] == len(names)
+    thetas = np.stack([np.concatenate([stored[(opt, it)][n].ravel() for n in names]) for it in ITERS])
+    delta = thetas[1:] - thetas[0]
+    for key, rows in (("pc1", delta / np.linalg.norm(delta, axis=1, keepdims=True)), ("pc1_raw", delta)):
+        s = np.linalg.svd(rows, compute_uv=False)
+        assert doc["metrics"]["backbone"]["scalars"][key] == pytest.approx(s[0] ** 2 / (s**2).sum(), abs=1e-9)
+    assert doc["metrics"]["backbone"]["scalars"]["drift"] == pytest.approx(np.linalg.norm(delta[-1]), rel=1e-9)
+    assert "no training section" in (out / "report.md").read_text()
+
+
+def test_manifest_analysis_refuses_what_checkpoints_cannot_give(repro, tmp_path):
+    root, *_ = repro
+    base = ["analyze", "--manifest", str(root / "manifest.json"), "--opt", "sgd", "--out", str(tmp_path / "a")]
+    for extra, message in ((["--metric", "alignment"], "metric 'alignment' needs data, model"),
+                           (["backbone.scope=trunk"], "scope='trunk': a manifest's trajectory has only the parameters"),
+                           (["--params", "nothing"], "--params 'nothing' matches no parameter")):
+        result = run_cli(*base, *extra)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()

@@ -94,6 +94,8 @@ def rotation(gram, size: int) -> tuple[list[float], list[float]]:
 def phase_overlap(gram, split: int, ctx) -> float | None:
     """|⟨v_E, v_L⟩|: backbones of steps <= split (anchored at the first) and >= split (anchored there)."""
     if split < 0:
+        if ctx.config is None:  # no schedule to split at
+            return None
         schedule = ctx.config.train.lambda_schedule
         if len(schedule) < 2:
             return None

@@ -4,7 +4,8 @@ reference direction, by default the unit final drift of a named reference run (e
 from __future__ import annotations
 
 from geobench import Param, hookimpl
-from geobench.energy import CheckpointReader, energy_rows, to_csv
+from geobench.checkpoints import CheckpointReader
+from geobench.energy import energy_rows, to_csv
 from geobench.errors import UsageError
 from geobench.registry import MetricPlugin
 from geobench.trajectory import RunDir, atomic_write_text
