@@ -59,6 +59,7 @@ def repro(tmp_path_factory):
     write_npz_dir(root / "theta_0", {n: base[n] for n in MEASURED})
     write_npz_dir(root / "phi_hat", {n: 3.0 * phi[n] for n in MEASURED}, key_by_name=True)
     save_file({n: torch.from_numpy(base[n]) for n in MEASURED}, root / "theta0.safetensors")
+    save_file({n: torch.from_numpy(phi[n] / np.linalg.norm(phi[n])) for n in MEASURED}, root / "phi.safetensors")
     return root, base, phi, stored
 
 
@@ -113,9 +114,12 @@ def test_theta0_as_safetensors_or_hf_directory_and_a_params_regex(repro):
     npz = energy(root, "--opt", "sgd,adam", "--theta0", str(root / "theta_0"), "--phi-hat", str(root / "phi_hat"),
                  out="npz.csv")
     st = energy(root, "--opt", "sgd,adam", "--theta0", str(root / "theta0.safetensors"),
-                "--phi-hat", str(root / "phi_hat"), out="st.csv")
+                "--phi-hat", str(root / "phi.safetensors"), out="st.csv")
     assert npz.returncode == st.returncode == 0, npz.stderr + st.stderr
-    assert read_csv(root / "out" / "npz.csv") == read_csv(root / "out" / "st.csv")
+    assert "notice" not in st.stderr  # a unit φ̂ needs no normalizing
+    for a, b in zip(read_csv(root / "out" / "npz.csv"), read_csv(root / "out" / "st.csv")):
+        assert (a["opt"], a["iter"], a["E_tau"]) == (b["opt"], b["iter"], b["E_tau"])
+        assert float(a["E_phi"]) == pytest.approx(float(b["E_phi"]), rel=1e-12)
     assert [r["opt"] for r in read_csv(root / "out" / "st.csv")][::3] == ["sgd", "adam"]
     # θ₀ as an HF checkpoint directory, only the down projections
     hf = energy(root, "--opt", "adam", "--theta0", str(root / "adam" / "iter_10"), "--phi-hat", str(root / "phi_hat"),
