@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from geobench.data.probe import EvalSet
-from geobench.objective import token_losses
+from geobench.objective import has_head, head_token_stats, token_losses
 
 
 @dataclasses.dataclass
@@ -39,12 +39,18 @@ class Evaluator:
         return {"val_loss": total / max(count, 1), "p_in": p_in, "p_ood": p_ood,
                 "nll_ood": nll_ood, "lm_ood": lm_ood, "r_ood": nll_ood / lm_ood if lm_ood else float("nan")}
 
-    def _logits(self, model, inputs):
+    def _scorer(self, model, inputs):
+        """targets ↦ (per-position CE, argmax) for `inputs`; through the model's head in chunks when
+        it has one (no full logits), else from its logits."""
         with self.autocast:
-            return model(inputs.to(self.device, non_blocking=True))
+            if has_head(model):
+                hidden = model.hidden(inputs.to(self.device, non_blocking=True))
+                return lambda targets: head_token_stats(hidden, model.output_weight, targets)
+            logits = model(inputs.to(self.device, non_blocking=True))
+        return lambda targets: (token_losses(logits, targets), logits.argmax(-1))
 
     def _losses(self, model, inputs, targets):
-        return token_losses(self._logits(model, inputs), targets.to(self.device))
+        return self._scorer(model, inputs)(targets.to(self.device))[0]
 
     @torch.no_grad()
     def ood_correct(self, model: torch.nn.Module) -> np.ndarray:
@@ -59,14 +65,13 @@ class Evaluator:
             rows = slice(start, start + self.batch_size)
             inputs, targets, mask, lm = (torch.from_numpy(a[rows]).to(self.device) for a in
                                          (data.inputs, data.targets, data.mask, lm_targets))
-            logits = self._logits(model, inputs)
-            ce = token_losses(logits, targets)
-            correct = (logits.argmax(-1) == targets) | ~mask
+            score = self._scorer(model, inputs)
+            ce, predicted = score(targets)
+            correct = (predicted == targets) | ~mask
             hits.append(correct.all(dim=1).cpu().numpy())
             probe_ce += float((ce * mask).sum())
             probe_n += int(mask.sum())
             other = (lm >= 0) & ~mask
-            lm_ce += float((token_losses(logits, lm) * other).sum()) if lm_targets is not data.targets \
-                else float((ce * other).sum())
+            lm_ce += float(((score(lm)[0] if lm_targets is not data.targets else ce) * other).sum())
             lm_n += int(other.sum())
         return np.concatenate(hits), probe_ce / max(probe_n, 1), lm_ce / max(lm_n, 1)

@@ -66,12 +66,21 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight
         self.apply(_init)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final hidden states; logits = hidden @ output_weightᵀ. The trainer and the evaluator
+        go through these so that the [tokens × vocabulary] logits are never held at once."""
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(idx))
 
 
 def _init(module: nn.Module) -> None:

@@ -19,15 +19,15 @@ from tqdm import tqdm
 
 from geobench import registry as plugin_registry
 from geobench.config import Config, checkpoint_windows
-from geobench.data.batches import TrainStream, validation_batches
+from geobench.data.batches import Prefetcher, TrainStream, validation_batches
 from geobench.data.corpus import Corpus, load_corpus
 from geobench.data.probe import ProbeTask, codeword_pool, select_codewords
 from geobench.data.tokenizer import TextTokenizer, load_tokenizer, tokenize_stories
 from geobench.errors import UsageError
 from geobench.evaluate import Evaluator
 from geobench.model import no_decay, trunk_names
-from geobench.objective import composite_loss, lambda_at
-from geobench.trajectory import RunDir
+from geobench.objective import composite_loss, has_head, head_composite_loss, lambda_at
+from geobench.trajectory import BackgroundWriter, RunDir, snapshot
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,6 +148,31 @@ def is_checkpoint_step(step: int, cfg: Config) -> bool:
     return step == 1 or step % t.checkpoint_every == 0 or step == t.steps or in_window
 
 
+SYNC_EVERY_CUDA = 8  # on CUDA the host reads the step losses this often (and at every eval, checkpoint, state save)
+
+
+class LossReader:
+    """Step losses kept on the device and read by the host in batches, so that a GPU step need not
+    wait for the host: every step on a CPU; on CUDA every `SYNC_EVERY_CUDA` steps and at every
+    boundary (evaluation, checkpoint, state save). A non-finite loss is therefore found at most
+    `every − 1` steps after the step that produced it, and that step is recorded exactly."""
+
+    def __init__(self, every: int):
+        self.every, self.pending = every, []
+
+    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.pending.append((step, loss.detach().reshape(()), lr))
+
+    def due(self, boundary: bool) -> bool:
+        return boundary or len(self.pending) >= self.every
+
+    def read(self) -> list[tuple[int, float, float]]:
+        values = torch.stack([loss for _, loss, _ in self.pending]).tolist()  # the one host sync
+        read = [(step, value, lr) for (step, _, lr), value in zip(self.pending, values)]
+        self.pending = []
+        return read
+
+
 def blew_up(record: dict, first_val_loss: float | None, factor: float) -> bool:
     """The declared divergence criterion for finite losses: the evaluated val_loss exceeds
     `factor` × the step-1 val_loss (an LM that is worse than after its first update has lost all it
@@ -195,11 +220,13 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         out.truncate_evals(start)
         out.drop_checkpoints_after(start)
 
-    forward = torch.compile(model) if cfg.model.compile else model
+    body = model.hidden if has_head(model) else model  # with a head: the loss never holds the full logits
+    forward = torch.compile(body) if cfg.model.compile else body
     rule = run.optimizer_plugin.gradient
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
     status, diverged_at, divergence, stopped_early_at, done = "completed", None, None, None, start
     since_eval: list[float] = []
+    losses = LossReader(SYNC_EVERY_CUDA if run.device.type == "cuda" else 1)
     history = out.read_evals() if start else []
     first_val_loss = next((e["val_loss"] for e in history if e["step"] == 1), None)
     for record in history:  # a resumed run that had already blown up stays marked
@@ -207,13 +234,26 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
             status, diverged_at, divergence = "diverged", record["step"], _criterion(record, first_val_loss, t.diverge_factor)
             break
 
+    writer = BackgroundWriter()
+
     def save_state(at: int) -> None:
         training = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-        out.save_state(at, _parameters(model), training, {"train_seconds": elapsed, "tokens": tokens})
+        writer.submit(_write_state, out, at, snapshot(_parameters(model)), snapshot(training),
+                      {"train_seconds": elapsed, "tokens": tokens})
+
+    def save_checkpoint(at: int) -> None:
+        writer.submit(_write_checkpoint, out, at, snapshot(_parameters(model)))
+
+    def announce_checkpoints() -> None:  # lifecycle hooks run on this thread, once a file is in place
+        for kind, at, path in writer.done():
+            if kind == "checkpoint":
+                hooks.geobench_on_checkpoint(run=out, step=at, path=path)
 
     bar = tqdm(total=t.steps, initial=start, desc=out.path.name, unit="step", file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
     model.train()
+    prefetch = Prefetcher(run.stream, start + 1, t.steps, depth=2 * t.grad_accum, pin=run.device.type == "cuda")
+    batches = iter(prefetch)
     try:
         for step in range(start + 1, t.steps + 1):
             tick = time.perf_counter()
@@ -223,35 +263,45 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
             lam = lambda_at(t.lambda_schedule, step)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=run.device)
-            for micro in range(t.grad_accum):
-                inputs, targets, mask = (x.to(run.device, non_blocking=True) for x in run.stream.batch(step, micro))
+            for _ in range(t.grad_accum):
+                inputs, targets, mask = (x.to(run.device, non_blocking=True) for x in next(batches))
                 if rule is not None:  # the optimizer plugin brings its own gradient (EP)
                     info = rule(model, optimizer, inputs, targets, mask, lam, cfg.optimizer.params, 1 / t.grad_accum)
                     loss_sum += info["loss"] / t.grad_accum
                     continue
                 with run.autocast:
-                    logits = forward(inputs)
-                loss = composite_loss(logits, targets, mask, lam) / t.grad_accum
+                    features = forward(inputs)
+                    loss = (head_composite_loss(features, model.output_weight, targets, mask, lam) if body is not model
+                            else composite_loss(features, targets, mask, lam)) / t.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
-            loss_value = float(loss_sum)
-            if not math.isfinite(loss_value):
-                status, diverged_at, divergence = "diverged", step, "non-finite loss"
-                bar.write(f"geobench: loss is {loss_value} at step {step}: the run diverged; stopping")
-                if done and done not in out.checkpoint_steps():  # keep the last weights that gave a finite loss
-                    out.save_checkpoint(done, _parameters(model))
-                break
+            losses.add(step, loss_sum, optimizer.param_groups[0]["lr"])
+            boundary = step == 1 or step % t.eval_every == 0 or step % t.state_every == 0 or is_checkpoint_step(step, cfg)
+            if losses.due(boundary):
+                bad = None
+                for at, value, lr in losses.read():
+                    if not math.isfinite(value):
+                        bad = (at, value)
+                        break
+                    since_eval.append(value)
+                    hooks.geobench_on_step(run=out, step=at, loss=value, lr=lr)
+                if bad is not None:
+                    status, diverged_at, divergence = "diverged", bad[0], "non-finite loss"
+                    late = f" (read {step - bad[0]} steps later; the weights after step {bad[0] - 1} are not kept)"
+                    bar.write(f"geobench: loss is {bad[1]} at step {bad[0]}: the run diverged; stopping"
+                              + (late if bad[0] < step else ""))
+                    writer.flush()
+                    if bad[0] == step and done and done not in out.checkpoint_steps():
+                        save_checkpoint(done)  # the last weights that gave a finite loss
+                    break
+                bar.set_postfix(loss=f"{since_eval[-1]:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}", refresh=False)
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             done = step
             elapsed += time.perf_counter() - tick
             tokens += tokens_per_step
-            since_eval.append(loss_value)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - tick):,.0f}",
-                            refresh=False)
-            hooks.geobench_on_step(run=out, step=step, loss=loss_value, lr=optimizer.param_groups[0]["lr"])
 
             stop = False
             if step == 1 or step % t.eval_every == 0 or step == t.steps:
@@ -275,10 +325,10 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
                     bar.write(f"geobench: early stop at step {step}: p_ood >= {t.early_stop_p_ood:g} "
                               f"at {t.early_stop_evals} evaluations in a row")
             if is_checkpoint_step(step, cfg) or stop:
-                path = out.save_checkpoint(step, _parameters(model))
-                hooks.geobench_on_checkpoint(run=out, step=step, path=path)
+                save_checkpoint(step)
             if step % t.state_every == 0 or step == t.steps or stop:
                 save_state(step)
+            announce_checkpoints()
             if stop:
                 break
     except KeyboardInterrupt:
@@ -286,8 +336,21 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         save_state(done)
         bar.write(f"geobench: interrupted; state saved at step {done}, continue with resume=true")
     finally:
+        prefetch.close()
+        writer.close()
+        announce_checkpoints()
         bar.close()
     return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from, divergence, stopped_early_at)
+
+
+def _write_checkpoint(out: RunDir, step: int, weights: dict[str, torch.Tensor]) -> tuple[str, int, object]:
+    return "checkpoint", step, out.save_checkpoint(step, weights)
+
+
+def _write_state(out: RunDir, step: int, weights: dict[str, torch.Tensor], training: dict,
+                 meta: dict) -> tuple[str, int, object]:
+    out.save_state(step, weights, training, meta)
+    return "state", step, None
 
 
 def _criterion(record: dict, first_val_loss: float | None, factor: float) -> str:

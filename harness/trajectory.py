@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +141,69 @@ class RunDir:
             model = {name: fh.get_tensor(name) for name in fh.keys()}
         training = torch.load(where / "training.pt", weights_only=True, map_location="cpu")
         return meta, model, training
+
+
+def snapshot(value: Any) -> Any:
+    """A CPU copy of every tensor in a (nested) state, so that later training steps cannot change
+    what a background write is writing."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class BackgroundWriter:
+    """Checkpoint and state writes off the training thread. The trainer submits a write with CPU
+    copies of what it writes (`snapshot`) and trains on; one writer thread performs the writes in
+    order, each as atomic as a direct one (temporary name, then rename: a kill mid-write leaves the
+    last complete file). At most `depth` writes wait, so a trainer faster than the disk blocks on
+    `submit` instead of piling up copies. `flush()` waits for every write and raises the first error
+    a write hit; `done()` hands back, on the caller's thread, the results of the writes finished so far."""
+
+    def __init__(self, depth: int = 1):
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.finished: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="geobench-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                write, args = job
+                if self.error is None:
+                    self.finished.put(write(*args))
+            except BaseException as exc:  # raised on the trainer's thread by flush()
+                self.error = exc
+            finally:
+                self.jobs.task_done()
+
+    def submit(self, write: Callable[..., Any], *args: Any) -> None:
+        if self.error is not None:
+            self.flush()
+        self.jobs.put((write, args))
+
+    def done(self) -> list[Any]:
+        out = []
+        while not self.finished.empty():
+            out.append(self.finished.get())
+        return out
+
+    def flush(self) -> None:
+        self.jobs.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.jobs.put(None)
+            self.thread.join()

@@ -4,6 +4,7 @@ import time
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from geobench.config import DataConfig, ProbeConfig
 from geobench.data import synthetic
@@ -185,3 +186,47 @@ def test_eval_sets_follow_spec(real_text, ood):
         assert ((filler >= 100) & (filler <= 2999)).all() and not set(filler.tolist()) & code_ids
     again = ProbeTask(ProbeConfig(eval_examples=50, n_codewords=48), tok, probe.codewords).eval_set(ood, context=256)
     assert np.array_equal(again.inputs, data.inputs)  # fixed sets
+
+
+def test_prefetched_batches_are_the_plain_batches(real_text):
+    from geobench.data.batches import Prefetcher
+
+    cfg, corpus, tok, probe = real_text
+    stories = tokenize_stories(cfg, tok, corpus, "train")
+    stream = TrainStream(stories, probe, context=64, batch_size=3, grad_accum=2, p_probe=0.5, seed=5, eos=tok.eos_id)
+    prefetch = Prefetcher(stream, first=4, last=9, depth=2)
+    got = list(prefetch)
+    prefetch.close()
+    plain = [stream.batch(step, micro) for step in range(4, 10) for micro in range(2)]
+    assert len(got) == len(plain) == 12
+    for a, b in zip(got, plain):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # closing before the end stops the worker (a run that diverges or is interrupted early)
+    early = Prefetcher(stream, first=1, last=1000, depth=1)
+    first = next(iter(early))
+    early.close()
+    assert not early.thread.is_alive() and all(torch.equal(u, v) for u, v in zip(first, stream.batch(1, 0)))
+
+
+def test_background_writer_keeps_order_bounds_what_waits_and_reports_errors():
+    import threading
+
+    from geobench.trajectory import BackgroundWriter
+
+    gate, log = threading.Event(), []
+    writer = BackgroundWriter(depth=1)
+    writer.submit(lambda: gate.wait() and log.append(1))  # the writer thread holds this one
+    writer.submit(lambda: log.append(2))                   # this one waits in the queue
+    assert writer.jobs.full()  # a third submit would block the trainer: copies cannot pile up
+    gate.set()
+    writer.flush()
+    assert log == [1, 2]
+
+    def broken():
+        raise OSError("disk full")
+
+    writer.submit(broken)
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    writer.close()
+    assert not writer.thread.is_alive()

@@ -6,7 +6,7 @@ import torch
 
 from geobench.data.probe import EvalSet
 from geobench.evaluate import Evaluator
-from geobench.objective import composite_loss, lambda_at
+from geobench.objective import composite_loss, lambda_at, token_losses
 from geobench.train import lr_factor
 
 
@@ -100,3 +100,49 @@ def test_evaluator_against_hand_counts():
     with_padding = other + [ce(inputs[b, t], 5) for b, t in zip(*np.nonzero(padding))]
     assert source["lm_ood"] == pytest.approx(np.mean(with_padding), rel=1e-5)
     assert source["nll_ood"] == pytest.approx(result["nll_ood"]) and source["p_ood"] == result["p_ood"]
+
+
+@pytest.mark.parametrize("case", ["mixed", "no_probe", "all_ignored"])
+def test_chunked_head_loss_equals_cross_entropy_on_the_logits(case):
+    """The composite loss and its gradients from (hidden, W) in chunks equal F.cross_entropy on the
+    full logits: ignored targets, the probe weighting and an all-ignored micro-batch included."""
+    from geobench.objective import head_composite_loss, head_token_stats
+
+    torch.manual_seed(0)
+    B, T, d, V = 3, 7, 8, 50
+    hidden = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    targets[0, -2:] = -1  # padding
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    if case == "mixed":
+        mask[1, 3] = mask[2, 5] = True
+    if case == "all_ignored":
+        targets[:] = -1
+    lam = 4.0
+
+    def reference(h, w):  # plain cross-entropy on the materialized logits, written out
+        logits = h @ w.T
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1).clamp_min(0),
+                                               reduction="none").view(B, T)
+        valid = targets >= 0
+        lm, probe = valid & ~mask, valid & mask
+        lm_loss = (ce * lm).sum() / max(int(lm.sum()), 1)
+        probe_loss = (ce * probe).sum() / max(int(probe.sum()), 1)
+        return lm_loss + lam * probe_loss
+
+    want = reference(hidden, weight)
+    g_h, g_w = torch.autograd.grad(want, (hidden, weight)) if want.requires_grad else (None, None)
+    got = head_composite_loss(hidden, weight, targets, mask, lam, chunk=4)  # chunks that split rows unevenly
+    assert got.item() == pytest.approx(want.item(), abs=1e-12)
+    c_h, c_w = torch.autograd.grad(got, (hidden, weight))
+    if case == "all_ignored":
+        assert got.item() == 0.0 and not c_h.any() and not c_w.any()
+    else:
+        torch.testing.assert_close(c_h, g_h, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c_w, g_w, rtol=1e-10, atol=1e-12)
+        assert got.item() == pytest.approx(composite_loss(hidden @ weight.T, targets, mask, lam).item(), rel=1e-6)
+    ce, argmax = head_token_stats(hidden.detach(), weight.detach(), targets, chunk=5)
+    logits = hidden.detach() @ weight.detach().T
+    torch.testing.assert_close(ce, token_losses(logits, targets).to(ce.dtype), rtol=1e-6, atol=1e-6)
+    assert torch.equal(argmax, logits.argmax(-1))

@@ -8,6 +8,10 @@ story, EOS appended to the story, the targets after that EOS ignored.
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -64,6 +68,51 @@ class TrainStream:
         first = ((step - 1) * self.grad_accum + micro) * self.batch_size
         samples = [self.sequence(first + b) for b in range(self.batch_size)]
         return tuple(torch.from_numpy(np.stack(column)) for column in zip(*samples))  # type: ignore[return-value]
+
+
+class Prefetcher:
+    """The micro-batches of steps `first`..`last` of a stream, built ahead of the training step by a
+    background thread (and pinned for a fast host-to-device copy when `pin` is set). The batches are
+    exactly `stream.batch(step, micro)`: a pure function of the step, so resume stays exact. At most
+    `depth` batches wait in memory; `close()` stops the thread."""
+
+    def __init__(self, stream: TrainStream, first: int, last: int, depth: int = 4, pin: bool = False):
+        self.stream, self.pin = stream, pin
+        self.keys = [(step, micro) for step in range(first, last + 1) for micro in range(stream.grad_accum)]
+        self.ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._fill, name="geobench-prefetch", daemon=True)
+        self.thread.start()
+
+    def _fill(self) -> None:
+        for key in self.keys:
+            try:
+                batch = self.stream.batch(*key)
+                if self.pin:
+                    batch = tuple(x.pin_memory() for x in batch)
+                item: tuple = (key, batch)
+            except BaseException as exc:  # handed to the consumer, raised there
+                item = (key, exc)
+            while not self.stop.is_set():
+                try:
+                    self.ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self.stop.is_set() or isinstance(item[1], BaseException):
+                return
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for key in self.keys:
+            got, batch = self.ready.get()
+            if isinstance(batch, BaseException):
+                raise batch
+            assert got == key, (got, key)
+            yield batch
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def validation_batches(stories: TokenizedStories, context: int, n_batches: int, batch_size: int,
