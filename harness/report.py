@@ -135,7 +135,8 @@ def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: st
                       "params": cfg.optimizer.params},
         "config": config.to_dict(cfg),
         "throughput": {"train_seconds": round(seconds, 3), "tokens": outcome.tokens,
-                       "tokens_per_second": outcome.tokens / seconds if seconds else None},
+                       "tokens_per_second": outcome.tokens / seconds if seconds else None,
+                       "compile_seconds": outcome.compile_seconds},
         "evals": evals,
         "final": final_summary(evals),
         "metrics": metrics,
@@ -240,7 +241,9 @@ def render_markdown(report: dict, figures: list[str]) -> str:
         f"(trunk {report['model']['parameters']['trunk']:,}) |",
         f"| device | {env['device']}, torch {env['torch']}, {env['threads']} threads |",
         f"| throughput | {fmt(report['throughput']['tokens_per_second'])} tokens/s over "
-        f"{report['throughput']['train_seconds']:.1f} s of training |",
+        f"{report['throughput']['train_seconds']:.1f} s of training"
+        + (f" (first step with torch.compile: {report['throughput']['compile_seconds']:.1f} s, not counted)"
+           if report["throughput"].get("compile_seconds") is not None else "") + " |",
         f"| lm_ood | {LM_OOD[report['config'].get('probe', {}).get('lm_ood', 'clean')]} |",
         f"| divergence criterion | val_loss > {report['config'].get('train', {}).get('diverge_factor', 1.0):g} × the "
         "step-1 val_loss, or a non-finite loss |",

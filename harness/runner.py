@@ -55,7 +55,8 @@ def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, pres
     from geobench.train import pick_device, prepare, train
 
     print(f"geobench: preset {cfg.preset} ({preset_reason}); device {pick_device(cfg.train.device)}; "
-          f"optimizer {cfg.optimizer.name} {cfg.optimizer.params}; {cfg.train.steps} steps", flush=True)
+          f"optimizer {cfg.optimizer.name} {cfg.optimizer.params}; {cfg.train.steps} steps"
+          f"{'; torch.compile on' if cfg.model.compile else ''}", flush=True)
     started = report.now()
     run = prepare(cfg, reg)
     counts = run.parameter_counts()

@@ -199,6 +199,7 @@ class Outcome:
     resumed_from: int | None
     divergence: str | None = None  # "non-finite loss" or the val_loss criterion that marked it
     stopped_early_at: int | None = None
+    compile_seconds: float | None = None  # the first step with torch.compile on, kept out of the throughput
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -225,6 +226,7 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
     rule = run.optimizer_plugin.gradient
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
     status, diverged_at, divergence, stopped_early_at, done = "completed", None, None, None, start
+    compile_seconds: float | None = None
     since_eval: list[float] = []
     losses = LossReader(SYNC_EVERY_CUDA if run.device.type == "cuda" else 1)
     history = out.read_evals() if start else []
@@ -299,8 +301,11 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             done = step
-            elapsed += time.perf_counter() - tick
-            tokens += tokens_per_step
+            if cfg.model.compile and compile_seconds is None:  # compilation happens in the first step
+                compile_seconds = time.perf_counter() - tick
+            else:
+                elapsed += time.perf_counter() - tick
+                tokens += tokens_per_step
             bar.update(1)
 
             stop = False
@@ -340,7 +345,8 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         writer.close()
         announce_checkpoints()
         bar.close()
-    return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from, divergence, stopped_early_at)
+    return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from, divergence, stopped_early_at,
+                   compile_seconds)
 
 
 def _write_checkpoint(out: RunDir, step: int, weights: dict[str, torch.Tensor]) -> tuple[str, int, object]:

@@ -131,3 +131,9 @@ def test_checkpoint_windows_one_triple_or_several():
     steps = [s for s in range(1, 4001) if is_checkpoint_step(s, cfg)]
     assert steps[:6] == [1, 200, 400, 600, 650, 700] and steps[-3:] == [3800, 3900, 4000]
     assert len(steps) == 1 + 2 + 29 + 20  # step 1, 200 and 400, [600, 2000] by 50, (2000, 4000] by 100
+
+
+def test_the_paper_preset_compiles_unless_told_not_to():
+    assert resolve(pairs=["preset=paper"]).model.compile is True
+    assert resolve(pairs=["preset=paper", "compile=false"]).model.compile is False
+    assert resolve(pairs=["preset=tiny"]).model.compile is False
