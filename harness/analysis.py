@@ -183,7 +183,7 @@ class AnalysisContext:
         the data stream continued past its last step."""
         stream, device = self.live.stream, self.live.device
         for i in range(n):
-            yield tuple(x.to(device) for x in stream.batch(self.config.train.steps + 1 + first + i, 0))
+            yield tuple(x.to(device) for x in stream.batch(self.trained.train.steps + 1 + first + i, 0))
 
     def batch_gradients(self, step: int, names: list[str], n: int, lam: float | None = None):
         """Gradients of the composite loss (λ given, or the schedule's at that step) at checkpoint
@@ -193,7 +193,7 @@ class AnalysisContext:
         model = self.model_at(step)
         params = dict(model.named_parameters())
         chosen = [params[name] for name in names]
-        lam = lambda_at(self.config.train.lambda_schedule, step) if lam is None else lam
+        lam = lambda_at(self.trained.train.lambda_schedule, step) if lam is None else lam
         for inputs, targets, mask in self.batches(n):
             with self.live.autocast:
                 logits = model(inputs)
@@ -214,7 +214,7 @@ class AnalysisContext:
 
         if step not in self.checkpoint_steps():
             raise UsageError(f"run {str(self.run)!r} has no checkpoint at step {step}")
-        tree = config_mod.to_dict(self.config)
+        tree = config_mod.to_dict(self.trained)
         tree["metrics"], tree["train"]["resume"] = [], False
         if "optimizer.name" in overrides and overrides["optimizer.name"] != tree["optimizer"]["name"]:
             tree["optimizer"]["params"] = {}
@@ -258,10 +258,15 @@ class AnalysisContext:
         gradients or evaluations); load a checkpoint into `live.model` before use."""
         from geobench.train import prepare
 
+        return prepare(self.trained)
+
+    @property
+    def trained(self) -> config_mod.Config:
+        """The config of the geobench run behind the trajectory; a manifest's trajectory has none."""
         if self.config is None:
             raise UsageError("this metric needs the model and data of a geobench run; a manifest's trajectory has "
                              "checkpoints only")
-        return prepare(self.config)
+        return self.config
 
 
 def check_checkpoint_steps(cfg: config_mod.Config, steps, option: str) -> None:

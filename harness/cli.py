@@ -154,7 +154,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     ctx = AnalysisContext.open(args.run, reg)
     if not ctx.run.report_json.exists():
         raise UsageError(f"run {args.run!r} has no report.json (was it killed? finish it with resume=true)")
-    names = args.metrics or ctx.config.metrics
+    names = args.metrics or ctx.trained.metrics
     if not names:
         raise UsageError(f"name a metric with --metric (available: {', '.join(reg.metrics) or 'none installed'})")
     options = metric_options(names, config.parse_pairs(args.pairs), reg)

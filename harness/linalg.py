@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,8 @@ class _Handles:
     is read from the file that holds it)."""
 
     def __init__(self, stack: contextlib.ExitStack, checkpoints: Sequence[Checkpoint]):
-        self.stack, self.open = stack, {}
+        self.stack = stack
+        self.open: dict[Path, Any] = {}
         self.readers = [c if isinstance(c, CheckpointReader) else CheckpointReader(c) for c in checkpoints]
 
     def __call__(self, i: int, name: str):

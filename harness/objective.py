@@ -55,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, hidden, weight, targets, row_weights, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, row_weights, chunk):
         acc = _accumulator(hidden)
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -70,7 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_total):  # type: ignore[override]
+    def backward(ctx, grad_total):
         hidden, weight, targets, row_weights, lse = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) \

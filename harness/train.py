@@ -12,6 +12,8 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +160,8 @@ class LossReader:
     `every − 1` steps after the step that produced it, and that step is recorded exactly."""
 
     def __init__(self, every: int):
-        self.every, self.pending = every, []
+        self.every = every
+        self.pending: list[tuple[int, torch.Tensor, float]] = []
 
     def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
         self.pending.append((step, loss.detach().reshape(()), lr))
@@ -221,7 +224,8 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         out.truncate_evals(start)
         out.drop_checkpoints_after(start)
 
-    body = model.hidden if has_head(model) else model  # with a head: the loss never holds the full logits
+    headed: Any = model if has_head(model) else None  # with a head: the loss never holds the full logits
+    body: Callable[[torch.Tensor], torch.Tensor] = headed.hidden if headed is not None else model
     forward = torch.compile(body) if cfg.model.compile else body
     rule = run.optimizer_plugin.gradient
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
@@ -273,7 +277,7 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
                     continue
                 with run.autocast:
                     features = forward(inputs)
-                    loss = (head_composite_loss(features, model.output_weight, targets, mask, lam) if body is not model
+                    loss = (head_composite_loss(features, headed.output_weight, targets, mask, lam) if headed is not None
                             else composite_loss(features, targets, mask, lam)) / t.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()

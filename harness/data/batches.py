@@ -88,9 +88,7 @@ class Prefetcher:
         for key in self.keys:
             try:
                 batch = self.stream.batch(*key)
-                if self.pin:
-                    batch = tuple(x.pin_memory() for x in batch)
-                item: tuple = (key, batch)
+                item: tuple = (key, tuple(x.pin_memory() for x in batch) if self.pin else batch)
             except BaseException as exc:  # handed to the consumer, raised there
                 item = (key, exc)
             while not self.stop.is_set():
