@@ -43,7 +43,7 @@ class Evaluator:
         """targets ↦ (per-position CE, argmax) for `inputs`; through the model's head in chunks when
         it has one (no full logits), else from its logits."""
         with self.autocast:
-            if has_head(model):
+            if has_head(model, inputs.numel()):
                 hidden = model.hidden(inputs.to(self.device, non_blocking=True))
                 return lambda targets: head_token_stats(hidden, model.output_weight, targets)
             logits = model(inputs.to(self.device, non_blocking=True))

@@ -129,6 +129,14 @@ def head_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     return ce.view_as(targets), argmax.view_as(targets)
 
 
-def has_head(model: torch.nn.Module) -> bool:
-    """Whether a model exposes `hidden(idx)` and `output_weight` (logits = hidden @ output_weightᵀ)."""
-    return callable(getattr(model, "hidden", None)) and hasattr(model, "output_weight")
+HEAD_PATH_BYTES = 256 * 2**20  # float32 logits larger than this go through the chunked head path
+
+
+def has_head(model: torch.nn.Module, rows: int = 0) -> bool:
+    """Whether the losses of `rows` positions should go through the model's head in chunks: the model
+    exposes `hidden(idx)` and `output_weight` (logits = hidden @ output_weightᵀ), and its float32
+    logits would exceed HEAD_PATH_BYTES (at the paper size, 64 × 256 × 50257 are 3.3 GB; small
+    logits are faster in one piece, on a CPU in particular)."""
+    weight = getattr(model, "output_weight", None)
+    return (callable(getattr(model, "hidden", None)) and isinstance(weight, torch.Tensor)
+            and rows * weight.shape[0] * 4 > HEAD_PATH_BYTES)

@@ -224,7 +224,7 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         out.truncate_evals(start)
         out.drop_checkpoints_after(start)
 
-    headed: Any = model if has_head(model) else None  # with a head: the loss never holds the full logits
+    headed: Any = model if has_head(model, t.batch_size * cfg.model.context) else None  # no full logits held
     body: Callable[[torch.Tensor], torch.Tensor] = headed.hidden if headed is not None else model
     forward = torch.compile(body) if cfg.model.compile else body
     rule = run.optimizer_plugin.gradient
@@ -258,7 +258,8 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
     bar = tqdm(total=t.steps, initial=start, desc=out.path.name, unit="step", file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
     model.train()
-    prefetch = Prefetcher(run.stream, start + 1, t.steps, depth=2 * t.grad_accum, pin=run.device.type == "cuda")
+    on_gpu = run.device.type == "cuda"  # a CPU gains nothing from a second thread competing for its cores
+    prefetch = Prefetcher(run.stream, start + 1, t.steps, depth=2 * t.grad_accum, pin=on_gpu, threaded=on_gpu)
     batches = iter(prefetch)
     try:
         for step in range(start + 1, t.steps + 1):

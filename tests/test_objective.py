@@ -146,3 +146,26 @@ def test_chunked_head_loss_equals_cross_entropy_on_the_logits(case):
     logits = hidden.detach() @ weight.detach().T
     torch.testing.assert_close(ce, token_losses(logits, targets).to(ce.dtype), rtol=1e-6, atol=1e-6)
     assert torch.equal(argmax, logits.argmax(-1))
+
+
+def test_training_through_the_chunked_head_equals_training_on_the_logits(tmp_path, monkeypatch):
+    """End to end: the same tiny run with the head path forced on (as at the paper size) and off."""
+    from conftest import FAST
+    from geobench import config, objective
+    from geobench.registry import get_optimizer, registry
+    from geobench.train import prepare, train
+    from geobench.trajectory import RunDir
+
+    finals = {}
+    for name, threshold in (("logits", 2**62), ("head", 0)):
+        monkeypatch.setattr(objective, "HEAD_PATH_BYTES", threshold)
+        cfg = config.resolve("adamw", config.parse_pairs([*FAST, "steps=6", "eval_every=3"]), None, get_optimizer, "tiny")
+        out = RunDir(tmp_path / name)
+        out.path.mkdir()
+        train(prepare(cfg), out, registry().manager.hook)
+        finals[name] = (out.load_checkpoint(6), out.read_evals())
+    (w_logits, e_logits), (w_head, e_head) = finals["logits"], finals["head"]
+    for key in w_logits:
+        torch.testing.assert_close(w_head[key], w_logits[key], rtol=1e-4, atol=1e-5)
+    for a, b in zip(e_logits, e_head):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4) and b["p_ood"] == a["p_ood"]

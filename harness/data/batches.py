@@ -72,17 +72,20 @@ class TrainStream:
 
 class Prefetcher:
     """The micro-batches of steps `first`..`last` of a stream, built ahead of the training step by a
-    background thread (and pinned for a fast host-to-device copy when `pin` is set). The batches are
+    background thread (and pinned for a fast host-to-device copy when `pin` is set; with
+    `threaded=False`, on the caller's thread as it asks for them). The batches are
     exactly `stream.batch(step, micro)`: a pure function of the step, so resume stays exact. At most
     `depth` batches wait in memory; `close()` stops the thread."""
 
-    def __init__(self, stream: TrainStream, first: int, last: int, depth: int = 4, pin: bool = False):
-        self.stream, self.pin = stream, pin
+    def __init__(self, stream: TrainStream, first: int, last: int, depth: int = 4, pin: bool = False,
+                 threaded: bool = True):
+        self.stream, self.pin, self.threaded = stream, pin, threaded
         self.keys = [(step, micro) for step in range(first, last + 1) for micro in range(stream.grad_accum)]
         self.ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fill, name="geobench-prefetch", daemon=True)
-        self.thread.start()
+        if threaded:
+            self.thread.start()
 
     def _fill(self) -> None:
         for key in self.keys:
@@ -101,6 +104,9 @@ class Prefetcher:
                 return
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if not self.threaded:
+            yield from (self.stream.batch(*key) for key in self.keys)
+            return
         for key in self.keys:
             got, batch = self.ready.get()
             if isinstance(batch, BaseException):
@@ -110,7 +116,8 @@ class Prefetcher:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join()
+        if self.threaded:
+            self.thread.join()
 
 
 def validation_batches(stories: TokenizedStories, context: int, n_batches: int, batch_size: int,
