@@ -22,6 +22,7 @@ device in the same run, not a datasheet number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import resource
@@ -82,9 +83,14 @@ def time_harness(run: Run) -> float:
 
 
 def time_plain(run: Run, steps: int) -> float:
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    forward = torch.compile(run.model) if run.cfg.model.compile else run.model
+    return time_loop(run, run.model, forward, run.optimizer, steps, run.autocast)
+
+
+def time_loop(run: Run, model, forward, optimizer, steps: int, autocast) -> float:
+    """Seconds of `steps` plain steps on random token batches of the run's shape."""
+    cfg = run.cfg
     vocab = model.wte.weight.shape[0]
-    forward = torch.compile(model) if cfg.model.compile else model
     shape = (cfg.train.batch_size, cfg.model.context + 1)
     _sync(run.device)
     start = time.perf_counter()
@@ -92,7 +98,7 @@ def time_plain(run: Run, steps: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.train.grad_accum):
             tokens = torch.randint(0, vocab, shape, device=run.device)
-            with run.autocast:
+            with autocast:
                 logits = forward(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) / cfg.train.grad_accum
             loss.backward()
@@ -124,21 +130,7 @@ def time_seed_style(run: Run, steps: int) -> float:
     hp = cfg.optimizer.params
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp["wd"]}, {"params": rest, "weight_decay": 0.0}],
                                   lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"], foreach=False, fused=False)
-    vocab = model.wte.weight.shape[0]
-    shape = (cfg.train.batch_size, cfg.model.context + 1)
-    _sync(run.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(cfg.train.grad_accum):
-            tokens = torch.randint(0, vocab, shape, device=run.device)
-            logits = model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / cfg.train.grad_accum
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-    _sync(run.device)
-    return time.perf_counter() - start
+    return time_loop(run, model, model, optimizer, steps, contextlib.nullcontext())
 
 
 def measured_bf16_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
