@@ -49,6 +49,7 @@ class AnalysisContext:
     run: RunDir
     config: config_mod.Config | None
     external: dict[int, CheckpointReader] | None = None
+    chosen: list[str] | None = None  # for an external trajectory: the parameters it is restricted to
     _grams: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
@@ -77,9 +78,7 @@ class AnalysisContext:
         for reader in readers.values():
             for name in names:
                 reader.where(name)  # every checkpoint holds every chosen parameter
-        ctx = cls(RunDir(out), None, readers)
-        ctx.__dict__["parameter_shapes"] = {n: first.shape(n) for n in names}
-        return ctx
+        return cls(RunDir(out), None, readers, names)
 
     @functools.cached_property
     def evals(self) -> list[dict]:
@@ -103,7 +102,7 @@ class AnalysisContext:
         if not steps:
             raise UsageError(f"run {str(self.run)!r} has no checkpoints")
         reader = self.reader(steps[0])
-        return {name: reader.shape(name) for name in reader.names()}
+        return {name: reader.shape(name) for name in self.chosen or reader.names()}
 
     def scope(self, scope: str) -> list[str]:
         """Parameter names of a scope: `trunk`, `all` or `block:I` (SPEC §1)."""

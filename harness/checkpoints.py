@@ -37,7 +37,25 @@ def _checked(tensor: torch.Tensor, where: Path, name: str) -> torch.Tensor:
     return values
 
 
-class CheckpointReader:
+class _ParameterFiles:
+    """Which file holds each parameter."""
+
+    path: Path
+    files: dict[str, Path]
+
+    def missing(self, name: str) -> str:
+        return f"checkpoint {str(self.path)!r} has no parameter {name!r}"
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def where(self, name: str) -> Path:
+        if name not in self.files:
+            raise UsageError(self.missing(name))
+        return self.files[name]
+
+
+class CheckpointReader(_ParameterFiles):
     """Tensors of one checkpoint: a .safetensors file, or a Hugging Face style directory holding
     either model.safetensors or shards listed in model.safetensors.index.json."""
 
@@ -71,14 +89,6 @@ class CheckpointReader:
         except (SafetensorError, OSError) as exc:
             raise UsageError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
 
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def where(self, name: str) -> Path:
-        if name not in self.files:
-            raise UsageError(f"checkpoint {str(self.path)!r} has no parameter {name!r}")
-        return self.files[name]
-
     def shape(self, name: str) -> tuple[int, ...]:
         with safe_open(str(self.where(name)), framework="pt") as fh:
             return tuple(fh.get_slice(name).get_shape())
@@ -93,7 +103,7 @@ class CheckpointReader:
         return _checked(tensor, where, name)
 
 
-class NpzDirectory:
+class NpzDirectory(_ParameterFiles):
     """One .npz file per parameter, named after it (`model.layers.7.mlp.down_proj.weight.npz`); the
     array is the file's only array, or the one stored under the parameter's name."""
 
@@ -103,13 +113,8 @@ class NpzDirectory:
         if not self.files:
             raise UsageError(f"{str(self.path)!r} holds no .npz files")
 
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def where(self, name: str) -> Path:
-        if name not in self.files:
-            raise UsageError(f"{str(self.path)!r} has no file {name + '.npz'!r} for parameter {name!r}")
-        return self.files[name]
+    def missing(self, name: str) -> str:
+        return f"{str(self.path)!r} has no file {name + '.npz'!r} for parameter {name!r}"
 
     def get(self, name: str) -> torch.Tensor:
         where = self.where(name)

@@ -168,8 +168,7 @@ def manifest_energy(manifest: str | Path, opts: str, reference: str | None = Non
     runs = read_manifest(manifest)
     chosen = chosen_optimizers(runs, opts)
     ref = chosen_optimizers(runs, reference)[0] if reference else chosen[0]
-    ref_first, ref_last = CheckpointReader(runs[ref][0][1]), CheckpointReader(runs[ref][-1][1])
-    origin: Source = open_source(theta0) if theta0 else ref_first
+    origin: Source = open_source(theta0) if theta0 else CheckpointReader(runs[ref][0][1])
     given_phi = open_source(phi_hat) if phi_hat else None
     if pattern is not None:
         names = select((given_phi or origin).names(), pattern)
@@ -177,7 +176,10 @@ def manifest_energy(manifest: str | Path, opts: str, reference: str | None = Non
             raise UsageError(f"--params {pattern!r} matches no parameter of {str((given_phi or origin).path)!r}")
     else:
         names = (given_phi or origin).names()
-    direction: Callable[[str], torch.Tensor] = (
-        given_phi.get if given_phi else (lambda n: ref_last.get(n) - ref_first.get(n)))
+    if given_phi is not None:
+        direction: Callable[[str], torch.Tensor] = given_phi.get
+    else:  # the reference's unit drift, last minus first
+        first, last = CheckpointReader(runs[ref][0][1]), CheckpointReader(runs[ref][-1][1])
+        direction = lambda n: last.get(n) - first.get(n)  # noqa: E731
     trajectories = {o: [(it, CheckpointReader(p)) for it, p in runs[o]] for o in chosen}
     return measure(trajectories, origin, direction, names, notice=notice if given_phi else None)
