@@ -19,7 +19,7 @@ from geobench.checkpoints import CheckpointReader
 from geobench.errors import UsageError, did_you_mean
 from geobench.linalg import PCA, TrajectoryGram, pca
 from geobench.model import block_names, trunk_names
-from geobench.trajectory import RunDir
+from geobench.trajectory import LOCK_NAME, RunDir
 
 
 @dataclasses.dataclass
@@ -226,12 +226,14 @@ class AnalysisContext:
             with torch.no_grad():
                 perturb(run.model)
         out = RunDir(self.run.path / "derived" / name)
-        shutil.rmtree(out.path, ignore_errors=True)
-        out.path.mkdir(parents=True)
-        out.config.write_text(config_mod.save(cfg))
-        out.append_eval({"step": 0, **run.evaluator(run.model)})
-        outcome = train(run, out, plugin_registry.registry().manager.hook)
-        evals = out.read_evals()
+        with out.lock("derived run"):
+            for entry in out.path.iterdir():  # a derived run always starts afresh
+                if entry.name != LOCK_NAME:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            out.config.write_text(config_mod.save(cfg))
+            out.append_eval({"step": 0, **run.evaluator(run.model)})
+            outcome = train(run, out, plugin_registry.registry().manager.hook)
+            evals = out.read_evals()
         if outcome.status == "diverged":
             evals.append({"step": outcome.diverged_at, "diverged": True})
         return evals

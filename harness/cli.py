@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark suite (a grid of runs) and write its comparison report")
     bench.add_argument("suite", nargs="?", help="built-in suite name or a suite .yaml file")
     bench.add_argument("pairs", nargs="*", metavar="key=value",
-                       help="scale=tiny|short|paper, or config keys applied to every cell")
+                       help="scale=tiny|short|paper; executor=inline|local|slurm|ray and executor.OPTION=value; "
+                            "fail_fast=true; config keys applied to every cell; or the word `status`: each cell's state")
     bench.add_argument("--list", action="store_true", help="list the built-in suites")
+    bench.add_argument("--no-wait", action="store_true",
+                       help="submit and return (executor=slurm); run the same command again to assemble the comparison")
     bench.add_argument("--out", help="suite directory (default: runs/suites/<suite>-<scale>)")
     bench.set_defaults(handler=cmd_bench)
 
@@ -97,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args, extra = build_parser().parse_known_args(argv)
-        # key=value pairs may also follow the options (`run adamw --out d steps=5`)
-        pairs = [a for a in extra if "=" in a and not a.startswith("-")]
+        # key=value pairs (and bench's word `status`) may also follow the options (`run adamw --out d steps=5`)
+        pairs = [a for a in extra if ("=" in a or a == "status") and not a.startswith("-")]
         unknown = [a for a in extra if a not in pairs]
         if unknown or (pairs and not hasattr(args, "pairs")):
             raise UsageError(f"unrecognized arguments: {' '.join(unknown or pairs)}")
@@ -133,8 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset_reason = "as asked" if explicit else ("auto: a CUDA device is present" if has_cuda else "auto: no CUDA device")
     optimizer = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
     out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg, pairs, optimizer.params)))
-    options = runner.check(cfg, out, reg)
-    doc = runner.execute(cfg, out, reg, preset_reason, options)
+    with out.lock("run"):
+        options = runner.check(cfg, out, reg)
+        doc = runner.execute(cfg, out, reg, preset_reason, options)
     return 130 if doc["run"]["status"] == "interrupted" else 0
 
 
@@ -158,10 +162,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not names:
         raise UsageError(f"name a metric with --metric (available: {', '.join(reg.metrics) or 'none installed'})")
     options = metric_options(names, config.parse_pairs(args.pairs), reg)
-    results = run_metrics(ctx, names, reg, options, strict=True)
-    doc = json_mod.loads(ctx.run.report_json.read_text())
-    doc["metrics"].update(results)
-    report.write(ctx.run, doc, reg.manager.hook)
+    with ctx.run.lock("analyze"):
+        results = run_metrics(ctx, names, reg, options, strict=True)
+        doc = json_mod.loads(ctx.run.report_json.read_text())
+        doc["metrics"].update(results)
+        report.write(ctx.run, doc, reg.manager.hook)
     for name, result in results.items():
         line = f"geobench: {name}: {result['status']}"
         if result["status"] == "failed":
@@ -198,14 +203,15 @@ def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) ->
                 pairs.setdefault(f"{name}.{option}", value)
     options = metric_options(names, pairs, reg)
     out = RunDir(args.out)
-    if not out.is_empty():
-        raise UsageError(f"output directory {args.out!r} exists and is not empty; choose another with --out")
-    ctx = AnalysisContext.of_manifest(args.manifest, args.opt, args.params, args.out)
-    started = report.now()
-    results = run_metrics(ctx, names, reg, options, strict=True)
-    doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params, ctx.checkpoint_steps(),
-                                     ctx.parameter_shapes, results, started)
-    report.write(out, doc, reg.manager.hook)
+    with out.lock("analyze"):
+        if not out.is_empty():
+            raise UsageError(f"output directory {args.out!r} exists and is not empty; choose another with --out")
+        ctx = AnalysisContext.of_manifest(args.manifest, args.opt, args.params, args.out)
+        started = report.now()
+        results = run_metrics(ctx, names, reg, options, strict=True)
+        doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params, ctx.checkpoint_steps(),
+                                         ctx.parameter_shapes, results, started)
+        report.write(out, doc, reg.manager.hook)
     for name, result in results.items():
         print(f"geobench: {name}: {result['status']}; "
               + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6]))
@@ -223,17 +229,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.suite:
         raise UsageError("name a suite (see `geobench bench --list`)")
     reg = plugin_registry.registry()
-    pairs = config.parse_pairs(args.pairs)
+    show_status = "status" in args.pairs
+    pairs = config.parse_pairs([p for p in args.pairs if p != "status"])
     has_cuda = torch.cuda.is_available()
     scale = pairs.pop("scale", "paper" if has_cuda else "tiny")
     suite = suites.load(args.suite, scale, pairs, args.out, reg)
+    if show_status:
+        for label, (state, detail) in suites.states(suite).items():
+            print(f"{label:<28} {state:<11} {detail}")
+        return 0
     print(f"geobench bench: suite {suite.name}, scale {scale}"
           f"{'' if 'scale' in config.parse_pairs(args.pairs) else ' (auto: ' + ('CUDA' if has_cuda else 'no CUDA') + ')'}; "
-          f"{len(suite.cells)} cells into {suite.directory}", flush=True)
-    statuses = suites.run(suite, reg)
-    failed = {k: v for k, v in statuses.items() if v.startswith("failed")}
-    print(f"geobench bench: {len(statuses) - len(failed)} of {len(suite.cells)} cells ran"
-          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; report {suite.directory / 'comparison.md'}")
+          f"{len(suite.cells)} cells into {suite.directory}; executor {suite.executor.name}", flush=True)
+    statuses = suites.run(suite, wait=not args.no_wait)
+    if args.no_wait:
+        print(f"geobench bench: submitted; `geobench bench {args.suite} {' '.join(args.pairs)} status` shows the cells, "
+              "the same command without --no-wait assembles the comparison")
+        return 0
+    failed = {k: v for k, v in statuses.items() if not v.startswith(("completed", "diverged"))}
+    print(f"geobench bench: {len(statuses) - len(failed)} of {len(suite.cells)} cells finished"
+          + (f"; not finished: {', '.join(failed)}" if failed else "") + f"; report {suite.directory / 'comparison.md'}")
     if any(v == "interrupted" for v in statuses.values()):
         return 130
     return 1 if failed else 0

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from geobench.errors import UsageError, did_you_mean
-from geobench.params import Param
+from geobench.params import Param, load_yaml
 
 DEFAULT_METRICS = ("backbone", "alignment", "switching", "fisher", "interference", "energy", "grad_structure")
 
@@ -219,7 +219,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise UsageError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

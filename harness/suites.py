@@ -4,7 +4,8 @@ and the table to print — run cell by cell through the same runner as `geobench
 Suite file keys: name, description, base (config keys for every cell), grid (a mapping of lists,
 crossed, or a list of explicit cells, each a mapping that may carry a `label` and its own `metrics`),
 metrics,
-metric_options ({metric: {option: value}}), table (main | beta2 | sgd | reheat), published
+metric_options ({metric: {option: value}}), table (main | beta2 | sgd | reheat), executor (a name of
+geobench.executors, or a mapping with `name` and its options), fail_fast, published
 ({cell group: {column: value}}, SPEC §5, shown beside paper-scale tables), references (published series
 of `geobench.published` drawn and tabulated beside the cells at every scale), scales ({tiny|short|paper:
 {base: ..., metric_options: ...}}).
@@ -12,11 +13,9 @@ of `geobench.published` drawn and tabulated beside the cells at every scale), sc
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
-import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -24,16 +23,16 @@ from typing import Any
 
 import yaml
 
-from geobench import compare, config, runner
+from geobench import compare, config, executors, runner
 from geobench import published as published_series
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError, did_you_mean
-from geobench.trajectory import RunDir, atomic_write_json
+from geobench.params import load_yaml
+from geobench.trajectory import RunDir, atomic_write_json, writer_lock
 
 SUITE_KEYS = ("name", "description", "base", "grid", "metrics", "metric_options", "table", "published", "references",
-              "scales")
+              "scales", "executor", "fail_fast")
 SCALES = ("tiny", "short", "paper")
-DONE = ("completed", "diverged")
 
 
 @dataclasses.dataclass
@@ -55,6 +54,7 @@ class Suite:
     directory: Path
     cells: list[Cell]
     references: list[str] = dataclasses.field(default_factory=list)
+    executor: executors.Settings = dataclasses.field(default_factory=executors.Settings)
 
 
 def builtin() -> dict[str, str]:
@@ -62,7 +62,7 @@ def builtin() -> dict[str, str]:
     found = {}
     for entry in resources.files("geobench.suite_files").iterdir():
         if entry.name.endswith(".yaml"):
-            data = yaml.safe_load(entry.read_text())
+            data = load_yaml(entry.read_text())
             found[entry.name.removesuffix(".yaml")] = data.get("description", "")
     return dict(sorted(found.items()))
 
@@ -80,7 +80,7 @@ def _read(name_or_path: str) -> tuple[dict, str]:
                              f"built-in: {', '.join(shipped)} (or a path to a .yaml file)")
         text, where = resources.files("geobench.suite_files").joinpath(f"{name_or_path}.yaml").read_text(), name_or_path
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError:
         raise UsageError(f"malformed YAML in suite {where!r}") from None
     if not isinstance(data, dict):
@@ -119,6 +119,11 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
          reg: plugin_registry.Registry) -> Suite:
     """Read and check a suite completely: every cell's config, optimizer, metrics and options."""
     data, where = _read(name_or_path)
+    overrides = dict(overrides)
+    try:
+        executor = executors.settings(data.get("executor"), overrides, overrides.pop("fail_fast", data.get("fail_fast", False)))
+    except UsageError as exc:
+        raise UsageError(f"suite {where!r}: {exc}") from None
     if scale not in SCALES:
         raise UsageError(f"scale={scale!r} is not one of {', '.join(SCALES)}")
     scaled = (data.get("scales") or {}).get(scale, {}) or {}
@@ -162,81 +167,50 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
     except UsageError as exc:
         raise UsageError(f"suite {where!r}: {exc}") from None
     return Suite(name, data.get("description", ""), scale, table, published if scale == "paper" else {}, root, cells,
-                 references)
+                 references, executor)
 
 
-@contextlib.contextmanager
-def lock(directory: Path):
-    """Refuse a second suite writing into the same directory while the first is alive."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ".lock"
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        holder = path.read_text().strip() or "?"
-        if holder.isdigit() and _alive(int(holder)):
-            raise UsageError(f"suite directory {str(directory)!r} is in use by process {holder} "
-                             "(another geobench bench); wait for it or choose another with --out") from None
-        path.unlink(missing_ok=True)  # left behind by a process that is gone
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+def jobs(suite: Suite) -> list[executors.CellJob]:
+    return [executors.CellJob(c.label, str(suite.directory.resolve()), str(c.out.path.resolve()), c.cfg,
+                              c.metric_options, f"suite {suite.name}, scale {suite.scale}") for c in suite.cells]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def states(suite: Suite) -> dict[str, tuple[str, str]]:
+    """{label: (state, detail)} of every cell (executors.cell_state)."""
+    return {job.label: executors.cell_state(job) for job in jobs(suite)}
 
 
-def status_of(out: RunDir) -> str | None:
-    if not out.report_json.exists():
-        return None
-    return json.loads(out.report_json.read_text())["run"]["status"]
+def run(suite: Suite, *, wait: bool = True, cluster: str = "slurm") -> dict[str, str]:
+    """Hand every cell not finished yet to the suite's executor (cells running or queued elsewhere
+    are left to finish); a failing cell is recorded and the others go on unless fail_fast. Writes the
+    index and, when this process waited, the comparison of the finished cells. Returns every
+    cell's status."""
+    def say(line: str) -> None:
+        print(f"geobench bench: {line}", flush=True)
 
-
-def run(suite: Suite, reg: plugin_registry.Registry) -> dict[str, str]:
-    """Run every cell not done yet; a failing cell is recorded and the others go on. Returns the
-    status of every cell."""
     statuses: dict[str, str] = {}
-    durations: list[float] = []
-    n = len(suite.cells)
-    with lock(suite.directory):
-        for i, cell in enumerate(suite.cells, 1):
-            done = status_of(cell.out)
-            if done in DONE:
-                statuses[cell.label] = done
-                print(f"geobench bench: [{i}/{n}] {cell.label}: already {done}, skipped", flush=True)
-                continue
-            remaining = n - i + 1
-            eta = f"; suite ETA {_duration(sum(durations) / len(durations) * remaining)}" if durations else ""
-            print(f"geobench bench: [{i}/{n}] {cell.label}: running{eta}", flush=True)
-            start = time.monotonic()
-            try:
-                doc = runner.execute(cell.cfg, cell.out, reg, f"suite {suite.name}, scale {suite.scale}",
-                                     cell.metric_options)
-                statuses[cell.label] = doc["run"]["status"]
-            except UsageError as exc:
-                statuses[cell.label] = f"failed: {exc}"
-            except Exception as exc:  # one broken cell must not cost the suite the others
-                statuses[cell.label] = f"failed: {type(exc).__name__}: {exc}"
-            durations.append(time.monotonic() - start)
-            print(f"geobench bench: [{i}/{n}] {cell.label}: {statuses[cell.label]} in {_duration(durations[-1])}",
-                  flush=True)
-            _write_index(suite, statuses)
-            if statuses[cell.label] == "interrupted":
-                break
+    with writer_lock(suite.directory, "bench"):
+        todo, elsewhere = [], []
+        for job in jobs(suite):
+            state, detail = executors.cell_state(job)
+            if state == "finished":
+                statuses[job.label] = detail
+                say(f"{job.label}: already {detail}, skipped")
+            elif state in ("running", "queued"):
+                statuses[job.label] = state
+                elsewhere.append(job)
+                say(f"{job.label}: {state} elsewhere ({detail}), not submitted again")
+            else:
+                todo.append(job)
+        statuses.update(executors.execute(todo, suite.executor, wait=wait, say=say, cluster=cluster))
+        if wait:
+            for job in elsewhere:  # e.g. the cells of a killed `bench --executor local` still training
+                while executors.cell_state(job)[0] in ("running", "queued"):
+                    time.sleep(2)
+                statuses[job.label] = executors.cell_state(job)[1] or "missing"
         _write_index(suite, statuses)
         finished = [c for c in suite.cells if status_of(c.out) is not None]
-        if finished:
+        if wait and finished:
             doc, docs = compare.build([c.out.path for c in finished], f"geobench suite {suite.name} ({suite.scale})",
                                       suite.table, suite.published, {str(c.out.path): c.label for c in finished},
                                       {str(c.out.path): c.group for c in finished},
@@ -246,14 +220,15 @@ def run(suite: Suite, reg: plugin_registry.Registry) -> dict[str, str]:
     return statuses
 
 
+def status_of(out: RunDir) -> str | None:
+    if not out.report_json.exists():
+        return None
+    return json.loads(out.report_json.read_text())["run"]["status"]
+
+
 def _write_index(suite: Suite, statuses: dict[str, str]) -> None:
     atomic_write_json(suite.directory / "suite.json", {
         "name": suite.name, "description": suite.description, "scale": suite.scale, "table": suite.table,
         "references": suite.references,
         "cells": [{"label": c.label, "group": c.group, "directory": c.out.path.name,
                    "status": statuses.get(c.label, "pending")} for c in suite.cells]})
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -221,6 +221,7 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         optimizer.load_state_dict(training["optimizer"])
         torch.set_rng_state(training["torch_rng"])
         start, elapsed, tokens, resumed_from = meta["step"], meta["train_seconds"], meta["tokens"], meta["step"]
+    if t.resume:  # what a killed run wrote after its last state (all of it, when it saved none) is redone
         out.truncate_evals(start)
         out.drop_checkpoints_after(start)
 

@@ -9,18 +9,25 @@ Every file a crash could tear is written under a temporary name and renamed into
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
 import shutil
+import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
+
+from geobench.errors import UsageError
+
+LOCK_NAME = ".lock"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -42,6 +49,55 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+@contextlib.contextmanager
+def writer_lock(directory: str | Path, role: str) -> Iterator[None]:
+    """Hold the one-writer lock of `directory` (created if missing) while the block runs.
+
+    An OS-level `flock` on `directory/.lock`: the kernel releases it when the holder exits or is
+    killed, so no stale lock survives a crash, and on Linux NFS maps it to a byte-range lock that
+    other hosts see. A second writer — another process, or another open in this one — gets a
+    UsageError naming the holder (host, PID, role) and nothing is changed. A directory this call
+    created and the block left empty (it failed before writing) is removed again."""
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
+        os.close(fd)
+        raise UsageError(f"{str(directory)!r} is being written by {holder}; one process writes a directory "
+                         "at a time (wait for it to finish, or stop it)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"geobench {role} (host {socket.gethostname()}, pid {os.getpid()})".encode(), 0)
+    try:
+        yield
+    except BaseException:
+        if created and [p.name for p in directory.iterdir()] == [LOCK_NAME]:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def lock_holder(directory: str | Path) -> str | None:
+    """Who holds `directory`'s writer lock, or None when nobody does."""
+    path = Path(directory) / LOCK_NAME
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
+    finally:
+        os.close(fd)
+    return None
+
+
 def _cpu_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
@@ -61,7 +117,11 @@ class RunDir:
         return str(self.path)
 
     def is_empty(self) -> bool:
-        return not self.path.exists() or not any(self.path.iterdir())
+        return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
+
+    def lock(self, role: str) -> contextlib.AbstractContextManager:
+        """The one-writer lock of this run directory (`writer_lock`)."""
+        return writer_lock(self.path, role)
 
     # evals.jsonl: one JSON object per evaluation
     def append_eval(self, record: dict) -> None:

@@ -1,7 +1,6 @@
 """Benchmark suites and comparison reports, through the command line."""
 
 import json
-import os
 
 import jsonschema
 import numpy as np
@@ -95,17 +94,15 @@ def test_bad_suites_fail_before_anything_runs(tmp_path, changes, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_locked_suite_directory_is_refused(tmp_path):
+def test_a_suite_directory_in_use_is_refused(tmp_path):
+    from geobench.trajectory import writer_lock
+
     suite = write_suite(tmp_path, grid={"optimizer": ["adamw"]}, metrics=[], metric_options={})
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / ".lock").write_text(str(os.getpid()))  # a live process holds it
-    result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
-    assert result.returncode == 1 or result.returncode == 2
-    assert "is in use by process" in result.stderr
-    (tmp_path / "out" / ".lock").write_text("999999999")  # a process that is gone
+    with writer_lock(tmp_path / "out", "bench"):
+        result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 2 and "is being written by geobench bench" in result.stderr, result.stderr
     result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert not (tmp_path / "out" / ".lock").exists()
 
 
 def test_builtin_tiny_suite_paper_reheat(tmp_path):

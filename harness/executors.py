@@ -1,0 +1,416 @@
+"""Where a suite's cells run: in this process (`inline`), each in a process of its own on this
+machine (`local`, submitit's LocalExecutor), as one Slurm job array (`slurm`, submitit), or as Ray
+tasks (`ray`). The engines schedule; geobench only hands them cells.
+
+A cell is one run, described completely by a `CellJob` (its resolved config, its run directory and
+its metric options) and executed by `run_cell` wherever the engine puts it. The run directory is
+the only hand-off: a cell that is requeued, re-submitted or re-run continues from the training
+state found there, and its writer lock (trajectory.writer_lock) keeps a second copy of the same
+cell from writing beside it. The suite directory must therefore be on a filesystem every worker
+sees; a worker that cannot see it fails the cell with a line that says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from submitit.helpers import Checkpointable
+
+from geobench import config
+from geobench.errors import UsageError, did_you_mean
+from geobench.params import Param
+from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text, lock_holder
+
+DONE = ("completed", "diverged")
+A_WEEK = 7 * 24 * 60
+
+OPTIONS: dict[str, dict[str, Param]] = {
+    "inline": {},
+    "local": {
+        "timeout_min": Param(A_WEEK, "minutes a cell may run before it is stopped (and requeued from its state)",
+                             kind=int, low=1),
+        "parallel": Param(0, "cells at once; 0: one per visible GPU, or 1 without a GPU", kind=int, low=0),
+    },
+    "slurm": {
+        "timeout_min": Param(None, "REQUIRED: whole minutes per cell (sbatch --time); a timed-out cell is requeued "
+                                   "and resumes from its state", kind=int, low=1),
+        "gpus_per_node": Param(1, "GPUs per cell", kind=int, low=0),
+        "cpus_per_task": Param(8, "CPU cores per cell", kind=int, low=1),
+        "mem_gb": Param(0.0, "memory per cell in GB; 0: the partition's default", kind=float, low=0),
+        "partition": Param("", "Slurm partition; empty: the cluster's default", kind=str),
+        "array_parallelism": Param(256, "cells of the job array running at once", kind=int, low=1),
+        "setup": Param([], "shell lines run before each cell (module load ..., source venv/bin/activate)", kind=list),
+        "sbatch": Param({}, "other sbatch options, passed through: sbatch.qos=high, sbatch.account=lab", kind=dict),
+    },
+    "ray": {
+        "address": Param("", "an existing Ray cluster (host:port, ray://host:port or auto); empty: a local Ray",
+                         kind=str),
+        "cpus_per_task": Param(1, "CPU cores Ray reserves per cell", kind=int, low=1),
+    },
+}
+WAITS_DETACHED = ("slurm",)  # engines whose jobs outlive the submitting process (--no-wait)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    name: str = "inline"
+    options: dict = dataclasses.field(default_factory=dict)
+    fail_fast: bool = False
+
+
+def settings(from_suite: Any, pairs: dict[str, str], fail_fast: Any) -> Settings:
+    """The executor and its validated options: the suite file's `executor:` (a name, or a mapping
+    with `name` and options) below the command line's `executor=NAME` and `executor.OPTION=value`."""
+    suite_name, suite_options = "inline", {}
+    if isinstance(from_suite, str):
+        suite_name = from_suite
+    elif isinstance(from_suite, dict):
+        suite_options = dict(from_suite)
+        suite_name = str(suite_options.pop("name", "inline"))
+    elif from_suite is not None:
+        raise UsageError(f"executor: {from_suite!r} must be a name or a mapping with a name and options")
+    name = pairs.pop("executor", suite_name)
+    if name not in OPTIONS:
+        raise UsageError(f"executor={name!r} is not known{did_you_mean(name, OPTIONS)}; allowed: {', '.join(OPTIONS)}")
+    raw = suite_options if name == suite_name else {}
+    for key in [k for k in pairs if k.startswith("executor.")]:
+        option, value = key.removeprefix("executor."), pairs.pop(key)
+        if option.startswith("sbatch."):
+            raw.setdefault("sbatch", {})[option.removeprefix("sbatch.")] = value
+        else:
+            raw[option] = value
+    declared = OPTIONS[name]
+    options = {}
+    for option, value in raw.items():
+        if option not in declared:
+            allowed = ", ".join(declared) or "none"
+            raise UsageError(f"executor {name!r} has no option {option!r}{did_you_mean(option, declared)}; "
+                             f"allowed: {allowed}")
+        options[option] = _check_option(name, option, value, declared[option])
+    for option, param in declared.items():
+        if option not in options:
+            if param.default is None:
+                raise UsageError(f"executor={name} needs executor.{option}: {param.help}")
+            options[option] = copy.deepcopy(param.default)
+    if name == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError('executor=ray needs Ray, which is not installed: pip install "geobench[ray]"')
+        _reachable(options["address"])
+    return Settings(name, options, bool(Param(False).check("fail_fast", fail_fast)))
+
+
+def _check_option(executor: str, option: str, value: Any, param: Param) -> Any:
+    key = f"executor.{option}"
+    if option == "timeout_min" and isinstance(value, str) and ":" in value:
+        raise UsageError(f"{key}={value!r} is ambiguous (Slurm reads MM:SS, people read HH:MM): give whole "
+                         f"minutes, e.g. {key}=90")
+    if param.kind is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UsageError(f"{key}={value!r} must be a mapping of option names to values")
+        bad = [k for k in value if not k.replace("_", "-").replace("-", "").isalnum()]
+        if bad:
+            raise UsageError(f"{key} has a malformed option name {bad[0]!r}")
+        return {k.replace("-", "_"): v for k, v in value.items()}
+    if param.kind is list and isinstance(value, str):
+        return [value]
+    return param.check(key, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellJob:
+    """One cell, everything a worker needs to run it."""
+
+    label: str
+    suite_dir: str  # absolute
+    run_dir: str  # absolute
+    cfg: config.Config
+    metric_options: dict
+    preset_reason: str
+
+    @property
+    def log(self) -> Path:
+        return Path(self.suite_dir) / "logs" / f"{self.label}.log"
+
+    @property
+    def error(self) -> Path:
+        return Path(self.suite_dir) / "logs" / f"{self.label}.error"
+
+
+def run_cell(job: CellJob, *, to_log: bool = True) -> str:
+    """Run one cell (in a worker, or inline); returns its status. Continues from the state in the
+    run directory when there is one. A failure is also written beside the cell's log, so that
+    `geobench bench … status` can show it whatever ran the cell."""
+    from geobench import registry, runner
+
+    if not Path(job.suite_dir).is_dir():
+        raise RuntimeError(f"suite directory {job.suite_dir!r} is not visible on host {socket.gethostname()}: "
+                           "a suite directory must be on a filesystem every worker shares")
+    job.error.parent.mkdir(parents=True, exist_ok=True)
+    job.error.unlink(missing_ok=True)
+    with _output_to(job.log) if to_log else contextlib.nullcontext():
+        try:
+            reg = registry.registry()
+            out = RunDir(job.run_dir)
+            with out.lock("suite cell"):
+                cfg = copy.deepcopy(job.cfg)
+                cfg.train.resume = not out.is_empty()
+                runner.check(cfg, out, reg)
+                doc = runner.execute(cfg, out, reg, job.preset_reason, job.metric_options)
+            return doc["run"]["status"]
+        except BaseException as exc:
+            atomic_write_text(job.error, f"{type(exc).__name__}: {exc}".splitlines()[0] + "\n")
+            raise
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    with open(path, "a", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        yield
+
+
+def cell_state(job: CellJob) -> tuple[str, str]:
+    """(finished | running | queued | failed | interrupted | missing, detail) of a cell, read from
+    its run directory, its lock, its error file and the engine's record of the submission."""
+    out = RunDir(job.run_dir)
+    if out.report_json.exists():
+        status = json.loads(out.report_json.read_text())["run"]["status"]
+        if status in DONE:
+            return "finished", status
+    holder = lock_holder(out.path)
+    if holder is not None:
+        return "running", holder
+    if job.error.exists():
+        return "failed", f"{job.error.read_text().strip()} (log {job.log})"
+    queued = _queued(job)
+    if queued:
+        return "queued", queued
+    if out.report_json.exists():
+        return "interrupted", f"continues from its state when the suite runs again (log {job.log})"
+    return "missing", ""
+
+
+def _submissions(suite_dir: str) -> Path:
+    return Path(suite_dir) / "submitted.json"
+
+
+def _queued(job: CellJob) -> str:
+    """A Slurm job of this cell that has not started yet (submitted with --no-wait)."""
+    record = _read_json(_submissions(job.suite_dir)).get(job.label)
+    if not record or record["executor"] != "slurm":
+        return ""
+    import submitit
+
+    state = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"]).state
+    return f"Slurm job {record['job_id']} {state}" if state in ("PENDING", "REQUEUED", "CONFIGURING") else ""
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def execute(jobs: list[CellJob], chosen: Settings, *, wait: bool, say: Callable[[str], None],
+            cluster: str = "slurm") -> dict[str, str]:
+    """Run (or submit) `jobs` with the chosen executor; returns {label: status} of the cells that
+    finished while this process watched ("submitted" for those it only handed over). `cluster` is
+    submitit's cluster for executor=slurm ("debug" runs the same submission in this process)."""
+    if not jobs:
+        return {}
+    if not wait and chosen.name not in WAITS_DETACHED:
+        raise UsageError(f"--no-wait needs an engine whose jobs outlive this process ({', '.join(WAITS_DETACHED)}); "
+                         f"executor={chosen.name} runs the cells only while geobench waits for them")
+    run = {"inline": _inline, "local": _local, "slurm": _slurm, "ray": _ray}[chosen.name]
+    return run(jobs, chosen, wait=wait, say=say, cluster=cluster)
+
+
+def _outcome(label: str, job: CellJob, value: Any, error: BaseException | None) -> str:
+    if error is None:
+        return str(value)
+    line = job.error.read_text().strip() if job.error.exists() else f"{type(error).__name__}: {error}".splitlines()[0]
+    return f"failed: {line} (log {job.log})"
+
+
+def _inline(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
+    statuses: dict[str, str] = {}
+    durations: list[float] = []
+    for i, job in enumerate(jobs, 1):
+        eta = f"; ETA {duration(sum(durations) / len(durations) * (len(jobs) - i + 1))}" if durations else ""
+        say(f"[{i}/{len(jobs)}] {job.label}: running{eta}")
+        start = time.monotonic()
+        try:
+            statuses[job.label] = run_cell(job, to_log=False)
+        except UsageError as exc:
+            statuses[job.label] = f"failed: {exc}"
+        except Exception as exc:  # one broken cell must not cost the suite the others
+            statuses[job.label] = f"failed: {type(exc).__name__}: {exc}"
+        durations.append(time.monotonic() - start)
+        say(f"[{i}/{len(jobs)}] {job.label}: {statuses[job.label]} in {duration(durations[-1])}")
+        if statuses[job.label] == "interrupted" or (chosen.fail_fast and statuses[job.label].startswith("failed")):
+            break
+    return statuses
+
+
+def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
+    """At most `parallel` cells at once, each its own process (and its own GPU when there are GPUs)."""
+    import submitit
+    import torch
+
+    gpus = list(range(torch.cuda.device_count()))
+    slots = chosen.options["parallel"] or max(len(gpus), 1)
+    executor = submitit.LocalExecutor(folder=Path(jobs[0].suite_dir) / "submitit")
+    waiting, running, statuses = list(jobs), {}, {}
+    free = list(gpus)
+    while waiting or running:
+        while waiting and len(running) < slots:
+            job = waiting.pop(0)
+            gpu = [free.pop(0)] if free else []
+            executor.update_parameters(timeout_min=chosen.options["timeout_min"], gpus_per_node=len(gpu),
+                                       visible_gpus=gpu)
+            running[job.label] = (job, executor.submit(CellTask(), job), gpu)
+            say(f"{job.label}: started (process {running[job.label][1].job_id}; log {job.log})")
+        for label, (job, handle, gpu) in list(running.items()):
+            if handle.done():
+                del running[label]
+                free += gpu
+                statuses[label] = _collect(job, handle)
+                say(f"{label}: {statuses[label]}")
+                if chosen.fail_fast and statuses[label].startswith("failed"):
+                    for other_job, other, _ in running.values():
+                        other.cancel()
+                        statuses[other_job.label] = "cancelled (fail_fast)"
+                    return statuses
+        time.sleep(0.5)
+    return statuses
+
+
+def _collect(job: CellJob, handle: Any) -> str:
+    try:
+        return _outcome(job.label, job, handle.result(), None)
+    except Exception as exc:  # submitit re-raises the worker's error
+        return _outcome(job.label, job, None, exc)
+
+
+def slurm_parameters(options: dict, name: str) -> dict:
+    """submitit AutoExecutor parameters of the slurm executor's options."""
+    parameters: dict[str, Any] = {
+        "name": name, "timeout_min": options["timeout_min"], "gpus_per_node": options["gpus_per_node"],
+        "cpus_per_task": options["cpus_per_task"], "tasks_per_node": 1, "nodes": 1,
+        "slurm_array_parallelism": options["array_parallelism"],
+    }
+    if options["mem_gb"]:
+        parameters["mem_gb"] = options["mem_gb"]
+    if options["partition"]:
+        parameters["slurm_partition"] = options["partition"]
+    if options["setup"]:
+        parameters["slurm_setup"] = [str(line) for line in options["setup"]]
+    if options["sbatch"]:
+        parameters["slurm_additional_parameters"] = dict(options["sbatch"])
+    return parameters
+
+
+def _slurm(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
+    import shutil
+
+    import submitit
+
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if cluster == "slurm" and missing:
+        raise UsageError(f"executor=slurm: there is no {missing[0]} command on this machine (submit from a Slurm "
+                         "login node)")
+    folder = Path(jobs[0].suite_dir) / "submitit"
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    try:
+        executor.update_parameters(**slurm_parameters(chosen.options, f"geobench-{Path(jobs[0].suite_dir).name}"))
+    except (NameError, AssertionError, ValueError) as exc:
+        raise UsageError(f"executor=slurm: {str(exc).splitlines()[0]}") from None
+    with executor.batch():
+        handles = [executor.submit(CellTask(), job) for job in jobs]
+    records = _read_json(_submissions(jobs[0].suite_dir))
+    for job, handle in zip(jobs, handles):
+        records[job.label] = {"executor": "slurm", "job_id": str(handle.job_id), "folder": str(folder / "%j")}
+    atomic_write_json(_submissions(jobs[0].suite_dir), records)
+    say(f"submitted {len(jobs)} cells as a job array ({handles[0].job_id.split('_')[0]}); logs under {folder}")
+    if not wait:
+        return {job.label: "submitted" for job in jobs}
+    statuses = {}
+    by_handle = {id(h): job for h, job in zip(handles, jobs)}
+    for handle in submitit.helpers.as_completed(handles):
+        job = by_handle[id(handle)]
+        statuses[job.label] = _collect(job, handle)
+        say(f"{job.label}: {statuses[job.label]}")
+        if chosen.fail_fast and statuses[job.label].startswith("failed"):
+            for other in handles:
+                if by_handle[id(other)].label not in statuses:
+                    other.cancel(check=False)
+                    statuses[by_handle[id(other)].label] = "cancelled (fail_fast)"
+            break
+    return statuses
+
+
+def _ray(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
+    import ray
+    import torch
+
+    address = chosen.options["address"]
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    task = ray.remote(_ray_cell).options(num_cpus=chosen.options["cpus_per_task"],
+                                         num_gpus=1 if torch.cuda.is_available() else 0, max_retries=0)
+    pending = {task.remote(job): job for job in jobs}
+    say(f"{len(jobs)} cells handed to Ray ({address or 'a local instance'}); logs under {Path(jobs[0].suite_dir) / 'logs'}")
+    statuses = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(done[0])
+        try:
+            statuses[job.label] = _outcome(job.label, job, ray.get(done[0]), None)
+        except Exception as exc:  # a RayTaskError wrapping the worker's error
+            statuses[job.label] = _outcome(job.label, job, None, exc)
+        say(f"{job.label}: {statuses[job.label]}")
+        if chosen.fail_fast and statuses[job.label].startswith("failed"):
+            for ref, other in pending.items():
+                ray.cancel(ref)
+                statuses[other.label] = "cancelled (fail_fast)"
+            break
+    return statuses
+
+
+def _ray_cell(job: CellJob) -> str:
+    return run_cell(job)
+
+
+def _reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's long retries, when a host:port address does not answer."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not address or address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UsageError(f"executor.address={address!r}: no Ray cluster answers there ({exc.strerror or exc})") from None
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class CellTask(Checkpointable):
+    """The callable submitit pickles for each cell. As a Checkpointable, a cell that Slurm preempts
+    or times out is requeued with the same CellJob, and `run_cell` continues it from its state."""
+
+    def __call__(self, job: CellJob) -> str:
+        return run_cell(job)
+
