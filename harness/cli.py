@@ -8,6 +8,7 @@ stderr and exit code 2, before anything of the run is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -16,10 +17,11 @@ from typing import Any
 
 import torch
 
-from geobench import __version__, config, report, runner
+from geobench import __version__, config, distributed, report, runner
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError
-from geobench.trajectory import RunDir
+from geobench.params import Param
+from geobench.trajectory import RunDir, lock_holder
 
 
 class Parser(argparse.ArgumentParser):
@@ -128,6 +130,7 @@ def default_name(cfg: config.Config, pairs: dict[str, str], optimizer_params) ->
 def cmd_run(args: argparse.Namespace) -> int:
     reg = plugin_registry.registry()
     pairs = config.parse_pairs(args.pairs)
+    devices = Param(1, "training processes", low=1).check("devices", pairs.pop("devices", 1))
     has_cuda = torch.cuda.is_available()
     cfg = config.resolve(args.optimizer, pairs, args.config,
                          lambda name: plugin_registry.get_optimizer(name, reg),
@@ -136,10 +139,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset_reason = "as asked" if explicit else ("auto: a CUDA device is present" if has_cuda else "auto: no CUDA device")
     optimizer = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
     out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg, pairs, optimizer.params)))
+    here = distributed.world()
+    if here.active:
+        return run_as_rank(cfg, out, reg, preset_reason, here)
+    if devices > 1:
+        distributed.check_devices(devices, cfg.train.device)
+        if optimizer.gradient is not None:
+            raise UsageError(f"optimizer {cfg.optimizer.name!r} brings its own gradient rule, which does not run under "
+                             "DistributedDataParallel yet; train it with devices=1")
+        distributed.World(0, devices).micro_batches(cfg.train.grad_accum)
+        runner.check(cfg, out, reg)
+        holder = lock_holder(out.path)
+        if holder:
+            raise UsageError(f"{str(out)!r} is being written by {holder}; one process writes a directory at a time")
+        argv = ["run", cfg.optimizer.name, *[f"{k}={v}" for k, v in pairs.items()], "--out", str(out)]
+        return distributed.launch(argv + (["--config", args.config] if args.config else []), devices)
     with out.lock("run"):
         options = runner.check(cfg, out, reg)
         doc = runner.execute(cfg, out, reg, preset_reason, options)
+    assert doc is not None
     return 130 if doc["run"]["status"] == "interrupted" else 0
+
+
+def run_as_rank(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
+                here: distributed.World) -> int:
+    """One process of a torchrun launch: rank 0 takes the lock and checks, every rank trains."""
+    from geobench.train import pick_device
+
+    distributed.start(here, pick_device(cfg.train.device))
+    try:
+        with contextlib.ExitStack() as held:
+            problem, options = None, None
+            if here.writer:
+                try:
+                    held.enter_context(out.lock(f"run (rank 0 of {here.size} processes)"))
+                    options = runner.check(cfg, out, reg)
+                except UsageError as exc:
+                    problem = str(exc)
+            problem = distributed.agree(here, problem)
+            if problem is not None:
+                if here.writer:
+                    raise UsageError(problem)
+                return 2
+            doc = runner.execute(cfg, out, reg, preset_reason, options, here=here)
+    finally:
+        distributed.stop()
+    return 130 if doc is not None and doc["run"]["status"] == "interrupted" else 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

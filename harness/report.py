@@ -114,7 +114,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: str, preset_reason: str) -> dict:
+def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: str, preset_reason: str,
+             processes: int = 1) -> dict:
     """The report of a finished (or diverged, or interrupted) training run."""
     cfg = run.cfg
     evals = out.read_evals()
@@ -127,7 +128,7 @@ def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: st
                 "divergence": outcome.divergence, "stopped_early_at": outcome.stopped_early_at,
                 "resumed_from": outcome.resumed_from, "started": started, "finished": now(),
                 "preset": cfg.preset, "preset_reason": preset_reason},
-        "environment": environment(run.device),
+        "environment": {**environment(run.device), "processes": processes},
         "corpus": run.corpus.summary(),
         "tokenizer": {**run.tokenizer.summary(), "codewords": len(run.probe.codewords)},
         "model": {"family": cfg.model.family, "parameters": run.parameter_counts()},

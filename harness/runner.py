@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import yaml
 
-from geobench import config, report
+from geobench import config, distributed, report
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
@@ -48,35 +48,42 @@ def check(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, metric
 
 
 def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
-            metric_options: dict | None = None) -> dict:
+            metric_options: dict | None = None, *, here: distributed.World = distributed.World()) -> dict | None:
     """Train, measure and report; returns the report. Prints what ran, as the command line shows it.
-    `metric_options` are the validated options `check` returned (defaults when None)."""
+    `metric_options` are the validated options `check` returned (defaults when None). Under torchrun
+    every rank trains and rank 0 alone writes, measures and reports (the others return None)."""
     from geobench.analysis import AnalysisContext, run_metrics
     from geobench.train import pick_device, prepare, train
 
-    print(f"geobench: preset {cfg.preset} ({preset_reason}); device {pick_device(cfg.train.device)}; "
-          f"optimizer {cfg.optimizer.name} {cfg.optimizer.params}; {cfg.train.steps} steps"
-          f"{'; torch.compile on' if cfg.model.compile else ''}", flush=True)
+    say = print if here.writer else (lambda *args, **kwargs: None)
+    processes = f"; {here.size} processes (DistributedDataParallel)" if here.active else ""
+    say(f"geobench: preset {cfg.preset} ({preset_reason}); device {pick_device(cfg.train.device)}{processes}; "
+        f"optimizer {cfg.optimizer.name} {cfg.optimizer.params}; {cfg.train.steps} steps"
+        f"{'; torch.compile on' if cfg.model.compile else ''}", flush=True)
     started = report.now()
     run = prepare(cfg, reg)
     counts = run.parameter_counts()
-    print(f"geobench: corpus {run.corpus.description}", flush=True)
-    print(f"geobench: tokenizer {run.tokenizer.summary()['description']} (vocab {run.tokenizer.vocab_size}); "
-          f"model {counts['total']:,} parameters (trunk {counts['trunk']:,})", flush=True)
-    print(f"geobench: run directory {out}", flush=True)
+    say(f"geobench: corpus {run.corpus.description}", flush=True)
+    say(f"geobench: tokenizer {run.tokenizer.summary()['description']} (vocab {run.tokenizer.vocab_size}); "
+        f"model {counts['total']:,} parameters (trunk {counts['trunk']:,})", flush=True)
+    say(f"geobench: run directory {out}", flush=True)
 
-    out.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.config, config.save(cfg))
-    atomic_write_text(out.path / "tokenizer.json", run.tokenizer.tokenizer.to_str())
-    atomic_write_json(out.path / "codewords.json", run.probe.codewords)
+    if here.writer:
+        out.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out.config, config.save(cfg))
+        atomic_write_text(out.path / "tokenizer.json", run.tokenizer.tokenizer.to_str())
+        atomic_write_json(out.path / "codewords.json", run.probe.codewords)
 
-    outcome = train(run, out, reg.manager.hook)
+    outcome = train(run, out, reg.manager.hook, here=here)
+    if not here.writer:
+        return None
     metrics = {}
     if cfg.metrics:
         ctx = AnalysisContext(out, cfg)
         ctx.live = run  # the metrics that need the model and data reuse this run's
         metrics = run_metrics(ctx, cfg.metrics, reg, metric_options)
-    doc = report.assemble(run, out, outcome, metrics, started=started, preset_reason=preset_reason)
+    doc = report.assemble(run, out, outcome, metrics, started=started, preset_reason=preset_reason,
+                          processes=here.size)
     report.write(out, doc, reg.manager.hook)
 
     final = doc["final"]

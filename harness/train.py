@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from geobench import distributed
 from geobench import registry as plugin_registry
 from geobench.config import Config, checkpoint_windows
 from geobench.data.batches import Prefetcher, TrainStream, validation_batches
@@ -33,11 +34,12 @@ from geobench.trajectory import BackgroundWriter, RunDir, snapshot
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of train.device; on CUDA, the GPU of this process (its local rank under torchrun)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device(name)
+    return torch.device("cuda", distributed.world().local_rank) if name == "cuda" else torch.device(name)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -209,9 +211,26 @@ def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def train(run: Run, out: RunDir, hooks) -> Outcome:
+class HiddenStates(torch.nn.Module):
+    """A model's forward up to its output head, as a module (what DDP wraps on the head path)."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.hidden(inputs)
+
+
+def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed.World()) -> Outcome:
+    """Train `run` into `out`. Under torchrun (`here` active) every rank calls this; rank 0 alone
+    evaluates and writes."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     t = cfg.train
+    if here.active and run.optimizer_plugin.gradient is not None:
+        raise UsageError(f"optimizer {cfg.optimizer.name!r} brings its own gradient rule, which does not run under "
+                         "DistributedDataParallel yet; train it in one process")
+    micros = here.micro_batches(t.grad_accum)
     start, elapsed, tokens, resumed_from = 0, 0.0, 0, None
     if t.resume and out.has_state():
         meta, weights, training = out.load_state()
@@ -221,13 +240,15 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         optimizer.load_state_dict(training["optimizer"])
         torch.set_rng_state(training["torch_rng"])
         start, elapsed, tokens, resumed_from = meta["step"], meta["train_seconds"], meta["tokens"], meta["step"]
-    if t.resume:  # what a killed run wrote after its last state (all of it, when it saved none) is redone
+    if t.resume and here.writer:  # what a killed run wrote after its last state (all, when it saved none) is redone
         out.truncate_evals(start)
         out.drop_checkpoints_after(start)
+    distributed.barrier(here)
 
     headed: Any = model if has_head(model, t.batch_size * cfg.model.context) else None  # no full logits held
-    body: Callable[[torch.Tensor], torch.Tensor] = headed.hidden if headed is not None else model
-    forward = torch.compile(body) if cfg.model.compile else body
+    body: torch.nn.Module = HiddenStates(headed) if headed is not None else model
+    ddp = distributed.wrap(here, body, run.device)
+    forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.model.compile else ddp
     rule = run.optimizer_plugin.gradient
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
     status, diverged_at, divergence, stopped_early_at, done = "completed", None, None, None, start
@@ -244,12 +265,15 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
     writer = BackgroundWriter()
 
     def save_state(at: int) -> None:
+        if not here.writer:
+            return
         training = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         writer.submit(_write_state, out, at, snapshot(_parameters(model)), snapshot(training),
                       {"train_seconds": elapsed, "tokens": tokens})
 
     def save_checkpoint(at: int) -> None:
-        writer.submit(_write_checkpoint, out, at, snapshot(_parameters(model)))
+        if here.writer:
+            writer.submit(_write_checkpoint, out, at, snapshot(_parameters(model)))
 
     def announce_checkpoints() -> None:  # lifecycle hooks run on this thread, once a file is in place
         for kind, at, path in writer.done():
@@ -257,10 +281,11 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
                 hooks.geobench_on_checkpoint(run=out, step=at, path=path)
 
     bar = tqdm(total=t.steps, initial=start, desc=out.path.name, unit="step", file=sys.stderr,
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not here.writer)
     model.train()
     on_gpu = run.device.type == "cuda"  # a CPU gains nothing from a second thread competing for its cores
-    prefetch = Prefetcher(run.stream, start + 1, t.steps, depth=2 * t.grad_accum, pin=on_gpu, threaded=on_gpu)
+    prefetch = Prefetcher(run.stream, start + 1, t.steps, depth=2 * len(micros), pin=on_gpu, threaded=on_gpu,
+                          micros=micros)
     batches = iter(prefetch)
     try:
         for step in range(start + 1, t.steps + 1):
@@ -271,19 +296,21 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
             lam = lambda_at(t.lambda_schedule, step)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=run.device)
-            for _ in range(t.grad_accum):
+            for i in range(len(micros)):
                 inputs, targets, mask = (x.to(run.device, non_blocking=True) for x in next(batches))
                 if rule is not None:  # the optimizer plugin brings its own gradient (EP)
                     info = rule(model, optimizer, inputs, targets, mask, lam, cfg.optimizer.params, 1 / t.grad_accum)
                     loss_sum += info["loss"] / t.grad_accum
                     continue
-                with run.autocast:
-                    features = forward(inputs)
-                    loss = (head_composite_loss(features, headed.output_weight, targets, mask, lam) if headed is not None
-                            else composite_loss(features, targets, mask, lam)) / t.grad_accum
-                loss.backward()
+                # DDP averages over the ranks; each rank averages its own share of the micro-batches
+                with _no_sync(ddp, last=i == len(micros) - 1):
+                    with run.autocast:
+                        features = forward(inputs)
+                        loss = (head_composite_loss(features, headed.output_weight, targets, mask, lam)
+                                if headed is not None else composite_loss(features, targets, mask, lam)) / len(micros)
+                    loss.backward()
                 loss_sum += loss.detach()
-            losses.add(step, loss_sum, optimizer.param_groups[0]["lr"])
+            losses.add(step, distributed.mean(here, loss_sum), optimizer.param_groups[0]["lr"])
             boundary = step == 1 or step % t.eval_every == 0 or step % t.state_every == 0 or is_checkpoint_step(step, cfg)
             if losses.due(boundary):
                 bad = None
@@ -292,7 +319,8 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
                         bad = (at, value)
                         break
                     since_eval.append(value)
-                    hooks.geobench_on_step(run=out, step=at, loss=value, lr=lr)
+                    if here.writer:
+                        hooks.geobench_on_step(run=out, step=at, loss=value, lr=lr)
                 if bad is not None:
                     status, diverged_at, divergence = "diverged", bad[0], "non-finite loss"
                     late = f" (read {step - bad[0]} steps later; the weights after step {bad[0] - 1} are not kept)"
@@ -316,13 +344,15 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
 
             stop = False
             if step == 1 or step % t.eval_every == 0 or step == t.steps:
-                record = {"step": step, "lambda": lam, "lr": optimizer.param_groups[0]["lr"],
-                          "train_loss": float(np.mean(since_eval)), **run.evaluator(model),
-                          "tokens": tokens, "train_seconds": round(elapsed, 3)}
+                record = distributed.agree(here, here.writer and {
+                    "step": step, "lambda": lam, "lr": optimizer.param_groups[0]["lr"],
+                    "train_loss": float(np.mean(since_eval)), **run.evaluator(model),
+                    "tokens": tokens, "train_seconds": round(elapsed, 3)})
                 since_eval = []
-                out.append_eval(record)
                 history.append(record)
-                hooks.geobench_on_eval(run=out, step=step, record=record)
+                if here.writer:
+                    out.append_eval(record)
+                    hooks.geobench_on_eval(run=out, step=step, record=record)
                 if step == 1:
                     first_val_loss = record["val_loss"]
                 if diverged_at is None and blew_up(record, first_val_loss, t.diverge_factor):
@@ -353,6 +383,12 @@ def train(run: Run, out: RunDir, hooks) -> Outcome:
         bar.close()
     return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from, divergence, stopped_early_at,
                    compile_seconds)
+
+
+def _no_sync(ddp: torch.nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's gradient all-reduce waits for the last micro-batch of a step."""
+    no_sync = getattr(ddp, "no_sync", None)
+    return no_sync() if no_sync is not None and not last else contextlib.nullcontext()
 
 
 def _write_checkpoint(out: RunDir, step: int, weights: dict[str, torch.Tensor]) -> tuple[str, int, object]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,16 +71,17 @@ class TrainStream:
 
 
 class Prefetcher:
-    """The micro-batches of steps `first`..`last` of a stream, built ahead of the training step by a
-    background thread (and pinned for a fast host-to-device copy when `pin` is set; with
+    """The micro-batches (all, or this rank's `micros`) of steps `first`..`last` of a stream, built
+    ahead of the training step by a background thread (and pinned for a fast host-to-device copy when `pin` is set; with
     `threaded=False`, on the caller's thread as it asks for them). The batches are
     exactly `stream.batch(step, micro)`: a pure function of the step, so resume stays exact. At most
     `depth` batches wait in memory; `close()` stops the thread."""
 
     def __init__(self, stream: TrainStream, first: int, last: int, depth: int = 4, pin: bool = False,
-                 threaded: bool = True):
+                 threaded: bool = True, micros: Sequence[int] | None = None):
         self.stream, self.pin, self.threaded = stream, pin, threaded
-        self.keys = [(step, micro) for step in range(first, last + 1) for micro in range(stream.grad_accum)]
+        micros = range(stream.grad_accum) if micros is None else micros
+        self.keys = [(step, micro) for step in range(first, last + 1) for micro in micros]
         self.ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fill, name="geobench-prefetch", daemon=True)

@@ -1,0 +1,117 @@
+"""One run on several processes: torchrun + DistributedDataParallel.
+
+The protocol does not depend on the number of processes. `batch_size × grad_accum` is the global
+batch of one optimizer step whatever the world size: with N processes each rank runs
+`grad_accum / N` of the step's micro-batches, taken from the same global data stream (a pure
+function of the step), and DDP averages the gradients. Rank 0 evaluates and writes (checkpoints,
+state, evals, report); every decision that ends or shapes the loop (a non-finite loss, divergence,
+early stop) is taken from values all ranks share, so no rank can wait on a collective the others
+skipped. With two ranks the averaged gradient is bit-identical to single-process accumulation (a
+sum of two terms halved either way); with more, the sums associate differently and the weights
+agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from geobench.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    def micro_batches(self, grad_accum: int) -> range:
+        """The micro-batches of each optimizer step this rank computes."""
+        if grad_accum % self.size:
+            raise UsageError(f"grad_accum={grad_accum} is not divisible by the {self.size} processes: each process "
+                             "runs grad_accum / processes micro-batches of a step (choose grad_accum as a multiple)")
+        share = grad_accum // self.size
+        return range(self.rank * share, (self.rank + 1) * share)
+
+
+def world() -> World:
+    """This process's place, from the variables torchrun sets (a single process without them)."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def start(here: World, device: torch.device) -> None:
+    if here.active and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(here: World, value: Any) -> Any:
+    """Rank 0's `value`, on every rank."""
+    if not here.active:
+        return value
+    box = [value if here.writer else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean(here: World, tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor every rank holds (a non-finite value on any rank stays one)."""
+    if here.active:
+        dist.all_reduce(tensor)
+        tensor /= here.size
+    return tensor
+
+
+def barrier(here: World) -> None:
+    if here.active:
+        dist.barrier()
+
+
+def wrap(here: World, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if not here.active:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def check_devices(n: int, device_setting: str) -> None:
+    """`devices=N` asks for N processes: one per GPU (as many as are visible), or N CPU processes
+    when the run is pinned to the CPU (train.device=cpu)."""
+    if n < 1:
+        raise UsageError(f"devices={n} must be >= 1")
+    if device_setting == "cpu":
+        return
+    visible = torch.cuda.device_count()
+    if n > visible:
+        raise UsageError(f"devices={n} but {visible} GPU{'s are' if visible != 1 else ' is'} visible"
+                         + ("" if visible else " (on a CPU, devices=N with train.device=cpu runs N CPU processes)"))
+
+
+def launch(argv: list[str], n: int) -> int:
+    """Run `geobench <argv>` as n processes under torchrun on this machine; its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "geobench", *argv]
+    print(f"geobench: {n} processes: {' '.join(command)}", flush=True)
+    return subprocess.call(command)
