@@ -30,6 +30,27 @@ def geobench_command() -> list[str]:
     return [str(script)] if script.exists() else [shutil.which("geobench") or "geobench"]
 
 
+PAUSE_AFTER_STATE = """\
+import os, signal
+from geobench.trajectory import RunDir
+_save_state = RunDir.save_state
+def _save_state_then_stop(self, *args, **kwargs):
+    _save_state(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGSTOP)  # the test kills the stopped process: it cannot finish first
+RunDir.save_state = _save_state_then_stop
+"""
+
+
+def stopping_after_first_state(tmp_path: Path) -> dict:
+    """Environment for a geobench subprocess (and the processes it starts) that stops itself with
+    SIGSTOP right after its first training-state save, so that a test can kill it mid-run however
+    loaded the machine is: the real code runs, it only pauses there."""
+    site = tmp_path / "pause-after-state"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(PAUSE_AFTER_STATE)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
     return subprocess.run(geobench_command() + list(args), cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from test_scale import write_suite
 
 from conftest import run_cli
-from test_scale import write_suite
 
 pytest.importorskip("ray", reason='Ray is an extra: pip install "geobench[ray]" (tox -e ray runs this file)')
 

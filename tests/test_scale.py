@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import FAST, geobench_command, run_cli
+from conftest import FAST, geobench_command, run_cli, stopping_after_first_state
 from geobench import executors, suites
 from geobench.errors import UsageError
 from geobench.registry import registry
@@ -44,11 +44,11 @@ def steps_of(path):
 
 def test_a_second_writer_of_a_run_directory_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     first = subprocess.Popen(geobench_command() + ["run", "adamw", *FAST, "steps=200", "--out", "dual"], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **stopping_after_first_state(tmp_path)})
     evals = tmp_path / "dual" / "evals.jsonl"
-    wait_for(lambda: evals.exists() and evals.read_text(), first, "its first evaluation")
-    first.send_signal(signal.SIGSTOP)  # it holds the lock and cannot finish while the second tries
-    try:
+    wait_for((tmp_path / "dual" / "state" / "meta.json").exists, first, "its first state save")
+    try:  # it stopped itself there, holding the lock, and cannot finish while the second tries
         before = evals.read_text()
         second = run_cli("run", "adamw", *FAST, "steps=200", "resume=true", "--out", "dual", cwd=tmp_path)
         assert second.returncode == 2, second.stderr
@@ -87,7 +87,7 @@ def test_a_suite_through_local_processes_survives_a_kill_and_completes_when_run_
     suite = write_suite(tmp_path, steps=60, base=CELL_BASE | {"steps": 60, "state_every": 4})
     command = geobench_command() + ["bench", str(suite), "scale=tiny", "executor=local", "--out", "out"]
     first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             start_new_session=True, env={**os.environ, **stopping_after_first_state(tmp_path)})
     state = tmp_path / "out" / "adamw" / "state" / "meta.json"
     wait_for(state.exists, first, "the first cell saved its state")
     os.killpg(first.pid, signal.SIGKILL)  # the submitter and its cell processes, as a lost node would
@@ -196,3 +196,19 @@ def test_an_unreachable_ray_address_fails_within_seconds(tmp_path):
                      "executor.address=127.0.0.1:9", cwd=tmp_path)
     assert result.returncode == 2 and "no Ray cluster answers there" in result.stderr, result.stderr
     assert time.monotonic() - start < 60 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_a_failing_cell_stops_the_others_only_with_fail_fast(tmp_path, executor):
+    def prepared(fail_fast):
+        out = tmp_path / f"{executor}-{fail_fast}"
+        suite = suites.load(str(write_suite(tmp_path)), "tiny", {"executor": executor, "fail_fast": str(fail_fast)},
+                            str(out), registry())
+        out.mkdir()
+        (out / "adamw").write_text("a file where the first cell's run directory belongs")  # fails at run time
+        return suite
+
+    statuses = suites.run(prepared(True))
+    assert list(statuses) == ["adamw"] and statuses["adamw"].startswith("failed:")
+    statuses = suites.run(prepared(False))
+    assert statuses["adamw"].startswith("failed:") and statuses["sgd"] == "completed"
