@@ -136,6 +136,7 @@ class CellJob:
     cfg: config.Config
     metric_options: dict
     preset_reason: str
+    threads: int = 0  # torch's CPU threads for the cell; 0: torch's default (all cores)
 
     @property
     def log(self) -> Path:
@@ -150,6 +151,8 @@ def run_cell(job: CellJob, *, to_log: bool = True) -> str:
     """Run one cell (in a worker, or inline); returns its status. Continues from the state in the
     run directory when there is one. A failure is also written beside the cell's log, so that
     `geobench bench … status` can show it whatever ran the cell."""
+    import torch
+
     from geobench import registry, runner
 
     if not Path(job.suite_dir).is_dir():
@@ -159,6 +162,8 @@ def run_cell(job: CellJob, *, to_log: bool = True) -> str:
     job.error.unlink(missing_ok=True)
     with _output_to(job.log) if to_log else contextlib.nullcontext():
         try:
+            if job.threads:
+                torch.set_num_threads(job.threads)
             reg = registry.registry()
             out = RunDir(job.run_dir)
             with out.lock("suite cell"):
@@ -266,6 +271,8 @@ def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
 
     gpus = list(range(torch.cuda.device_count()))
     slots = chosen.options["parallel"] or max(len(gpus), 1)
+    if not gpus and slots > 1:  # cells sharing the CPU share its cores instead of oversubscribing them
+        jobs = [dataclasses.replace(job, threads=max(1, (os.cpu_count() or 1) // slots)) for job in jobs]
     executor = submitit.LocalExecutor(folder=Path(jobs[0].suite_dir) / "submitit")
     waiting, running, statuses = list(jobs), {}, {}
     free = list(gpus)
@@ -275,16 +282,16 @@ def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
             gpu = [free.pop(0)] if free else []
             executor.update_parameters(timeout_min=chosen.options["timeout_min"], gpus_per_node=len(gpu),
                                        visible_gpus=gpu)
-            running[job.label] = (job, executor.submit(CellTask(), job), gpu)
+            running[job.label] = (job, executor.submit(CellTask(), job), gpu, time.monotonic())
             say(f"{job.label}: started (process {running[job.label][1].job_id}; log {job.log})")
-        for label, (job, handle, gpu) in list(running.items()):
+        for label, (job, handle, gpu, started) in list(running.items()):
             if handle.done():
                 del running[label]
                 free += gpu
                 statuses[label] = _collect(job, handle)
-                say(f"{label}: {statuses[label]}")
+                say(f"{label}: {statuses[label]} in {duration(time.monotonic() - started)}")
                 if chosen.fail_fast and statuses[label].startswith("failed"):
-                    for other_job, other, _ in running.values():
+                    for other_job, other, _, _ in running.values():
                         other.cancel()
                         statuses[other_job.label] = "cancelled (fail_fast)"
                     return statuses

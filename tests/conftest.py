@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,8 @@ def geobench_command() -> list[str]:
 
 PAUSE_AFTER_STATE = """\
 import os, signal
+with open(os.environ["GEOBENCH_TEST_PIDS"], "a") as fh:
+    fh.write(f"{os.getpid()}\\n")
 from geobench.trajectory import RunDir
 _save_state = RunDir.save_state
 def _save_state_then_stop(self, *args, **kwargs):
@@ -44,11 +47,23 @@ RunDir.save_state = _save_state_then_stop
 def stopping_after_first_state(tmp_path: Path) -> dict:
     """Environment for a geobench subprocess (and the processes it starts) that stops itself with
     SIGSTOP right after its first training-state save, so that a test can kill it mid-run however
-    loaded the machine is: the real code runs, it only pauses there."""
+    loaded the machine is: the real code runs, it only pauses there. Every Python process started
+    with it writes its PID to a file, for `kill_every_process` (torchrun starts its workers in
+    sessions of their own, out of reach of a process-group kill)."""
     site = tmp_path / "pause-after-state"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(PAUSE_AFTER_STATE)
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+            "GEOBENCH_TEST_PIDS": str(site / "pids")}
+
+
+def kill_every_process(tmp_path: Path) -> None:
+    """SIGKILL every process started with `stopping_after_first_state(tmp_path)`, as a lost node would."""
+    for pid in (tmp_path / "pause-after-state" / "pids").read_text().split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 from test_scale import wait_for
 
-from conftest import FAST, geobench_command, run_cli, stopping_after_first_state
+from conftest import FAST, geobench_command, kill_every_process, run_cli, stopping_after_first_state
 
 PAIRS = [p for p in FAST if not p.startswith("steps=")] + ["steps=60", "grad_accum=2", "batch_size=8"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun gives each process; CPU kernels round by thread count
@@ -46,9 +45,9 @@ def test_two_processes_write_the_checkpoints_of_one_and_resume_after_a_kill(tmp_
     launched = subprocess.Popen(geobench_command() + ["run", "adamw", *PAIRS, "devices=2", "train.device=cpu",
                                                       "--out", "launched"],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, env={**os.environ, **stopping_after_first_state(tmp_path)})
+                                env={**os.environ, **stopping_after_first_state(tmp_path)})
     wait_for((tmp_path / "launched" / "state" / "meta.json").exists, launched, "the first state save")
-    os.killpg(launched.pid, signal.SIGKILL)
+    kill_every_process(tmp_path)
     launched.communicate()
     resumed = run_cli("run", "adamw", *PAIRS, "devices=2", "train.device=cpu", "resume=true", "--out", "launched",
                       cwd=tmp_path)

@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import FAST, geobench_command, run_cli, stopping_after_first_state
+from conftest import FAST, geobench_command, kill_every_process, run_cli, stopping_after_first_state
 from geobench import executors, suites
 from geobench.errors import UsageError
 from geobench.registry import registry
@@ -87,10 +87,10 @@ def test_a_suite_through_local_processes_survives_a_kill_and_completes_when_run_
     suite = write_suite(tmp_path, steps=60, base=CELL_BASE | {"steps": 60, "state_every": 4})
     command = geobench_command() + ["bench", str(suite), "scale=tiny", "executor=local", "--out", "out"]
     first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True, env={**os.environ, **stopping_after_first_state(tmp_path)})
+                             env={**os.environ, **stopping_after_first_state(tmp_path)})
     state = tmp_path / "out" / "adamw" / "state" / "meta.json"
     wait_for(state.exists, first, "the first cell saved its state")
-    os.killpg(first.pid, signal.SIGKILL)  # the submitter and its cell processes, as a lost node would
+    kill_every_process(tmp_path)  # the submitter and its cell processes, as a lost node would
     first.communicate()
     status = run_cli("bench", str(suite), "scale=tiny", "--out", "out", "status", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
