@@ -171,6 +171,7 @@ def run_cell(job: CellJob, *, to_log: bool = True) -> str:
                 cfg.train.resume = not out.is_empty()
                 runner.check(cfg, out, reg)
                 doc = runner.execute(cfg, out, reg, job.preset_reason, job.metric_options)
+            assert doc is not None  # one process: it wrote the report
             return doc["run"]["status"]
         except BaseException as exc:
             atomic_write_text(job.error, f"{type(exc).__name__}: {exc}".splitlines()[0] + "\n")
@@ -274,7 +275,8 @@ def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
     if not gpus and slots > 1:  # cells sharing the CPU share its cores instead of oversubscribing them
         jobs = [dataclasses.replace(job, threads=max(1, (os.cpu_count() or 1) // slots)) for job in jobs]
     executor = submitit.LocalExecutor(folder=Path(jobs[0].suite_dir) / "submitit")
-    waiting, running, statuses = list(jobs), {}, {}
+    waiting, statuses = list(jobs), {}
+    running: dict[str, tuple[CellJob, Any, list[int], float]] = {}
     free = list(gpus)
     while waiting or running:
         while waiting and len(running) < slots:
