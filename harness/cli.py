@@ -265,7 +265,7 @@ def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) ->
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from geobench import suites
+    from geobench import executors, suites
 
     if args.list:
         for name, description in suites.builtin().items():
@@ -286,6 +286,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"geobench bench: suite {suite.name}, scale {scale}"
           f"{'' if 'scale' in config.parse_pairs(args.pairs) else ' (auto: ' + ('CUDA' if has_cuda else 'no CUDA') + ')'}; "
           f"{len(suite.cells)} cells into {suite.directory}; executor {suite.executor.name}", flush=True)
+    if args.no_wait:
+        executors.check_no_wait(suite.executor)
     statuses = suites.run(suite, wait=not args.no_wait)
     if args.no_wait:
         print(f"geobench bench: submitted; `geobench bench {args.suite} {' '.join(args.pairs)} status` shows the cells, "

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import submitit
 from submitit.helpers import Checkpointable
 
 from geobench import config
@@ -59,6 +60,8 @@ OPTIONS: dict[str, dict[str, Param]] = {
     },
 }
 WAITS_DETACHED = ("slurm",)  # engines whose jobs outlive the submitting process (--no-wait)
+SLURM_NOT_DONE = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED",
+                  "COMPLETING")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,18 +213,22 @@ def _submissions(suite_dir: str) -> Path:
 
 
 def _queued(job: CellJob) -> str:
-    """A Slurm job of this cell that has not started yet (submitted with --no-wait)."""
+    """A Slurm job of this cell that is waiting or starting (not yet holding the cell's lock)."""
     record = _read_json(_submissions(job.suite_dir)).get(job.label)
     if not record or record["executor"] != "slurm":
         return ""
-    import submitit
-
     state = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"]).state
-    return f"Slurm job {record['job_id']} {state}" if state in ("PENDING", "REQUEUED", "CONFIGURING") else ""
+    return f"Slurm job {record['job_id']} {state}" if state in SLURM_NOT_DONE else ""
 
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_no_wait(chosen: Settings) -> None:
+    if chosen.name not in WAITS_DETACHED:
+        raise UsageError(f"--no-wait needs an engine whose jobs outlive this process ({', '.join(WAITS_DETACHED)}); "
+                         f"executor={chosen.name} runs the cells only while geobench waits for them")
 
 
 def execute(jobs: list[CellJob], chosen: Settings, *, wait: bool, say: Callable[[str], None],
@@ -231,14 +238,11 @@ def execute(jobs: list[CellJob], chosen: Settings, *, wait: bool, say: Callable[
     submitit's cluster for executor=slurm ("debug" runs the same submission in this process)."""
     if not jobs:
         return {}
-    if not wait and chosen.name not in WAITS_DETACHED:
-        raise UsageError(f"--no-wait needs an engine whose jobs outlive this process ({', '.join(WAITS_DETACHED)}); "
-                         f"executor={chosen.name} runs the cells only while geobench waits for them")
     run = {"inline": _inline, "local": _local, "slurm": _slurm, "ray": _ray}[chosen.name]
     return run(jobs, chosen, wait=wait, say=say, cluster=cluster)
 
 
-def _outcome(label: str, job: CellJob, value: Any, error: BaseException | None) -> str:
+def _outcome(job: CellJob, value: Any, error: BaseException | None) -> str:
     if error is None:
         return str(value)
     line = job.error.read_text().strip() if job.error.exists() else f"{type(error).__name__}: {error}".splitlines()[0]
@@ -267,7 +271,6 @@ def _inline(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
 
 def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
     """At most `parallel` cells at once, each its own process (and its own GPU when there are GPUs)."""
-    import submitit
     import torch
 
     gpus = list(range(torch.cuda.device_count()))
@@ -303,9 +306,9 @@ def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
 
 def _collect(job: CellJob, handle: Any) -> str:
     try:
-        return _outcome(job.label, job, handle.result(), None)
+        return _outcome(job, handle.result(), None)
     except Exception as exc:  # submitit re-raises the worker's error
-        return _outcome(job.label, job, None, exc)
+        return _outcome(job, None, exc)
 
 
 def slurm_parameters(options: dict, name: str) -> dict:
@@ -328,8 +331,6 @@ def slurm_parameters(options: dict, name: str) -> dict:
 
 def _slurm(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
     import shutil
-
-    import submitit
 
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if cluster == "slurm" and missing:
@@ -384,9 +385,9 @@ def _ray(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
         done, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(done[0])
         try:
-            statuses[job.label] = _outcome(job.label, job, ray.get(done[0]), None)
+            statuses[job.label] = _outcome(job, ray.get(done[0]), None)
         except Exception as exc:  # a RayTaskError wrapping the worker's error
-            statuses[job.label] = _outcome(job.label, job, None, exc)
+            statuses[job.label] = _outcome(job, None, exc)
         say(f"{job.label}: {statuses[job.label]}")
         if chosen.fail_fast and statuses[job.label].startswith("failed"):
             for ref, other in pending.items():

@@ -56,11 +56,13 @@ def writer_lock(directory: str | Path, role: str) -> Iterator[None]:
     An OS-level `flock` on `directory/.lock`: the kernel releases it when the holder exits or is
     killed, so no stale lock survives a crash, and on Linux NFS maps it to a byte-range lock that
     other hosts see. A second writer — another process, or another open in this one — gets a
-    UsageError naming the holder (host, PID, role) and nothing is changed. A directory this call
-    created and the block left empty (it failed before writing) is removed again."""
+    UsageError naming the holder (host, PID, role) and nothing is changed. When the block fails, the
+    lock file (if this call made it) and the directories this call made and nothing was written
+    into are removed again."""
     directory = Path(directory)
-    created = not directory.exists()
+    created = [d for d in [directory, *directory.parents] if not d.exists()]  # innermost first
     directory.mkdir(parents=True, exist_ok=True)
+    lock_created = not (directory / LOCK_NAME).exists()
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,8 +76,11 @@ def writer_lock(directory: str | Path, role: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if created and [p.name for p in directory.iterdir()] == [LOCK_NAME]:
-            shutil.rmtree(directory, ignore_errors=True)
+        if lock_created:  # a failed first writer leaves the directory as it found it
+            os.unlink(directory / LOCK_NAME)
+            with contextlib.suppress(OSError):  # a directory something was written into stays
+                for made in created:
+                    made.rmdir()
         raise
     finally:
         with contextlib.suppress(OSError):

@@ -37,9 +37,13 @@ with open(os.environ["GEOBENCH_TEST_PIDS"], "a") as fh:
     fh.write(f"{os.getpid()}\\n")
 from geobench.trajectory import RunDir
 _save_state = RunDir.save_state
+_paused = os.path.join(os.path.dirname(os.environ["GEOBENCH_TEST_PIDS"]), "paused")
 def _save_state_then_stop(self, *args, **kwargs):
     _save_state(self, *args, **kwargs)
-    os.kill(os.getpid(), signal.SIGSTOP)  # the test kills the stopped process: it cannot finish first
+    if not os.path.exists(_paused):  # once: a resumed or requeued process runs through
+        with open(_paused, "w") as fh:
+            fh.write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)  # the test kills or signals the stopped process
 RunDir.save_state = _save_state_then_stop
 """
 
@@ -57,11 +61,16 @@ def stopping_after_first_state(tmp_path: Path) -> dict:
             "GEOBENCH_TEST_PIDS": str(site / "pids")}
 
 
-def kill_every_process(tmp_path: Path) -> None:
-    """SIGKILL every process started with `stopping_after_first_state(tmp_path)`, as a lost node would."""
+def paused_process(tmp_path: Path) -> int:
+    """The PID of the process that stopped itself (`stopping_after_first_state`)."""
+    return int((tmp_path / "pause-after-state" / "paused").read_text())
+
+
+def kill_every_process(tmp_path: Path, signal_number: int = signal.SIGKILL) -> None:
+    """Signal (SIGKILL: as a lost node would) every process started with `stopping_after_first_state(tmp_path)`."""
     for pid in (tmp_path / "pause-after-state" / "pids").read_text().split():
         try:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(int(pid), signal_number)
         except ProcessLookupError:
             pass
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import FAST, geobench_command, kill_every_process, run_cli, stopping_after_first_state
+from conftest import FAST, geobench_command, kill_every_process, paused_process, run_cli, stopping_after_first_state
 from geobench import executors, suites
 from geobench.errors import UsageError
 from geobench.registry import registry
@@ -212,3 +212,25 @@ def test_a_failing_cell_stops_the_others_only_with_fail_fast(tmp_path, executor)
     assert list(statuses) == ["adamw"] and statuses["adamw"].startswith("failed:")
     statuses = suites.run(prepared(False))
     assert statuses["adamw"].startswith("failed:") and statuses["sgd"] == "completed"
+
+
+def test_a_timed_out_or_preempted_cell_is_requeued_and_resumes_from_its_state(tmp_path, monkeypatch):
+    import submitit
+
+    for key, value in stopping_after_first_state(tmp_path).items():
+        monkeypatch.setenv(key, value)  # the cell's process inherits it
+    suite = suites.load(str(write_suite(tmp_path, steps=60, base=CELL_BASE | {"steps": 60, "state_every": 4})),
+                        "tiny", {}, str(tmp_path / "out"), registry())
+    job = suites.jobs(suite)[0]
+    executor = submitit.LocalExecutor(folder=tmp_path / "out" / "submitit")
+    executor.update_parameters(timeout_min=60)
+    handle = executor.submit(executors.CellTask(), job)
+    wait_for((tmp_path / "out" / "adamw" / "state" / "meta.json").exists, what="the cell saved its state")
+    cell = paused_process(tmp_path)
+    os.kill(cell, signal.SIGUSR2)  # what Slurm sends a task before its time limit or a preemption
+    os.kill(cell, signal.SIGCONT)
+    assert handle.result() == "completed"  # requeued by submitit, the new process continued the run
+    report = json.loads((tmp_path / "out" / "adamw" / "report.json").read_text())
+    assert report["run"]["resumed_from"] is not None
+    assert steps_of(tmp_path / "out" / "adamw" / "evals.jsonl") == [1, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44,
+                                                                     48, 52, 56, 60]
