@@ -21,7 +21,7 @@ from geobench import __version__, config, distributed, report, runner
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError
 from geobench.params import Param
-from geobench.trajectory import RunDir, lock_holder
+from geobench.trajectory import RunDir, in_use, lock_holder
 
 
 class Parser(argparse.ArgumentParser):
@@ -144,14 +144,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_as_rank(cfg, out, reg, preset_reason, here)
     if devices > 1:
         distributed.check_devices(devices, cfg.train.device)
-        if optimizer.gradient is not None:
-            raise UsageError(f"optimizer {cfg.optimizer.name!r} brings its own gradient rule, which does not run under "
-                             "DistributedDataParallel yet; train it with devices=1")
+        distributed.check_trainable(cfg.optimizer.name, optimizer.gradient)
         distributed.World(0, devices).micro_batches(cfg.train.grad_accum)
         runner.check(cfg, out, reg)
         holder = lock_holder(out.path)
         if holder:
-            raise UsageError(f"{str(out)!r} is being written by {holder}; one process writes a directory at a time")
+            raise in_use(out.path, holder)
         argv = ["run", cfg.optimizer.name, *[f"{k}={v}" for k, v in pairs.items()], "--out", str(out)]
         return distributed.launch(argv + (["--config", args.config] if args.config else []), devices)
     with out.lock("run"):
@@ -316,7 +314,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             table = table or info["table"]
             for cell in info["cells"]:
                 cell_path = path / cell["directory"]
-                if suites.status_of(RunDir(cell_path)) is not None:
+                if RunDir(cell_path).status() is not None:
                     paths.append(cell_path)
                     labels[str(cell_path)], groups[str(cell_path)] = cell["label"], cell["group"]
             if info["scale"] == "paper" and info["name"] in suites.builtin():

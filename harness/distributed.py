@@ -109,6 +109,13 @@ def check_devices(n: int, device_setting: str) -> None:
                          + ("" if visible else " (on a CPU, devices=N with train.device=cpu runs N CPU processes)"))
 
 
+def check_trainable(optimizer: str, gradient_rule: Any) -> None:
+    """Optimizers that bring their own gradient rule (EP) bypass autograd, so DDP cannot average them."""
+    if gradient_rule is not None:
+        raise UsageError(f"optimizer {optimizer!r} brings its own gradient rule, which does not run under "
+                         "DistributedDataParallel yet; train it in one process (devices=1)")
+
+
 def launch(argv: list[str], n: int) -> int:
     """Run `geobench <argv>` as n processes under torchrun on this machine; its exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",

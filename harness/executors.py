@@ -191,10 +191,9 @@ def cell_state(job: CellJob) -> tuple[str, str]:
     """(finished | running | queued | failed | interrupted | missing, detail) of a cell, read from
     its run directory, its lock, its error file and the engine's record of the submission."""
     out = RunDir(job.run_dir)
-    if out.report_json.exists():
-        status = json.loads(out.report_json.read_text())["run"]["status"]
-        if status in DONE:
-            return "finished", status
+    status = out.status()
+    if status in DONE:
+        return "finished", status
     holder = lock_holder(out.path)
     if holder is not None:
         return "running", holder
@@ -203,7 +202,7 @@ def cell_state(job: CellJob) -> tuple[str, str]:
     queued = _queued(job)
     if queued:
         return "queued", queued
-    if out.report_json.exists():
+    if status is not None:
         return "interrupted", f"continues from its state when the suite runs again (log {job.log})"
     return "missing", ""
 

@@ -209,7 +209,7 @@ def run(suite: Suite, *, wait: bool = True, cluster: str = "slurm") -> dict[str,
                     time.sleep(2)
                 statuses[job.label] = executors.cell_state(job)[1] or "missing"
         _write_index(suite, statuses)
-        finished = [c for c in suite.cells if status_of(c.out) is not None]
+        finished = [c for c in suite.cells if c.out.status() is not None]
         if wait and finished:
             doc, docs = compare.build([c.out.path for c in finished], f"geobench suite {suite.name} ({suite.scale})",
                                       suite.table, suite.published, {str(c.out.path): c.label for c in finished},
@@ -218,12 +218,6 @@ def run(suite: Suite, *, wait: bool = True, cluster: str = "slurm") -> dict[str,
                                       suite.references)
             compare.write(suite.directory, doc, docs)
     return statuses
-
-
-def status_of(out: RunDir) -> str | None:
-    if not out.report_json.exists():
-        return None
-    return json.loads(out.report_json.read_text())["run"]["status"]
 
 
 def _write_index(suite: Suite, statuses: dict[str, str]) -> None:

@@ -227,9 +227,8 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
     evaluates and writes."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     t = cfg.train
-    if here.active and run.optimizer_plugin.gradient is not None:
-        raise UsageError(f"optimizer {cfg.optimizer.name!r} brings its own gradient rule, which does not run under "
-                         "DistributedDataParallel yet; train it in one process")
+    if here.active:
+        distributed.check_trainable(cfg.optimizer.name, run.optimizer_plugin.gradient)
     micros = here.micro_batches(t.grad_accum)
     start, elapsed, tokens, resumed_from = 0, 0.0, 0, None
     if t.resume and out.has_state():

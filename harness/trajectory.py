@@ -69,8 +69,7 @@ def writer_lock(directory: str | Path, role: str) -> Iterator[None]:
     except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
         os.close(fd)
-        raise UsageError(f"{str(directory)!r} is being written by {holder}; one process writes a directory "
-                         "at a time (wait for it to finish, or stop it)") from None
+        raise in_use(directory, holder) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"geobench {role} (host {socket.gethostname()}, pid {os.getpid()})".encode(), 0)
     try:
@@ -86,6 +85,11 @@ def writer_lock(directory: str | Path, role: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def in_use(directory: str | Path, holder: str) -> UsageError:
+    return UsageError(f"{str(directory)!r} is being written by {holder}; one process writes a directory "
+                      "at a time (wait for it to finish, or stop it)")
 
 
 def lock_holder(directory: str | Path) -> str | None:
@@ -123,6 +127,12 @@ class RunDir:
 
     def is_empty(self) -> bool:
         return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
+
+    def status(self) -> str | None:
+        """The status its report records (completed | diverged | interrupted), None without a report."""
+        if not self.report_json.exists():
+            return None
+        return json.loads(self.report_json.read_text())["run"]["status"]
 
     def lock(self, role: str) -> contextlib.AbstractContextManager:
         """The one-writer lock of this run directory (`writer_lock`)."""
