@@ -232,7 +232,8 @@ class AnalysisContext:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             out.config.write_text(config_mod.save(cfg))
             out.append_eval({"step": 0, **run.evaluator(run.model)})
-            outcome = train(run, out, plugin_registry.registry().manager.hook)
+            source_val_loss = next((e["val_loss"] for e in self.evals if e["step"] == 1 and "val_loss" in e), None)
+            outcome = train(run, out, plugin_registry.registry().manager.hook, source_val_loss=source_val_loss)
             evals = out.read_evals()
         if outcome.status == "diverged":
             evals.append({"step": outcome.diverged_at, "diverged": True})

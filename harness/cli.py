@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train with an optimizer plugin, measure, and write a report")
     run.add_argument("optimizer", nargs="?", help="optimizer plugin name (see `geobench plugins`)")
-    run.add_argument("pairs", nargs="*", metavar="key=value", help="config overrides, e.g. beta2=0.9 steps=4000")
+    run.add_argument("pairs", nargs="*", metavar="key=value",
+                     help="config overrides (beta2=0.9 steps=4000) and options of the end-of-run metrics (reheat.lrs=[6e-4])")
     run.add_argument("--config", help="YAML file of overrides (below the command line, above the preset)")
     run.add_argument("--out", help="run directory (default: runs/<name>)")
     run.set_defaults(handler=cmd_run)
@@ -130,6 +131,7 @@ def default_name(cfg: config.Config, pairs: dict[str, str], optimizer_params) ->
 def cmd_run(args: argparse.Namespace) -> int:
     reg = plugin_registry.registry()
     pairs = config.parse_pairs(args.pairs)
+    metric_pairs = {key: pairs.pop(key) for key in list(pairs) if key.partition(".")[0] in reg.metrics}
     devices = Param(1, "training processes", low=1).check("devices", pairs.pop("devices", 1))
     has_cuda = torch.cuda.is_available()
     cfg = config.resolve(args.optimizer, pairs, args.config,
@@ -141,26 +143,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg, pairs, optimizer.params)))
     here = distributed.world()
     if here.active:
-        return run_as_rank(cfg, out, reg, preset_reason, here)
+        return run_as_rank(cfg, out, reg, preset_reason, here, metric_pairs)
     if devices > 1:
         distributed.check_devices(devices, cfg.train.device)
         distributed.check_trainable(cfg.optimizer.name, optimizer.gradient)
         distributed.World(0, devices).micro_batches(cfg.train.grad_accum)
-        runner.check(cfg, out, reg)
+        runner.check(cfg, out, reg, metric_pairs)
         holder = lock_holder(out.path)
         if holder:
             raise in_use(out.path, holder)
-        argv = ["run", cfg.optimizer.name, *[f"{k}={v}" for k, v in pairs.items()], "--out", str(out)]
+        argv = ["run", cfg.optimizer.name, *[f"{k}={v}" for k, v in {**pairs, **metric_pairs}.items()],
+                "--out", str(out)]
         return distributed.launch(argv + (["--config", args.config] if args.config else []), devices)
     with out.lock("run"):
-        options = runner.check(cfg, out, reg)
+        options = runner.check(cfg, out, reg, metric_pairs)
         doc = runner.execute(cfg, out, reg, preset_reason, options)
     assert doc is not None
     return 130 if doc["run"]["status"] == "interrupted" else 0
 
 
 def run_as_rank(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
-                here: distributed.World) -> int:
+                here: distributed.World, metric_pairs: dict[str, str]) -> int:
     """One process of a torchrun launch: rank 0 takes the lock and checks, every rank trains."""
     from geobench.train import pick_device
 
@@ -171,7 +174,7 @@ def run_as_rank(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, 
             if here.writer:
                 try:
                     held.enter_context(out.lock(f"run (rank 0 of {here.size} processes)"))
-                    options = runner.check(cfg, out, reg)
+                    options = runner.check(cfg, out, reg, metric_pairs)
                 except UsageError as exc:
                     problem = str(exc)
             problem = distributed.agree(here, problem)

@@ -75,7 +75,7 @@ def run_row(path: Path, doc: dict, label: str | None = None, group: str | None =
     default_group = re.sub(rf"-(s|seed=){seed}(?=-|$)", "", name)
     row = {"run": str(path), "label": name, "group": group or default_group,
            "optimizer": doc["optimizer"]["name"], "params": params, "seed": seed,
-           "status": doc["run"]["status"], "steps": doc["run"]["last_step"]}
+           "status": doc["run"]["status"], "steps": doc["run"]["last_step"], "diverged_at": doc["run"]["diverged_at"]}
     row.update({col: _dig(doc, where) for col, (where, _) in COLUMNS.items()})
     return row
 
@@ -195,6 +195,10 @@ def _variant_lines(doc: dict) -> list[str]:
     return [f"- `{metric}` ({', '.join(cols)}): {text}" for (metric, text), cols in by_text.items()]
 
 
+def _status(row: dict) -> str:
+    return f"{row['status']} at step {row['diverged_at']}" if row.get("diverged_at") is not None else row["status"]
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# {doc['title']}", "", f"geobench {doc['geobench_version']}, {doc['created']}."]
     if doc["runs"]:
@@ -205,7 +209,7 @@ def markdown(doc: dict) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines += ["", "## Runs", "", "| run | status | steps | " + " | ".join(doc["columns"]) + " |",
                   "|---|---|---|" + "---|" * len(doc["columns"])]
-        lines += [f"| {r['label']} | {r['status']} | {r['steps']} | " + " | ".join(fmt(r[c]) for c in doc["columns"])
+        lines += [f"| {r['label']} | {_status(r)} | {r['steps']} | " + " | ".join(fmt(r[c]) for c in doc["columns"])
                   + " |" for r in doc["runs"]]
         lines += ["", "## How each column was computed", ""] + _variant_lines(doc)
     if doc.get("references"):

@@ -122,7 +122,7 @@ SECTIONS = {
 
 @dataclasses.dataclass
 class Config:
-    preset: str = p("auto", "size preset (auto: paper on CUDA, tiny on CPU)", choices=("auto", "paper", "tiny"))
+    preset: str = p("auto", "size preset (auto: paper on CUDA, tiny on CPU)", choices=("auto", "paper", "small", "tiny"))
     name: str = p("", "run name (default: derived from the optimizer and the overrides)")
     metrics: list = p(list(DEFAULT_METRICS), "metric plugins run at the end of training ([] for none)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -132,16 +132,30 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
 
 
+# The CPU presets share a model and data; why each number is what it is: README, "Presets".
+CPU_MODEL = {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256, "context": 128}
+CPU_DATA = {"source": "embedded", "train_stories": 6000, "val_stories": 300, "vocab_size": 2048}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"model": {"compile": True}},
     "tiny": {
-        "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256, "context": 128},
-        "data": {"source": "embedded", "train_stories": 6000, "val_stories": 300, "vocab_size": 2048},
-        "probe": {"n_codewords": 128, "eval_examples": 200, "ood_gap": [40, 80]},
+        "model": CPU_MODEL,
+        "data": CPU_DATA,
+        "probe": {"p_probe": 0.5, "n_codewords": 128, "eval_examples": 200, "ood_gap": [40, 80]},
         "train": {
-            "steps": 600, "batch_size": 32, "grad_accum": 1, "warmup": 60,
-            "lambda_schedule": [[0, 2.0], [240, 4.0]], "eval_every": 50,
+            "steps": 500, "batch_size": 32, "grad_accum": 1, "warmup": 50,
+            "lambda_schedule": [[0, 2.0], [200, 4.0]], "eval_every": 50,
             "checkpoint_every": 25, "state_every": 100, "val_batches": 4, "val_batch_size": 32,
+        },
+    },
+    "small": {
+        "model": CPU_MODEL,
+        "data": CPU_DATA,
+        "probe": {"p_probe": 0.2, "n_codewords": 128, "eval_examples": 500, "ood_gap": [60, 85]},
+        "train": {
+            "steps": 1200, "batch_size": 32, "grad_accum": 1, "warmup": 120,
+            "lambda_schedule": [[0, 2.0], [480, 4.0]], "eval_every": 25,
+            "checkpoint_every": 25, "state_every": 200, "val_batches": 4, "val_batch_size": 32,
         },
     },
 }

@@ -295,6 +295,9 @@ def render_metric(name: str, result: dict) -> list[str]:
         return lines + [f"**failed:** {result.get('error', '')}", ""]
     if result.get("variant"):
         lines += [f"*Computed as:* {result['variant']}", ""]
+    if result.get("no_signal"):
+        lines += [f"**No signal:** {result['no_signal']}. The numbers stay in report.json.", ""]
+        return lines + [line for fig in result.get("figures", []) for line in (f"![{name}]({fig})", "")]
     scalars = result.get("scalars", {})
     if scalars:
         lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in scalars.items()] + [""]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import yaml
 
-from geobench import config, distributed, report
+from geobench import config, distributed, report, series
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
@@ -100,4 +100,8 @@ def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, pres
     if failed:
         print(f"geobench: metrics failed: {', '.join(failed)} (see the report)")
     print(f"geobench: report {out.report_md}")
+    not_learned = series.probe_not_learned(doc["evals"])
+    if not_learned:
+        print(f"geobench: warning: {not_learned}; switching, re-entry and basin depth have nothing to measure "
+              "(more steps or a higher probe.p_probe help)")
     return doc

@@ -13,6 +13,7 @@ Values = Sequence[float] | np.ndarray
 PROMINENCE = 0.03  # the source's frozen detection constants
 REACH = 3
 TIER_A, TIER_B = 3.0, 2.0  # |Δp_ood| in units of σ
+PROBE_LEARNED = 0.1  # a best p_ood below this: no capability to switch, re-enter or perturb
 
 # The source's power-law windows (lo, hi] for its 10k-step runs, as fractions of the run.
 FIT_FRACTIONS = ((0.0, 0.2), (0.2, 0.4), (0.0, 0.4), (0.4, 0.6), (0.4, 1.0), (0.6, 1.0))
@@ -60,6 +61,22 @@ def bootstrap_sigma(correct: np.ndarray, resamples: int, rng: np.random.Generato
         idx = rng.integers(0, n, n)
         draws.append(correct[idx].mean() - (paired_with[idx].mean() if paired_with is not None else 0.0))
     return float(np.std(draws, ddof=1))
+
+
+def probe_not_learned(evals: Sequence[dict]) -> str | None:
+    """Why a run's probe gives the probe metrics nothing to measure, in words, or None when its best
+    p_ood reached PROBE_LEARNED."""
+    p_ood = [e["p_ood"] for e in evals if e.get("p_ood") is not None and np.isfinite(e["p_ood"])]
+    p_in = [e["p_in"] for e in evals if e.get("p_in") is not None and np.isfinite(e["p_in"])]
+    if not p_ood:
+        return "no evaluation of p_ood"
+    best = max(p_ood)
+    if best >= PROBE_LEARNED:
+        return None
+    learned_in = p_in and max(p_in) >= 0.5
+    return (f"best p_ood {best:.3g} < {PROBE_LEARNED:g}"
+            + (f" (best p_in {max(p_in):.3g}): the probe was learned in distribution but never out of it"
+               if learned_in else f" (best p_in {max(p_in, default=0.0):.3g}): the probe was not learned"))
 
 
 def power_law_fit(steps: Sequence[float], values: Sequence[float | None]) -> dict:

@@ -222,9 +222,12 @@ class HiddenStates(torch.nn.Module):
         return self.model.hidden(inputs)
 
 
-def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed.World()) -> Outcome:
+def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed.World(),
+          source_val_loss: float | None = None) -> Outcome:
     """Train `run` into `out`. Under torchrun (`here` active) every rank calls this; rank 0 alone
-    evaluates and writes."""
+    evaluates and writes. A run derived from another one's checkpoint passes that run's step-1
+    val_loss as `source_val_loss`: the divergence criterion compares against it, not against the
+    derived run's own (already trained) first evaluation."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     t = cfg.train
     if here.active:
@@ -255,10 +258,11 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
     since_eval: list[float] = []
     losses = LossReader(SYNC_EVERY_CUDA if run.device.type == "cuda" else 1)
     history = out.read_evals() if start else []
-    first_val_loss = next((e["val_loss"] for e in history if e["step"] == 1), None)
+    first_val_loss = source_val_loss or next((e["val_loss"] for e in history if e["step"] == 1), None)
     for record in history:  # a resumed run that had already blown up stays marked
         if blew_up(record, first_val_loss, t.diverge_factor):
-            status, diverged_at, divergence = "diverged", record["step"], _criterion(record, first_val_loss, t.diverge_factor)
+            status, diverged_at, divergence = "diverged", record["step"], _criterion(
+                record, first_val_loss, t.diverge_factor, derived=source_val_loss is not None)
             break
 
     writer = BackgroundWriter()
@@ -352,11 +356,11 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
                 if here.writer:
                     out.append_eval(record)
                     hooks.geobench_on_eval(run=out, step=step, record=record)
-                if step == 1:
+                if step == 1 and source_val_loss is None:
                     first_val_loss = record["val_loss"]
                 if diverged_at is None and blew_up(record, first_val_loss, t.diverge_factor):
                     status, diverged_at = "diverged", step
-                    divergence = _criterion(record, first_val_loss, t.diverge_factor)
+                    divergence = _criterion(record, first_val_loss, t.diverge_factor, derived=source_val_loss is not None)
                     bar.write(f"geobench: the run diverged at step {step}: {divergence}"
                               + ("; stopping" if t.stop_on_diverge else "; training on (train.stop_on_diverge=false)"))
                     stop = t.stop_on_diverge
@@ -400,6 +404,6 @@ def _write_state(out: RunDir, step: int, weights: dict[str, torch.Tensor], train
     return "state", step, None
 
 
-def _criterion(record: dict, first_val_loss: float | None, factor: float) -> str:
-    return (f"val_loss {record['val_loss']:.4g} > {factor:g} × the step-1 val_loss {first_val_loss:.4g} "
-            "(train.diverge_factor)")
+def _criterion(record: dict, first_val_loss: float | None, factor: float, *, derived: bool) -> str:
+    return (f"val_loss {record['val_loss']:.4g} > {factor:g} × the step-1 val_loss {first_val_loss:.4g}"
+            f"{' of the source run' if derived else ''} (train.diverge_factor)")

@@ -42,8 +42,21 @@ def test_short_dotted_and_alias_keys():
 
 def test_preset_can_be_chosen_and_is_checked():
     assert resolve(pairs=["preset=paper"]).model.d_model == 512
-    with pytest.raises(UsageError, match="preset='huge'.*one of auto, paper, tiny"):
+    with pytest.raises(UsageError, match="preset='huge'.*one of auto, paper, small, tiny"):
         resolve(pairs=["preset=huge"])
+
+
+def test_every_preset_resolves_and_the_report_schema_admits_it():
+    from geobench import report
+
+    presets = [c for c in config.declared_fields()["preset"].choices if c != "auto"]
+    assert sorted(presets) == sorted(config.PRESETS)
+    assert report.schema()["properties"]["run"]["properties"]["preset"]["enum"] == sorted(presets)
+    for name in presets:
+        cfg = resolve(pairs=[f"preset={name}"])
+        lam_switch = cfg.train.lambda_schedule[1][0]
+        assert 0 < lam_switch <= cfg.train.steps and cfg.train.warmup < lam_switch  # two probe phases
+        assert cfg.probe.ood_gap[0] > cfg.probe.train_gap[1]  # the OOD set lies beyond the training gaps
 
 
 @pytest.mark.parametrize("pair, message", [

@@ -118,3 +118,16 @@ def test_power_laws_recover_the_published_beta2_fits():
             want = entry["fit_results"][f"{row['start']}-{row['end']}"]
             for key in ("gamma_a", "R2_a", "gamma_r", "R2_r"):
                 assert row[key] == pytest.approx(want[key], abs=1e-6)
+
+
+def test_probe_not_learned_says_why_in_words():
+    from geobench.series import probe_not_learned
+
+    learned = [{"p_ood": 0.0, "p_in": 0.0}, {"p_ood": 0.1, "p_in": 0.3}]
+    assert probe_not_learned(learned) is None  # the threshold itself counts as learned
+    flat = [{"p_ood": 0.0, "p_in": 0.01}, {"p_ood": 0.02, "p_in": 0.004}]
+    assert probe_not_learned(flat) == "best p_ood 0.02 < 0.1 (best p_in 0.01): the probe was not learned"
+    in_only = [{"p_ood": 0.05, "p_in": 0.9}, {"p_ood": float("nan"), "p_in": 0.95}]
+    assert probe_not_learned(in_only) == ("best p_ood 0.05 < 0.1 (best p_in 0.95): the probe was learned in "
+                                          "distribution but never out of it")
+    assert probe_not_learned([{"step": 1}]) == "no evaluation of p_ood"

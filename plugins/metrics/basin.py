@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from geobench import Param, hookimpl
+from geobench import series as series_math
 from geobench.analysis import check_checkpoint_steps
 from geobench.model import trunk_names
 from geobench.registry import MetricPlugin
@@ -88,7 +89,13 @@ def compute(ctx, options: dict) -> dict:
         depth.append({"sigma": sigma, "depth": float(np.mean(finals)), "p_ood_after": finals})
     scalars = {"depth_at_largest_sigma": depth[-1]["depth"],
                "recovered": sum(r["steps_to_threshold"] is not None for r in recovery), "recovery_runs": len(recovery)}
-    return {"scalars": scalars, "tables": {"b1_recovery": recovery, "b6_depth": depth}}
+    result = {"scalars": scalars, "tables": {"b1_recovery": recovery, "b6_depth": depth}}
+    least = min(depth, key=lambda row: row["sigma"], default=None)
+    if least and not least["depth"] >= series_math.PROBE_LEARNED:  # also NaN
+        result["no_signal"] = (f"no basin: p_ood after relaxing the smallest perturbation (σ = {least['sigma']:g}) "
+                               f"is {least['depth']:.3g} < {series_math.PROBE_LEARNED:g}; there is no learned probe to "
+                               "perturb")
+    return result
 
 
 @hookimpl

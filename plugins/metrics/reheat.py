@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from geobench import Param, hookimpl
+from geobench import series as series_math
 from geobench.analysis import check_checkpoint_steps
 from geobench.registry import MetricPlugin
 
@@ -53,8 +54,12 @@ def compute(ctx, options: dict) -> dict:
                f"{options['steps']} steps, warmup {options['warmup']} then the cosine clamped at "
                f"{t.lr_floor:g} of the peak, {t.batch_size} × {options['grad_accum'] or t.grad_accum} sequences per step; "
                "G = max p_ood − p_ood at the start (the start evaluation included)")
-    return {"scalars": scalars, "tables": {"reheat": rows, "curves": curves}, "figures": [plot(ctx, curves)],
-            "variant": variant}
+    result = {"scalars": scalars, "tables": {"reheat": rows, "curves": curves}, "figures": [plot(ctx, curves)],
+              "variant": variant}
+    if best["peak_p_ood"] < series_math.PROBE_LEARNED:
+        result["no_signal"] = (f"no re-entry: p_ood stayed below {series_math.PROBE_LEARNED:g} in every reheat "
+                               f"(best peak {best['peak_p_ood']:.3g}); the run has no learned probe to return to")
+    return result
 
 
 def reheat_from(ctx, step: int, options: dict) -> tuple[list[dict], list[dict]]:

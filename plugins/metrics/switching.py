@@ -118,8 +118,14 @@ def compute(ctx, options: dict) -> dict:
                + ("; per_block: each block against its own PCA, LayerNorms included" if options["per_block"] else "")
                + (f"; tiers by the {SIGMAS[options['sigma']]}, {options['resamples']} resamples"
                   if options["resamples"] else "; no tiers (resamples=0)"))
-    return {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series, rows)],
-            "variant": variant}
+    result = {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series, rows)],
+              "variant": variant}
+    if not rows:
+        result["no_signal"] = "no switching: " + (
+            series_math.probe_not_learned(ctx.evals)
+            or f"p_ood (best {p.max():.3g}) has no peak of prominence >= {options['prominence']:g} "
+               "followed by a trough")
+    return result
 
 
 def plot(ctx, series, rows) -> str:
