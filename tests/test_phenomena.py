@@ -11,8 +11,8 @@ import pytest
 from conftest import FAST, run_cli
 from geobench import report
 
-# the tiny preset (p_probe 0.5, λ 2 → 4 at 200), stopped once the probe is learned
-LEARNED = ["preset=tiny", "beta2=0.9", "steps=350", "eval_every=25", "metrics=[backbone,alignment]"]
+# the card's run, `geobench run adamw beta2=0.9` on CPU: the tiny preset (p_probe 0.5, λ 2 → 4 at 200)
+LEARNED = ["preset=tiny", "beta2=0.9", "metrics=[backbone,alignment]"]
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +54,16 @@ def test_switching_finds_planted_switches_through_the_metric(learned_run, tmp_pa
     run, _, doc = learned_run
     planted = tmp_path / "planted"
     shutil.copytree(run, planted)
-    # a p_ood series with two clear switches at checkpoint steps: peaks at 100 and 250, troughs at 150 and 300
-    shape = {1: 0.0, 25: 0.05, 50: 0.2, 75: 0.4, 100: 0.7, 125: 0.5, 150: 0.3, 175: 0.4, 200: 0.5, 225: 0.6,
-             250: 0.8, 275: 0.6, 300: 0.4, 325: 0.5, 350: 0.6}
+    # a p_ood series with two clear switches at checkpoint steps: peaks at 150 and 350, troughs at 250 and 450
+    shape = {1: 0.0, 50: 0.05, 100: 0.2, 150: 0.7, 200: 0.5, 250: 0.3, 300: 0.6, 350: 0.8, 400: 0.5, 450: 0.3,
+             500: 0.4}
     evals = [dict(e, p_ood=shape[e["step"]]) for e in doc["evals"]]
     (planted / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     result = run_cli("analyze", str(planted), "--metric", "switching", "switching.resamples=5")
     assert result.returncode == 0, result.stderr
     switching = json.loads((planted / "report.json").read_text())["metrics"]["switching"]
     rows = switching["tables"]["switches"]
-    assert [(r["peak"], r["trough"]) for r in rows] == [(100, 150), (250, 300)]
+    assert [(r["peak"], r["trough"]) for r in rows] == [(150, 250), (350, 450)]
     assert all(0 <= r["abs_cos_vb"] <= 1 and 0 <= r["e2_6"] <= 1 for r in rows)
     assert "no_signal" not in switching
 

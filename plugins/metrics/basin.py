@@ -89,7 +89,7 @@ def compute(ctx, options: dict) -> dict:
         depth.append({"sigma": sigma, "depth": float(np.mean(finals)), "p_ood_after": finals})
     scalars = {"depth_at_largest_sigma": depth[-1]["depth"],
                "recovered": sum(r["steps_to_threshold"] is not None for r in recovery), "recovery_runs": len(recovery)}
-    result = {"scalars": scalars, "tables": {"b1_recovery": recovery, "b6_depth": depth}}
+    result: dict = {"scalars": scalars, "tables": {"b1_recovery": recovery, "b6_depth": depth}}
     least = min(depth, key=lambda row: row["sigma"], default=None)
     if least and not least["depth"] >= series_math.PROBE_LEARNED:  # also NaN
         result["no_signal"] = (f"no basin: p_ood after relaxing the smallest perturbation (σ = {least['sigma']:g}) "
