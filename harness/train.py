@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -290,6 +292,8 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
     prefetch = Prefetcher(run.stream, start + 1, t.steps, depth=2 * len(micros), pin=on_gpu, threaded=on_gpu,
                           micros=micros)
     batches = iter(prefetch)
+    held = contextlib.ExitStack()  # under torchrun the ranks keep the default Ctrl-C (they must stop together)
+    stop_asked = held.enter_context(_ctrl_c_at_step_end()) if not here.active else threading.Event()
     try:
         for step in range(start + 1, t.steps + 1):
             tick = time.perf_counter()
@@ -375,17 +379,43 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
             announce_checkpoints()
             if stop:
                 break
+            if stop_asked.is_set():
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         status = "interrupted"
         save_state(done)
         bar.write(f"geobench: interrupted; state saved at step {done}, continue with resume=true")
     finally:
+        held.close()
         prefetch.close()
         writer.close()
         announce_checkpoints()
         bar.close()
     return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from, divergence, stopped_early_at,
                    compile_seconds)
+
+
+@contextlib.contextmanager
+def _ctrl_c_at_step_end() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) while training sets an event that the loop reads at the end of a step, where
+    the weights, the optimizer and the writer thread are consistent; a second Ctrl-C interrupts at
+    once. An interrupt raised anywhere in a step could land inside a half-applied optimizer update
+    or a queue operation shared with the writer thread."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def ask(signum: int, frame: Any) -> None:
+        if asked.is_set():
+            raise KeyboardInterrupt
+        asked.set()
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _no_sync(ddp: torch.nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
