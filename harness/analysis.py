@@ -7,19 +7,28 @@ import dataclasses
 import functools
 import re
 import traceback
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
 
 from geobench import config as config_mod
-from geobench import registry as plugin_registry
 from geobench import report
-from geobench.checkpoints import CheckpointReader
+from geobench.checkpoints import CheckpointReader, load_weights
+from geobench.device import pick_device
 from geobench.errors import UsageError, did_you_mean
 from geobench.linalg import PCA, TrajectoryGram, pca
-from geobench.model import block_names, trunk_names
-from geobench.trajectory import LOCK_NAME, RunDir
+from geobench.params import Param
+from geobench.registry import Batch, ParameterLayout, Registry
+from geobench.trajectory import LOCK_NAME, RunDir, atomic_write_text
+
+if TYPE_CHECKING:
+    from geobench.train import Setup
+
+# the option every metric that works on a parameter scope declares
+SCOPE = Param("trunk", "parameters: trunk, all or block:I", pattern=r"trunk|all|block:\d+")
 
 
 @dataclasses.dataclass
@@ -48,21 +57,20 @@ class AnalysisContext:
 
     run: RunDir
     config: config_mod.Config | None
+    reg: Registry
     external: dict[int, CheckpointReader] | None = None
     chosen: list[str] | None = None  # for an external trajectory: the parameters it is restricted to
     _grams: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, path, reg: plugin_registry.Registry | None = None) -> AnalysisContext:
+    def open(cls, path, reg: Registry) -> AnalysisContext:
         run = RunDir(path)
         if not run.config.exists():
             raise UsageError(f"{str(path)!r} is not a geobench run directory (no config.yaml)")
-        tree = yaml.safe_load(run.config.read_text())
-        opt = plugin_registry.get_optimizer(tree["optimizer"]["name"], reg)
-        return cls(run, config_mod.build(tree, opt.params))
+        return cls(run, config_mod.build(yaml.safe_load(run.config.read_text()), reg), reg)
 
     @classmethod
-    def of_manifest(cls, manifest, opt: str, pattern: str, out) -> AnalysisContext:
+    def of_manifest(cls, manifest, opt: str, pattern: str, out, reg: Registry) -> AnalysisContext:
         """The checkpoints of optimizer `opt` of a manifest (energy's format), restricted to the
         parameters matching `pattern`; results go to the directory `out`."""
         from geobench.energy import read_manifest, select
@@ -78,7 +86,7 @@ class AnalysisContext:
         for reader in readers.values():
             for name in names:
                 reader.where(name)  # every checkpoint holds every chosen parameter
-        return cls(RunDir(out), None, readers, names)
+        return cls(RunDir(out), None, reg, readers, names)
 
     @functools.cached_property
     def evals(self) -> list[dict]:
@@ -112,16 +120,25 @@ class AnalysisContext:
             raise UsageError(f"scope={scope!r}: a manifest's trajectory has only the parameters chosen with --params "
                              "(scope=all)")
         if scope == "trunk":
-            chosen = trunk_names(names)
+            chosen = self.layout.trunk_names(names)
         elif scope == "all":
             chosen = names
         elif match:
-            chosen = block_names(names, int(match.group(1)))
+            chosen = self.layout.block_names(names, int(match.group(1)))
         else:
             raise UsageError(f"scope={scope!r} is not one of trunk, all, block:I")
         if not chosen:
             raise UsageError(f"scope={scope!r} matches no parameter of run {str(self.run)!r}")
         return chosen
+
+    @property
+    def layout(self) -> ParameterLayout:
+        """Where the run's model family keeps its trunk and blocks."""
+        return self.reg.model(self.trained.model.family).layout
+
+    def block_indices(self) -> list[int]:
+        """The blocks of the run's model (`block:I` scopes)."""
+        return self.layout.block_indices(list(self.parameter_shapes))
 
     def window(self, window: list, minimum: int = 2) -> list[int]:
         """Checkpoint steps inside [start, end] (all of them for an empty window)."""
@@ -170,19 +187,14 @@ class AnalysisContext:
 
     def model_at(self, step: int) -> torch.nn.Module:
         """The run's model with the weights of checkpoint `step`, in eval mode."""
-        model = self.live.model
-        weights = self.load_checkpoint(step)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(weights[name])
-        return model.eval()
+        return load_weights(self.live.model, self.load_checkpoint(step)).eval()
 
-    def batches(self, n: int, first: int = 0):
-        """`n` training-distribution batches (inputs, targets, probe mask) the run never trained on:
-        the data stream continued past its last step."""
+    def batches(self, n: int, first: int = 0) -> Iterator[Batch]:
+        """`n` training-distribution batches the run never trained on: the data stream continued
+        past its last step."""
         stream, device = self.live.stream, self.live.device
         for i in range(n):
-            yield tuple(x.to(device) for x in stream.batch(self.trained.train.steps + 1 + first + i, 0))
+            yield Batch(*(x.to(device) for x in stream.batch(self.trained.train.steps + 1 + first + i, 0)))
 
     def batch_gradients(self, step: int, names: list[str], n: int, lam: float | None = None):
         """Gradients of the composite loss (λ given, or the schedule's at that step) at checkpoint
@@ -218,22 +230,21 @@ class AnalysisContext:
         if "optimizer.name" in overrides and overrides["optimizer.name"] != tree["optimizer"]["name"]:
             tree["optimizer"]["params"] = {}
         for key, value in overrides.items():
-            config_mod._set(tree, key, value)
-        plugin = plugin_registry.get_optimizer(tree["optimizer"]["name"])
-        cfg = config_mod.build(tree, plugin.params)
-        run = derive(self.live, cfg, self.load_checkpoint(step))
+            config_mod.set_path(tree, key, value)
+        cfg = config_mod.build(tree, self.reg)
+        setup = derive(self.live, cfg, self.load_checkpoint(step))
         if perturb is not None:
             with torch.no_grad():
-                perturb(run.model)
+                perturb(setup.model)
         out = RunDir(self.run.path / "derived" / name)
         with out.lock("derived run"):
             for entry in out.path.iterdir():  # a derived run always starts afresh
                 if entry.name != LOCK_NAME:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            out.config.write_text(config_mod.save(cfg))
-            out.append_eval({"step": 0, **run.evaluator(run.model)})
+            atomic_write_text(out.config, config_mod.save(cfg))
+            out.append_eval({"step": 0, **setup.evaluator(setup.model)})
             source_val_loss = next((e["val_loss"] for e in self.evals if e["step"] == 1 and "val_loss" in e), None)
-            outcome = train(run, out, plugin_registry.registry().manager.hook, source_val_loss=source_val_loss)
+            outcome = train(setup, out, source_val_loss=source_val_loss)
             evals = out.read_evals()
         if outcome.status == "diverged":
             evals.append({"step": outcome.diverged_at, "diverged": True})
@@ -244,7 +255,7 @@ class AnalysisContext:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return pick_device(self.config.train.device if self.config is not None else "auto")
 
     def p_ood_at(self, steps: list[int]) -> dict[int, float]:
         by_step = {e["step"]: e["p_ood"] for e in self.evals if e.get("p_ood") is not None}
@@ -255,12 +266,12 @@ class AnalysisContext:
         return report.save_figure(fig, self.run.path, name)
 
     @functools.cached_property
-    def live(self):
+    def live(self) -> Setup:
         """The run's model, data and evaluator rebuilt from its config (for metrics that need
         gradients or evaluations); load a checkpoint into `live.model` before use."""
         from geobench.train import prepare
 
-        return prepare(self.trained)
+        return prepare(self.trained, self.reg)
 
     @property
     def trained(self) -> config_mod.Config:
@@ -281,15 +292,15 @@ def check_checkpoint_steps(cfg: config_mod.Config, steps, option: str) -> None:
                              f"({cfg.train.steps} steps, a checkpoint every {cfg.train.checkpoint_every})")
 
 
-def metric_options(names: list[str], given: dict[str, str], reg: plugin_registry.Registry) -> dict[str, dict]:
+def metric_options(names: list[str], given: dict[str, str], reg: Registry) -> dict[str, dict]:
     """Validated options per metric from `NAME.option=value` pairs (defaults for the rest)."""
-    chosen = {name: plugin_registry.get_metric(name, reg) for name in names}
+    chosen = {name: reg.metric(name) for name in names}
     options = {name: {k: spec.default for k, spec in plugin.options.items()} for name, plugin in chosen.items()}
     for key, raw in given.items():
         name, _, option = key.partition(".")
         if name not in chosen:
             raise UsageError(f"option {key!r} names metric {name!r}, which is not being computed "
-                             f"({', '.join(names)})")
+                             f"({', '.join(names) or 'none'})")
         declared = chosen[name].options
         if option not in declared:
             raise UsageError(f"metric {name!r} has no option {option!r}{did_you_mean(option, declared)}; "
@@ -298,17 +309,34 @@ def metric_options(names: list[str], given: dict[str, str], reg: plugin_registry
     return options
 
 
-def run_metrics(ctx: AnalysisContext, names: list[str], reg: plugin_registry.Registry | None = None,
-                options: dict[str, dict] | None = None, strict: bool = False) -> dict:
+def plan_metrics(cfg: config_mod.Config, reg: Registry) -> tuple[list[str], dict[str, str]]:
+    """The end-of-run metrics of a run of `cfg` and those skipped, with the reason. Metrics named
+    in `cfg.metrics` must all apply (a UsageError names the one that cannot); the default set
+    (config.DEFAULT_METRICS plus those the optimizer plugin adds) keeps those that apply and
+    skips the others."""
+    if cfg.metrics is not None:
+        for name in cfg.metrics:
+            reason = reg.unmet_need(name, cfg)
+            if reason:
+                raise UsageError(f"metric {name!r} cannot apply to this run: {reason}")
+        return list(cfg.metrics), {}
+    defaults = list(dict.fromkeys([*config_mod.DEFAULT_METRICS, *reg.optimizer(cfg.optimizer.name).metrics]))
+    skipped = {name: reason for name in defaults if (reason := reg.unmet_need(name, cfg))}
+    return [name for name in defaults if name not in skipped], skipped
+
+
+def run_metrics(ctx: AnalysisContext, names: list[str], options: dict[str, dict] | None = None, *,
+                strict: bool = False, skipped: dict[str, str] | None = None) -> dict:
     """Compute each metric; a failure is recorded and the others still run. With `strict`, a metric
-    that finds the run lacking what it needs (a UsageError) stops everything instead."""
-    reg = reg or plugin_registry.registry()
-    options = options or metric_options(names, {}, reg)
-    results = {}
+    that finds the run lacking what it needs (a UsageError) stops everything instead. `skipped`
+    metrics (name → reason) are recorded as such."""
+    options = options or metric_options(names, {}, ctx.reg)
+    results: dict[str, dict[str, Any]] = {name: {"status": "skipped", "source": ctx.reg.metric(name).source, "reason": reason}
+               for name, reason in (skipped or {}).items()}
     for name in names:
-        plugin = plugin_registry.get_metric(name, reg)
+        plugin = ctx.reg.metric(name)
         try:
-            output = plugin.compute(ctx, options[name])
+            output = plugin.compute(ctx=ctx, options=options[name])
             results[name] = {"status": "ok", "source": plugin.source, "options": options[name], **output}
             problem = report.metric_problem(results[name])
             if problem:

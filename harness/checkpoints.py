@@ -6,6 +6,7 @@ failure is a one-line UsageError naming the file and the parameter."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -101,6 +102,24 @@ class CheckpointReader(_ParameterFiles):
         except (SafetensorError, OSError) as exc:
             raise UsageError(f"cannot read parameter {name!r} from {str(where)!r}: {exc}") from None
         return _checked(tensor, where, name)
+
+    def tensors(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor of the checkpoint (or only `names`) as stored: its own dtype, unchecked,
+        memory-mapped (the weights of a geobench run, its state included, go back into a model)."""
+        wanted = self.names() if names is None else list(names)
+        out: dict[str, torch.Tensor] = {}
+        for path in dict.fromkeys(self.where(name) for name in wanted):
+            with safe_open(str(path), framework="pt") as fh:
+                out.update({name: fh.get_tensor(name) for name in wanted if self.files[name] == path})
+        return {name: out[name] for name in wanted}
+
+
+def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """Copy `weights` (name → tensor, every parameter of the model) into the model in place."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(weights[name])
+    return model
 
 
 class NpzDirectory(_ParameterFiles):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -129,17 +130,15 @@ def default_name(cfg: config.Config, pairs: dict[str, str], optimizer_params) ->
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    reg = plugin_registry.registry()
+    reg = plugin_registry.installed()
     pairs = config.parse_pairs(args.pairs)
     metric_pairs = {key: pairs.pop(key) for key in list(pairs) if key.partition(".")[0] in reg.metrics}
     devices = Param(1, "training processes", low=1).check("devices", pairs.pop("devices", 1))
     has_cuda = torch.cuda.is_available()
-    cfg = config.resolve(args.optimizer, pairs, args.config,
-                         lambda name: plugin_registry.get_optimizer(name, reg),
-                         auto_preset="paper" if has_cuda else "tiny")
+    cfg = config.resolve(args.optimizer, pairs, args.config, reg, auto_preset="paper" if has_cuda else "tiny")
     explicit = "preset" in pairs or (args.config and "preset" in config.read_yaml(args.config))
     preset_reason = "as asked" if explicit else ("auto: a CUDA device is present" if has_cuda else "auto: no CUDA device")
-    optimizer = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
+    optimizer = reg.optimizer(cfg.optimizer.name)
     out = RunDir(args.out or Path("runs") / (cfg.name or default_name(cfg, pairs, optimizer.params)))
     here = distributed.world()
     if here.active:
@@ -156,25 +155,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "--out", str(out)]
         return distributed.launch(argv + (["--config", args.config] if args.config else []), devices)
     with out.lock("run"):
-        options = runner.check(cfg, out, reg, metric_pairs)
-        doc = runner.execute(cfg, out, reg, preset_reason, options)
+        plan = runner.check(cfg, out, reg, metric_pairs)
+        doc = runner.execute(cfg, out, reg, preset_reason, plan)
     assert doc is not None
-    return 130 if doc["run"]["status"] == "interrupted" else 0
+    return exit_code(doc)
+
+
+def exit_code(doc: dict) -> int:
+    """0: the run's report is complete; 1: written, but a metric failed; 130: interrupted (resume it)."""
+    if doc["run"]["status"] == "interrupted":
+        return 130
+    return 1 if any(result["status"] == "failed" for result in doc["metrics"].values()) else 0
 
 
 def run_as_rank(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
                 here: distributed.World, metric_pairs: dict[str, str]) -> int:
     """One process of a torchrun launch: rank 0 takes the lock and checks, every rank trains."""
-    from geobench.train import pick_device
+    from geobench.device import pick_device
 
     distributed.start(here, pick_device(cfg.train.device))
     try:
         with contextlib.ExitStack() as held:
-            problem, options = None, None
+            problem, plan = None, runner.MetricPlan([], {})
             if here.writer:
                 try:
                     held.enter_context(out.lock(f"run (rank 0 of {here.size} processes)"))
-                    options = runner.check(cfg, out, reg, metric_pairs)
+                    plan = runner.check(cfg, out, reg, metric_pairs)
                 except UsageError as exc:
                     problem = str(exc)
             problem = distributed.agree(here, problem)
@@ -182,18 +188,18 @@ def run_as_rank(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, 
                 if here.writer:
                     raise UsageError(problem)
                 return 2
-            doc = runner.execute(cfg, out, reg, preset_reason, options, here=here)
+            doc = runner.execute(cfg, out, reg, preset_reason, plan, here=here)
     finally:
         distributed.stop()
-    return 130 if doc is not None and doc["run"]["status"] == "interrupted" else 0
+    return exit_code(doc) if doc is not None else 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     import json as json_mod
 
-    from geobench.analysis import AnalysisContext, metric_options, run_metrics
+    from geobench.analysis import AnalysisContext, metric_options, plan_metrics, run_metrics
 
-    reg = plugin_registry.registry()
+    reg = plugin_registry.installed()
     if args.run and "=" in args.run and not Path(args.run).exists():  # a NAME.option=value pair, not a run
         args.pairs.insert(0, args.run)
         args.run = None
@@ -204,27 +210,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     ctx = AnalysisContext.open(args.run, reg)
     if not ctx.run.report_json.exists():
         raise UsageError(f"run {args.run!r} has no report.json (was it killed? finish it with resume=true)")
-    names = args.metrics or ctx.trained.metrics
+    asked = dataclasses.replace(ctx.trained, metrics=args.metrics) if args.metrics else ctx.trained
+    names, skipped = plan_metrics(asked, reg)
     if not names:
         raise UsageError(f"name a metric with --metric (available: {', '.join(reg.metrics) or 'none installed'})")
     options = metric_options(names, config.parse_pairs(args.pairs), reg)
     with ctx.run.lock("analyze"):
-        results = run_metrics(ctx, names, reg, options, strict=True)
+        results = run_metrics(ctx, names, options, strict=True, skipped=skipped)
         doc = json_mod.loads(ctx.run.report_json.read_text())
         doc["metrics"].update(results)
-        report.write(ctx.run, doc, reg.manager.hook)
+        report.write(ctx.run, doc, reg.hooks)
     for name, result in results.items():
         line = f"geobench: {name}: {result['status']}"
         if result["status"] == "failed":
             line += f" ({result['error']})"
+        elif result["status"] == "skipped":
+            line += f" ({result['reason']})"
         else:
             line += "; " + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6])
         print(line)
     print(f"geobench: report {ctx.run.report_md}")
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0
-
-
-CHECKPOINT_ONLY = {"checkpoints", "evals"}  # what a manifest's trajectory can give a metric
 
 
 def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) -> int:
@@ -236,14 +242,13 @@ def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) ->
         raise UsageError("--manifest analyses a manifest's checkpoints: give --opt NAME and --out DIR, and no run")
     names = args.metrics or ["backbone"]
     for name in names:
-        needs = set(plugin_registry.get_metric(name, reg).needs)
-        if not needs <= CHECKPOINT_ONLY:
-            raise UsageError(f"metric {name!r} needs {', '.join(sorted(needs - CHECKPOINT_ONLY))}, which a manifest's "
-                             "checkpoints cannot give; checkpoint-only metrics: "
-                             + ", ".join(n for n, m in reg.metrics.items() if set(m.needs) <= CHECKPOINT_ONLY))
+        reason = reg.unmet_need(name, None)
+        if reason:
+            raise UsageError(f"metric {name!r} cannot apply to a manifest: {reason}; checkpoint-only metrics: "
+                             + ", ".join(n for n in reg.metrics if reg.unmet_need(n, None) is None))
     pairs = config.parse_pairs(args.pairs)
-    for name in names:  # a manifest has no GPT trunk or blocks: the chosen parameters are the scope
-        declared = plugin_registry.get_metric(name, reg).options
+    for name in names:  # a manifest has no model layout: the chosen parameters are the scope
+        declared = reg.metric(name).options
         for option, value in (("scope", "all"), ("per_block", "false")):
             if option in declared:
                 pairs.setdefault(f"{name}.{option}", value)
@@ -252,12 +257,12 @@ def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) ->
     with out.lock("analyze"):
         if not out.is_empty():
             raise UsageError(f"output directory {args.out!r} exists and is not empty; choose another with --out")
-        ctx = AnalysisContext.of_manifest(args.manifest, args.opt, args.params, args.out)
+        ctx = AnalysisContext.of_manifest(args.manifest, args.opt, args.params, args.out, reg)
         started = report.now()
-        results = run_metrics(ctx, names, reg, options, strict=True)
+        results = run_metrics(ctx, names, options, strict=True)
         doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params, ctx.checkpoint_steps(),
                                          ctx.parameter_shapes, results, started)
-        report.write(out, doc, reg.manager.hook)
+        report.write(out, doc, reg.hooks)
     for name, result in results.items():
         print(f"geobench: {name}: {result['status']}; "
               + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6]))
@@ -274,7 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if not args.suite:
         raise UsageError("name a suite (see `geobench bench --list`)")
-    reg = plugin_registry.registry()
+    reg = plugin_registry.installed()
     show_status = "status" in args.pairs
     pairs = config.parse_pairs([p for p in args.pairs if p != "status"])
     has_cuda = torch.cuda.is_available()
@@ -332,8 +337,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     single_suite = len(args.runs) == 1 and (Path(args.runs[0]) / "suite.json").exists()
     out = Path(args.out) if args.out else (Path(args.runs[0]) if single_suite else Path("runs") / "comparison")
     title = "geobench comparison" if paths else "published reference series"
-    doc, docs = compare.build(paths, title, table or "main", figures, labels, groups, references=references)
-    compare.write(out, doc, docs)
+    reg = plugin_registry.installed()
+    doc, docs = compare.build(paths, title, reg, table or "main", figures, labels, groups, references=references)
+    compare.write(out, doc, docs, reg)
     print(f"geobench: compared {len(paths)} runs" + (f" with {len(references)} published series" if references else "")
           + f"; {out / 'comparison.md'}, {out / 'comparison.html'}")
     return 0
@@ -366,7 +372,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    reg = plugin_registry.registry()
+    reg = plugin_registry.installed()
     listing: dict[str, dict[str, Any]] = {
         "optimizers": {name: {"source": p.source, "help": p.help,
                               "params": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
@@ -376,7 +382,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                            "options": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
                                        for k, v in p.options.items()}}
                     for name, p in reg.metrics.items()},
-        "models": {name: {"source": p.source, "help": p.help} for name, p in reg.models.items()},
+        "models": {name: {"source": p.source, "help": p.help, "differentiable": p.differentiable,
+                          "params": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
+                                     for k, v in p.params.items()}}
+                   for name, p in reg.models.items()},
     }
     if args.json:
         print(json.dumps(listing, indent=2, default=str))

@@ -10,7 +10,6 @@ import html
 import json
 import math
 import re
-from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -19,37 +18,26 @@ import numpy as np
 import geobench
 from geobench import published
 from geobench.errors import UsageError
-from geobench.report import finite, fmt, now, pyplot, save_figure
+from geobench.registry import Registry
+from geobench.report import SCHEMA_VERSION, finite, fmt, load_schema, now, pyplot, save_figure
 from geobench.trajectory import atomic_write_json, atomic_write_text
 
-SCHEMA_VERSION = "1.0"
-# column → (where in a run's report, how the tables title it)
-COLUMNS = {
-    "val_loss": (("final", "val_loss"), "val loss"),
-    "best_p_ood": (("final", "best_p_ood"), "best p_ood"),
-    "pc1": (("metrics", "backbone", "scalars", "pc1"), "PC1 (row-norm.)"),
-    "pc1_top10": (("metrics", "backbone", "scalars", "pc1_top10"), "PC1 (row-norm., top-10 denom.)"),
-    "pc1_raw": (("metrics", "backbone", "scalars", "pc1_raw"), "PC1 (raw)"),
-    "k95": (("metrics", "backbone", "scalars", "k95"), "k95"),
-    "drift": (("metrics", "backbone", "scalars", "drift"), "drift"),
-    "mean_abs_cos": (("metrics", "alignment", "scalars", "mean_abs_cos"), "mean abs cos(u, v_b)"),
-    "block_mean_abs_cos": (("metrics", "alignment", "scalars", "block_mean_abs_cos"), "mean abs cos(u, v_b), per block"),
-    "interference": (("metrics", "interference", "scalars", "mean_cos"), "interference"),
-    "gain": (("metrics", "reheat", "scalars", "best_gain"), "G"),
-    "ep_cos": (("metrics", "ep", "scalars", "mean_cos"), "cos(EP, exact)"),
-}
-TABLES = {
-    "main": ["val_loss", "best_p_ood", "pc1", "pc1_top10", "pc1_raw", "k95", "drift", "mean_abs_cos",
-             "block_mean_abs_cos", "interference"],
-    "beta2": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "interference", "gain"],
-    "sgd": ["val_loss", "best_p_ood", "pc1", "k95", "drift"],
-    "reheat": ["val_loss", "best_p_ood", "gain"],
-    "ep": ["val_loss", "best_p_ood", "pc1", "pc1_raw", "k95", "drift", "mean_abs_cos", "ep_cos"],
-}
+# the columns of every run; metric plugins add theirs (MetricPlugin.columns)
+CORE_COLUMNS = {"val_loss": (("final", "val_loss"), "val loss"), "best_p_ood": (("final", "best_p_ood"), "best p_ood")}
+# a table's kind says what its first column shows for each configuration
+TABLES = {"main": "configuration", "beta2": "β₂", "sgd": "run", "reheat": "configuration", "ep": "configuration"}
 
 
-def schema() -> dict:
-    return json.loads(resources.files("geobench.schemas").joinpath(f"comparison-{SCHEMA_VERSION}.json").read_text())
+def columns(reg: Registry) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Every comparison column: id → (where in a run's report, heading); a metric's columns are
+    the scalars its plugin declares, in registry order."""
+    found: dict[str, tuple[tuple[str, ...], str]] = dict(CORE_COLUMNS)
+    for name, plugin in reg.metrics.items():
+        for column, (scalar, heading) in plugin.columns.items():
+            if column in found:
+                raise UsageError(f"metric {name!r} declares comparison column {column!r}, which another plugin declares")
+            found[column] = (("metrics", name, "scalars", scalar), heading)
+    return found
 
 
 def _dig(doc: dict, path: tuple) -> float | None:
@@ -67,7 +55,7 @@ def load_run(path: Path) -> dict:
     return json.loads(report.read_text())
 
 
-def run_row(path: Path, doc: dict, label: str | None = None, group: str | None = None) -> dict:
+def run_row(path: Path, doc: dict, known: dict, label: str | None = None, group: str | None = None) -> dict:
     params = doc["optimizer"]["params"]
     seed = doc["config"]["train"]["seed"]
     name = label or path.name
@@ -76,7 +64,7 @@ def run_row(path: Path, doc: dict, label: str | None = None, group: str | None =
     row = {"run": str(path), "label": name, "group": group or default_group,
            "optimizer": doc["optimizer"]["name"], "params": params, "seed": seed,
            "status": doc["run"]["status"], "steps": doc["run"]["last_step"], "diverged_at": doc["run"]["diverged_at"]}
-    row.update({col: _dig(doc, where) for col, (where, _) in COLUMNS.items()})
+    row.update({col: _dig(doc, where) for col, (where, _) in known.items()})
     return row
 
 
@@ -115,11 +103,11 @@ def _cell(agg: dict, col: str, figures: dict) -> str:
     return text
 
 
-def variants(columns: list[str], docs: list[dict]) -> dict[str, list[str]]:
+def variants(columns: list[str], known: dict, docs: list[dict]) -> dict[str, list[str]]:
     """Per column, how its numbers were computed: the `variant` each run's metric result states."""
     out = {}
     for col in columns:
-        where = COLUMNS[col][0]
+        where = known[col][0]
         if where[0] != "metrics":
             continue
         stated = {d["metrics"].get(where[1], {}).get("variant") for d in docs}
@@ -135,35 +123,38 @@ def reference_entry(name: str) -> dict:
                        "a": series.a, "r_norm": series.r_norm}}
 
 
-def build(paths: list[Path], title: str, table: str = "main", published_figures: dict | None = None,
+def build(paths: list[Path], title: str, reg: Registry, table: str = "main", published_figures: dict | None = None,
           labels: dict | None = None, groups: dict | None = None, extra: dict | None = None,
           references: list[str] | None = None) -> tuple[dict, list[dict]]:
-    """The comparison document and the loaded run reports; `references` names published series
+    """The comparison document and the loaded run reports: the core columns and every metric
+    column that at least one run has a value for; `references` names published series
     (geobench.published) drawn and tabulated beside the runs."""
     if table not in TABLES:
         raise UsageError(f"table {table!r} is not one of {', '.join(TABLES)}")
+    known = columns(reg)
     docs = [load_run(p) for p in paths]
-    rows = [run_row(p, d, (labels or {}).get(str(p)), (groups or {}).get(str(p))) for p, d in zip(paths, docs)]
-    columns = TABLES[table]
+    rows = [run_row(p, d, known, (labels or {}).get(str(p)), (groups or {}).get(str(p))) for p, d in zip(paths, docs)]
+    shown = [c for c in known if c in CORE_COLUMNS or any(r[c] is not None for r in rows)]
     doc = {"schema_version": SCHEMA_VERSION, "geobench_version": geobench.__version__, "title": title,
-           "created": now(), "table": table, "columns": columns, "runs": rows,
-           "groups": aggregate(rows, columns), "published": published_figures or {}, "variants": variants(columns, docs),
-           "references": [reference_entry(n) for n in references or []], "figures": [], **(extra or {})}
+           "created": now(), "table": table, "columns": shown, "headings": {c: known[c][1] for c in shown},
+           "metric_of": {c: known[c][0][1] for c in shown if known[c][0][0] == "metrics"}, "runs": rows,
+           "groups": aggregate(rows, shown), "published": published_figures or {},
+           "variants": variants(shown, known, docs), "references": [reference_entry(n) for n in references or []],
+           "figures": [], **(extra or {})}
     return finite(doc), docs
 
 
-def write(directory: Path, doc: dict, docs: list[dict]) -> None:
+def write(directory: Path, doc: dict, docs: list[dict], reg: Registry) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    doc["figures"] = figures(directory, doc, docs)
-    jsonschema.validate(doc, schema())
+    doc["figures"] = figures(directory, doc, docs, reg)
+    jsonschema.validate(doc, load_schema("comparison"))
     atomic_write_json(directory / "comparison.json", doc)
     atomic_write_text(directory / "comparison.md", markdown(doc))
     atomic_write_text(directory / "comparison.html", to_html(doc, directory))
 
 
 def _table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
-    first = {"beta2": "β₂", "sgd": "run"}.get(doc["table"], "configuration")
-    header = [first, "runs"] + [COLUMNS[c][1] for c in doc["columns"]]
+    header = [TABLES[doc["table"]], "runs"] + [doc["headings"][c] for c in doc["columns"]]
     body = []
     for agg in doc["groups"]:
         name = str(agg["params"].get("beta2")) if doc["table"] == "beta2" and "beta2" in agg["params"] else agg["group"]
@@ -191,7 +182,7 @@ def _variant_lines(doc: dict) -> list[str]:
     by_text: dict[tuple[str, str], list[str]] = {}
     for col, stated in doc.get("variants", {}).items():
         for text in stated or ["not stated in the runs' reports"]:
-            by_text.setdefault((COLUMNS[col][0][1], text), []).append(COLUMNS[col][1])
+            by_text.setdefault((doc["metric_of"][col], text), []).append(doc["headings"][col])
     return [f"- `{metric}` ({', '.join(cols)}): {text}" for (metric, text), cols in by_text.items()]
 
 
@@ -257,27 +248,28 @@ def to_html(doc: dict, directory: Path) -> str:
     return "\n".join(parts)
 
 
-def figures(directory: Path, doc: dict, docs: list[dict]) -> list[str]:
+def plot_references(ax, references: list[dict], key: str) -> None:
+    """The published reference series of `key` (p_ood, val_loss, a, r_norm) on `ax`, dashed."""
+    for ref in references:
+        pts = [(s, v) for s, v in zip(ref["series"]["steps"], ref["series"][key]) if v is not None]
+        if pts:
+            ax.plot(*zip(*pts), ls="--", lw=1.2, label=f"{ref['name']} (published)")
+
+
+def figures(directory: Path, doc: dict, docs: list[dict], reg: Registry) -> list[str]:
+    """Every run's evaluations on one axis, then the figures each metric plugin contributes."""
     plt = pyplot()
     made = []
 
-    def save(fig, name):
+    def save(fig, name: str) -> None:
         fig.tight_layout()
         made.append(save_figure(fig, directory, name))
-
-    references = doc.get("references", [])
-
-    def with_references(ax, key: str) -> None:
-        for ref in references:
-            pts = [(s, v) for s, v in zip(ref["series"]["steps"], ref["series"][key]) if v is not None]
-            if pts:
-                ax.plot(*zip(*pts), ls="--", lw=1.2, label=f"{ref['name']} (published)")
 
     for key, log in (("p_ood", False), ("val_loss", True)):  # every run's evaluations, the references dashed
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for row, run in zip(doc["runs"], docs):
             ax.plot([e["step"] for e in run["evals"]], [e[key] for e in run["evals"]], label=row["label"])
-        with_references(ax, key)
+        plot_references(ax, doc.get("references", []), key)
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -285,64 +277,12 @@ def figures(directory: Path, doc: dict, docs: list[dict]) -> list[str]:
         ax.legend(fontsize=7)
         save(fig, f"{key}_all")
 
-    planes = [(row, run["metrics"]["backbone"]["series"]) for row, run in zip(doc["runs"], docs)
-              if run["metrics"].get("backbone", {}).get("status") == "ok"]
-    if planes:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for row, series in planes:
-            ax.plot(series["a"], series["r_norm"], marker="o", ms=2, label=row["label"])
-        ax.set_xlabel("a(t) = ⟨Δθ_t, v_b⟩")
-        ax.set_ylabel("‖r(t)‖")
-        ax.legend(fontsize=7)
-        save(fig, "backbone_planes")
-    if planes or references:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-        for row, series in planes:
-            left.plot(series["steps"], np.abs(series["a"]), label=row["label"])
-            right.plot(series["steps"], series["r_norm"], label=row["label"])
-        with_references(left, "a")
-        with_references(right, "r_norm")
-        for ax, name in ((left, "|a(t)|"), (right, "‖r(t)‖")):
-            ax.set_xlabel("step")
-            ax.set_ylabel(name)
-            ax.legend(fontsize=7)
-        save(fig, "backbone_curves")
-
-    if doc["table"] == "beta2":
-        points = sorted((g["params"]["beta2"], g["pc1"], g["pc1_raw"]) for g in doc["groups"]
-                        if "beta2" in g["params"] and g["pc1"] is not None)
-        if points:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            b, pc1, raw = zip(*points)
-            ax.plot(b, pc1, marker="o", label="row-normalized")
-            ax.plot(b, raw, marker="o", label="raw")
-            ax.set_xlabel("β₂")
-            ax.set_ylabel("trunk PC1")
-            ax.legend()
-            save(fig, "pc1_vs_beta2")
-
-    cosines = [(row, run["metrics"]["ep"]["tables"]["ep"]) for row, run in zip(doc["runs"], docs)
-               if run["metrics"].get("ep", {}).get("status") == "ok"]
-    if cosines:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for row, table in cosines:
-            ax.plot([r["step"] for r in table], [r["cos_all"] for r in table], marker="o", ms=3, label=row["label"])
-        ax.set_xlabel("step")
-        ax.set_ylabel("cos(g_EP, g_exact)")
-        ax.set_ylim(-1.02, 1.02)
-        ax.legend(fontsize=7)
-        save(fig, "ep_cosine")
-
-    reheats = [(row, run["metrics"]["reheat"]["tables"]["curves"]) for row, run in zip(doc["runs"], docs)
-               if run["metrics"].get("reheat", {}).get("status") == "ok"]
-    if reheats:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for row, curves in reheats:
-            for start, lr in dict.fromkeys((c.get("from_step"), c["lr"]) for c in curves):
-                pts = [c for c in curves if c.get("from_step") == start and c["lr"] == lr]
-                ax.plot([c["step"] for c in pts], [c["p_ood"] for c in pts], label=f"{row['label']} from {start} lr {lr:g}")
-        ax.set_xlabel("reheat step")
-        ax.set_ylabel("p_ood")
-        ax.legend(fontsize=7)
-        save(fig, "reheat_curves")
+    for name, plugin in reg.metrics.items():
+        if plugin.comparison_figures is None:
+            continue
+        runs = [(row["label"], run["metrics"][name]) for row, run in zip(doc["runs"], docs)
+                if run["metrics"].get(name, {}).get("status") == "ok"]
+        if runs or doc.get("references"):
+            plugin.comparison_figures(runs=runs, groups=doc["groups"], references=doc.get("references", []),
+                                      plt=plt, save=save)
     return made

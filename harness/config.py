@@ -3,7 +3,8 @@
 Layering, lowest first: the defaults below (the paper protocol of SPEC §3) < a preset < a YAML
 file < key=value pairs from the command line. Keys are dotted (`train.steps`), or short where the
 leaf name is unambiguous (`steps`, `seed`), or a hyperparameter the chosen optimizer declares
-(`beta2`, `lr`). Every value is checked against its declaration (`Param`).
+(`beta2`, `lr`) or the model family declares (`relax_steps` of the eqformer). Every value is
+checked against its declaration (`Param`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from geobench.errors import UsageError, did_you_mean
 from geobench.params import Param, load_yaml
+
+if TYPE_CHECKING:
+    from geobench.registry import Registry
 
 DEFAULT_METRICS = ("backbone", "alignment", "switching", "fisher", "interference", "energy", "grad_structure")
 
@@ -42,9 +46,7 @@ class ModelConfig:
     context: int = p(256, "tokens per training window", low=16)
     compile: bool = p(False, "torch.compile the model's forward (on in the paper preset; its time is reported "
                              "apart from the training throughput)")
-    relax_steps: int = p(30, "eqformer: maximum free-phase relaxation steps T1", low=1)
-    damping: float = p(0.8, "eqformer: h ← (1 − γ)h + γF(h), γ", low=0, high=1, low_open=True)
-    relax_tol: float = p(1e-4, "eqformer: stop relaxing when ‖F(h) − h‖/‖h‖ is below this", low=0)
+    params: dict = dataclasses.field(default_factory=dict)  # the model plugin's own declared parameters
 
 
 @dataclasses.dataclass
@@ -124,7 +126,9 @@ SECTIONS = {
 class Config:
     preset: str = p("auto", "size preset (auto: paper on CUDA, tiny on CPU)", choices=("auto", "paper", "small", "tiny"))
     name: str = p("", "run name (default: derived from the optimizer and the overrides)")
-    metrics: list = p(list(DEFAULT_METRICS), "metric plugins run at the end of training ([] for none)")
+    metrics: list | None = p(None, "metric plugins run at the end of training; none: the defaults (" + ", ".join(
+        DEFAULT_METRICS) + ", plus those the optimizer plugin adds), less those that cannot apply to the run; "
+        "[]: no metric", kind=list, nullable=True)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
@@ -171,33 +175,36 @@ def declared_fields() -> dict[str, Param]:
             out[f.name] = f.metadata["param"]
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            out[f"{section}.{f.name}"] = f.metadata["param"]
+            if "param" in f.metadata:
+                out[f"{section}.{f.name}"] = f.metadata["param"]
     return out
 
 
-def resolve_key(key: str, optimizer_params: Mapping[str, Param]) -> str:
-    """Map a user key (dotted, short, alias or optimizer hyperparameter) to its dotted path."""
+def resolve_key(key: str, optimizer_params: Mapping[str, Param], model_params: Mapping[str, Param]) -> str:
+    """Map a user key (dotted, short, alias, optimizer hyperparameter or model parameter) to its
+    dotted path."""
     fields = declared_fields()
     if key in fields or key == "optimizer.name":
         return key
-    if key.startswith("optimizer."):
-        hp = key.removeprefix("optimizer.").removeprefix("params.")
-        if hp in optimizer_params:
-            return f"optimizer.params.{hp}"
-        raise UsageError(
-            f"unknown optimizer hyperparameter {hp!r}{did_you_mean(hp, optimizer_params)}; "
-            f"allowed: {', '.join(optimizer_params) or 'none'}"
-        )
+    for section, declared, what in (("optimizer", optimizer_params, "optimizer hyperparameter"),
+                                    ("model", model_params, "model parameter")):
+        if key.startswith(f"{section}."):
+            name = key.removeprefix(f"{section}.").removeprefix("params.")
+            if name in declared:
+                return f"{section}.params.{name}"
+            if section == "optimizer" or key.startswith("model.params."):
+                raise UsageError(f"unknown {what} {name!r}{did_you_mean(name, declared)}; "
+                                 f"allowed: {', '.join(declared) or 'none'}")
     if key in ALIASES:
         return ALIASES[key]
     matches = [path for path in fields if path.rsplit(".", 1)[-1] == key]
-    if key in optimizer_params:
-        matches.append(f"optimizer.params.{key}")
+    matches += [f"{section}.params.{key}" for section, declared in (("optimizer", optimizer_params),
+                                                                     ("model", model_params)) if key in declared]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         raise UsageError(f"key {key!r} is ambiguous: use one of {', '.join(matches)}")
-    known = list(fields) + list(ALIASES) + list(optimizer_params)
+    known = list(fields) + list(ALIASES) + list(optimizer_params) + list(model_params)
     known += [path.rsplit(".", 1)[-1] for path in fields]
     raise UsageError(f"unknown key {key!r}{did_you_mean(key, known)}")
 
@@ -245,7 +252,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return flatten(data)
 
 
-def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    """Set a dotted path (`train.steps`) in a nested config dict."""
     *parents, leaf = path.split(".")
     for part in parents:
         tree = tree.setdefault(part, {})
@@ -258,19 +266,18 @@ def _get(tree: Mapping[str, Any], path: str) -> Any:
     return tree
 
 
-def layer(base: dict[str, Any], overrides: Mapping[str, Any], optimizer_params: Mapping[str, Param],
-          source: str = "") -> None:
-    """Apply raw overrides (dotted/short keys) onto a nested config dict, in place."""
-    for key, raw in overrides.items():
-        try:
-            path = resolve_key(key, optimizer_params)
-        except UsageError as exc:
-            raise UsageError(f"{exc} (in {source})" if source else str(exc)) from None
-        _set(base, path, raw)
+def _plugin_params(section: str, declared: Mapping[str, Param], given: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = [name for name in given if name not in declared]
+    if unknown:
+        raise UsageError(f"unknown {section} parameter {unknown[0]!r}{did_you_mean(unknown[0], declared)}; "
+                         f"allowed: {', '.join(declared) or 'none'}")
+    return {name: spec.check(f"{section}.{name}", given[name]) if name in given else spec.default
+            for name, spec in declared.items()}
 
 
-def build(tree: Mapping[str, Any], optimizer_params: Mapping[str, Param]) -> Config:
-    """Validate a nested dict of raw values into a Config (all values typed and in range)."""
+def build(tree: Mapping[str, Any], reg: Registry) -> Config:
+    """Validate a nested dict of raw values into a Config (all values typed and in range), the
+    optimizer's and the model family's own parameters against their plugins' declarations."""
     cfg = Config()
     for path, spec in declared_fields().items():
         try:
@@ -284,11 +291,10 @@ def build(tree: Mapping[str, Any], optimizer_params: Mapping[str, Param]) -> Con
         else:
             setattr(cfg, path, value)
     cfg.optimizer.name = str(_get(tree, "optimizer.name"))
-    given = tree.get("optimizer", {}).get("params", {})
-    cfg.optimizer.params = {
-        name: spec.check(name, given[name]) if name in given else spec.default
-        for name, spec in optimizer_params.items()
-    }
+    cfg.optimizer.params = _plugin_params("optimizer", reg.optimizer(cfg.optimizer.name).params,
+                                          tree.get("optimizer", {}).get("params") or {})
+    cfg.model.params = _plugin_params("model", reg.model(cfg.model.family).params,
+                                      tree.get("model", {}).get("params") or {})
     check_consistency(cfg)
     return cfg
 
@@ -337,43 +343,48 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def resolve(
-    optimizer: str | None,
-    pairs: Mapping[str, Any],
-    config_file: str | None,
-    optimizer_for: Any,
-    auto_preset: str,
-) -> Config:
-    """Layer defaults < preset < file < command line and validate.
-
-    `optimizer_for(name)` returns the optimizer plugin (raising UsageError for an unknown name): its
-    declared hyperparameters, and the model family it trains, if any; `auto_preset` is what
-    preset=auto becomes.
-    """
-    file_values = read_yaml(config_file) if config_file else {}
+def resolve(optimizer: str | None, pairs: Mapping[str, Any], config_file: str | None, reg: Registry,
+            auto_preset: str) -> Config:
+    """Layer defaults < preset < file < command line and validate; `auto_preset` is what
+    preset=auto becomes. The optimizer plugin declares its hyperparameters and may name the model
+    family it trains; the model family declares its own parameters."""
+    file_values: Mapping[str, Any] = read_yaml(config_file) if config_file else {}
     name = optimizer or file_values.get("optimizer.name")
     if not name:
         raise UsageError("name an optimizer: geobench run OPTIMIZER [key=value ...]")
-    plugin = optimizer_for(str(name))
-    opt_params = plugin.params
+    plugin = reg.optimizer(str(name))
 
-    # the preset is itself a key: find it first (command line over file over auto)
-    preset_raw = pairs.get("preset", file_values.get("preset", "auto"))
-    preset = declared_fields()["preset"].check("preset", preset_raw)
+    # the preset and the model family decide which keys exist: find them first (command line over file)
+    def first_given(keys: tuple[str, ...], default: Any) -> Any:
+        for values in (pairs, file_values):
+            for key in keys:
+                if key in values:
+                    return values[key]
+        return default
+
+    preset = declared_fields()["preset"].check("preset", first_given(("preset",), "auto"))
     if preset == "auto":
         preset = auto_preset
+    family = declared_fields()["model.family"].check(
+        "model.family", first_given(("model.family", "family"), plugin.family or ModelConfig().family))
+    model_params = reg.model(family).params
 
     tree = to_dict(Config())
     tree["preset"] = preset
     tree["optimizer"]["name"] = str(name)
-    if getattr(plugin, "family", None):
-        tree["model"]["family"] = plugin.family
-    for section, values in PRESETS[preset].items():
-        tree[section].update(copy.deepcopy(values))
-    layer(tree, {k: v for k, v in file_values.items() if k not in ("preset", "optimizer.name")},
-          opt_params, source=str(config_file))
-    layer(tree, {k: v for k, v in pairs.items() if k != "preset"}, opt_params)
-    return build(tree, opt_params)
+    tree["model"]["family"] = family
+    for section, preset_values in PRESETS[preset].items():
+        tree[section].update(copy.deepcopy(preset_values))
+    for given, source in ((file_values, str(config_file)), (pairs, "")):
+        for key, raw in given.items():
+            if key in ("preset", "optimizer.name"):
+                continue
+            try:
+                path = resolve_key(key, plugin.params, model_params)
+            except UsageError as exc:
+                raise UsageError(f"{exc} (in {source})" if source else str(exc)) from None
+            set_path(tree, path, raw)
+    return build(tree, reg)
 
 
 def save(cfg: Config) -> str:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.attention
 
 from geobench.objective import composite_loss
+from geobench.registry import Batch
 
 ESTIMATORS = ("one_sided", "symmetric", "holo", "bptt", "implicit")
 
@@ -96,17 +97,20 @@ def dh_dbeta(model, e: torch.Tensor, h: torch.Tensor, targets, weights, estimato
         return (total / (n_points * beta)).real, worst
 
 
-def ep_gradient(model, e, h, targets, mask, lam: float, estimator: str = "symmetric", beta: float = 0.05,
-                n_points: int = 4, nudge_steps: int = 15, scale: float = 1.0) -> dict:
+def ep_gradient(model, *, e: torch.Tensor, h: torch.Tensor, batch: Batch, lam: float, estimator: str = "symmetric",
+                beta: float = 0.05, n_points: int = 4, nudge_steps: int = 15, scale: float = 1.0) -> dict:
     """Accumulate scale × the EP gradient estimate into .grad, from the free phase (e, h*)."""
+    _, targets, mask = batch
     weights = position_weights(targets, mask, lam)
     dh, nudged_residual = dh_dbeta(model, e, h, targets, weights, estimator, beta, n_points, nudge_steps)
     loss = _apply(model, e, h, -dh, targets, mask, lam, scale)
     return {"loss": loss, "nudged_residual": nudged_residual}
 
 
-def implicit_gradient(model, e, h, targets, mask, lam: float, steps: int = 60, scale: float = 1.0) -> dict:
+def implicit_gradient(model, *, e: torch.Tensor, h: torch.Tensor, batch: Batch, lam: float, steps: int = 60,
+                      scale: float = 1.0) -> dict:
     """Exact gradient at the fixed point: w = Jᵀw + ∇_h L solved by damped iteration of VJPs."""
+    _, targets, mask = batch
     h = h.detach().requires_grad_(True)
     grad_h = torch.autograd.grad(composite_loss(model.readout(h), targets, mask, lam), h)[0]
     f = model.step(h, e.detach())
@@ -119,8 +123,9 @@ def implicit_gradient(model, e, h, targets, mask, lam: float, steps: int = 60, s
     return {"loss": loss, "nudged_residual": None}
 
 
-def bptt_gradient(model, inputs, targets, mask, lam: float, scale: float = 1.0) -> dict:
+def bptt_gradient(model, *, batch: Batch, lam: float, scale: float = 1.0) -> dict:
     """Backpropagation through the unrolled damped relaxation (T1 steps from h = 0)."""
+    inputs, targets, mask = batch
     e = model.embed(inputs)
     h = torch.zeros_like(e)
     residual = math.inf

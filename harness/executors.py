@@ -30,6 +30,8 @@ from submitit.helpers import Checkpointable
 from geobench import config
 from geobench.errors import UsageError, did_you_mean
 from geobench.params import Param
+from geobench.registry import Registry
+from geobench.runner import MetricPlan
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text, lock_holder
 
 DONE = ("completed", "diverged")
@@ -137,7 +139,7 @@ class CellJob:
     suite_dir: str  # absolute
     run_dir: str  # absolute
     cfg: config.Config
-    metric_options: dict
+    plan: MetricPlan
     preset_reason: str
     threads: int = 0  # torch's CPU threads for the cell; 0: torch's default (all cores)
 
@@ -150,10 +152,11 @@ class CellJob:
         return Path(self.suite_dir) / "logs" / f"{self.label}.error"
 
 
-def run_cell(job: CellJob, *, to_log: bool = True) -> str:
+def run_cell(job: CellJob, *, reg: Registry | None = None, to_log: bool = True) -> str:
     """Run one cell (in a worker, or inline); returns its status. Continues from the state in the
     run directory when there is one. A failure is also written beside the cell's log, so that
-    `geobench bench … status` can show it whatever ran the cell."""
+    `geobench bench … status` can show it whatever ran the cell. `reg` is the suite's registry
+    when the cell runs in the suite's process; a worker elsewhere has the installed plugins."""
     import torch
 
     from geobench import registry, runner
@@ -167,13 +170,13 @@ def run_cell(job: CellJob, *, to_log: bool = True) -> str:
         try:
             if job.threads:
                 torch.set_num_threads(job.threads)
-            reg = registry.registry()
+            reg = reg or registry.installed()
             out = RunDir(job.run_dir)
             with out.lock("suite cell"):
                 cfg = copy.deepcopy(job.cfg)
                 cfg.train.resume = not out.is_empty()
-                runner.check(cfg, out, reg)
-                doc = runner.execute(cfg, out, reg, job.preset_reason, job.metric_options)
+                runner.check(cfg, out, reg)  # the run directory, as this worker finds it
+                doc = runner.execute(cfg, out, reg, job.preset_reason, job.plan)
             assert doc is not None  # one process: it wrote the report
             return doc["run"]["status"]
         except BaseException as exc:
@@ -230,14 +233,18 @@ def check_no_wait(chosen: Settings) -> None:
                          f"executor={chosen.name} runs the cells only while geobench waits for them")
 
 
-def execute(jobs: list[CellJob], chosen: Settings, *, wait: bool, say: Callable[[str], None],
+def execute(jobs: list[CellJob], chosen: Settings, *, reg: Registry, wait: bool, say: Callable[[str], None],
             cluster: str = "slurm") -> dict[str, str]:
     """Run (or submit) `jobs` with the chosen executor; returns {label: status} of the cells that
     finished while this process watched ("submitted" for those it only handed over). `cluster` is
-    submitit's cluster for executor=slurm ("debug" runs the same submission in this process)."""
+    submitit's cluster for executor=slurm ("debug" runs the same submission in this process).
+    `reg` reaches the cells run in this process (inline); workers elsewhere load the installed
+    plugins."""
     if not jobs:
         return {}
-    run = {"inline": _inline, "local": _local, "slurm": _slurm, "ray": _ray}[chosen.name]
+    if chosen.name == "inline":
+        return _inline(jobs, chosen, reg=reg, say=say)
+    run = {"local": _local, "slurm": _slurm, "ray": _ray}[chosen.name]
     return run(jobs, chosen, wait=wait, say=say, cluster=cluster)
 
 
@@ -248,7 +255,7 @@ def _outcome(job: CellJob, value: Any, error: BaseException | None) -> str:
     return f"failed: {line} (log {job.log})"
 
 
-def _inline(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
+def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry, say: Callable[[str], None]) -> dict[str, str]:
     statuses: dict[str, str] = {}
     durations: list[float] = []
     for i, job in enumerate(jobs, 1):
@@ -256,7 +263,7 @@ def _inline(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
         say(f"[{i}/{len(jobs)}] {job.label}: running{eta}")
         start = time.monotonic()
         try:
-            statuses[job.label] = run_cell(job, to_log=False)
+            statuses[job.label] = run_cell(job, reg=reg, to_log=False)
         except UsageError as exc:
             statuses[job.label] = f"failed: {exc}"
         except Exception as exc:  # one broken cell must not cost the suite the others

@@ -7,8 +7,6 @@ Init: every weight N(0, 0.02), LayerNorm weight 1 and bias 0.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,7 +62,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
-        self.apply(_init)
+        self.apply(init_weights)
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """The final hidden states; logits = hidden @ output_weightᵀ. The trainer and the evaluator
@@ -83,36 +81,9 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden(idx))
 
 
-def _init(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-# Parameter scopes used by the metrics (SPEC §1). Names are those of `named_parameters()`, which
-# lists the tied embedding once (as wte.weight).
-# The eqformer's single weight-tied block (`block.`) counts as block 0.
-_TRUNK = re.compile(r"^(blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.up|mlp\.down)|block\.(qkv|proj|up|down))\.weight$")
-
-
-def trunk_names(names: list[str]) -> list[str]:
-    """Every attention and MLP weight matrix of every block."""
-    return [n for n in names if _TRUNK.match(n)]
-
-
-def block_names(names: list[str], i: int) -> list[str]:
-    """All parameters of block i, LayerNorms included."""
-    return [n for n in names if n.startswith(f"blocks.{i}.") or (i == 0 and n.startswith("block."))]
-
-
-def block_indices(names: list[str]) -> list[int]:
-    """The blocks a model has (the eqformer's one weight-tied block is block 0)."""
-    found = {int(n.split(".")[1]) for n in names if n.startswith("blocks.")}
-    return sorted(found | ({0} if any(n.startswith("block.") for n in names) else set()))
-
-
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """LayerNorm weights and biases take no weight decay."""
-    return param.ndim < 2

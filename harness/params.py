@@ -29,6 +29,8 @@ class Param:
     low_open: bool = False  # True: the bound itself is not allowed
     high_open: bool = False
     choices: tuple[Any, ...] | None = None
+    nullable: bool = False  # None is allowed (written `null` or `none`): "not set", with the meaning `help` gives
+    pattern: str | None = None  # a string value must match this regular expression entirely
 
     @property
     def value_type(self) -> type:
@@ -36,18 +38,25 @@ class Param:
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values."""
+        either = " or none" if self.nullable else ""
         if self.choices is not None:
-            return "one of " + ", ".join(str(c) for c in self.choices)
+            return "one of " + ", ".join(str(c) for c in self.choices) + either
+        if self.pattern is not None:
+            return f"a string matching {self.pattern}" + either
         parts = [self.value_type.__name__]
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
         if self.high is not None:
             parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-        return " ".join(parts)
+        return " ".join(parts) + either
 
     def check(self, key: str, raw: Any) -> Any:
+        if self.nullable and (raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "~"))):
+            return None
         value = coerce(key, raw, self.value_type)
         if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{key}={raw!r} is not allowed: expected {self.allowed()}")
+        if self.pattern is not None and not re.fullmatch(self.pattern, str(value)):
             raise UsageError(f"{key}={raw!r} is not allowed: expected {self.allowed()}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if isinstance(value, float) and not math.isfinite(value):

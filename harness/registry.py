@@ -1,76 +1,194 @@
-"""Plugin manager: the built-ins and third-party plugins, all found through the `geobench`
-entry-point group, and the registries of optimizers, metrics and models they provide."""
+"""Plugin manager and the plugin contract: what an optimizer, metric or model plugin declares, and
+the registry of the plugins found through the `geobench` entry-point group.
+
+One rule for registries: the command line builds the registry of the installed plugins once
+(`installed()`), and every function that needs a plugin receives a `Registry` explicitly — the
+trainer, the analysis context (and the runs it derives), suites and their executors. A plugin
+registered through `make_registry(extra_plugins=…)` therefore works on every path. Only a worker
+in another process rebuilds the registry, from the installed entry points.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
-from typing import Any
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pluggy
+import torch
 
 from geobench import hookspecs
 from geobench.errors import UsageError, did_you_mean
 from geobench.params import Param
 
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+    from geobench.config import Config, ModelConfig
+
 ENTRY_POINT_GROUP = "geobench"
+
+
+class Batch(NamedTuple):
+    """One micro-batch: token ids (B, T), next-token targets (B, T; IGNORE where no loss is taken)
+    and the probe mask (B, T; True at the probe's answer position)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+
+class BuildOptimizer(Protocol):
+    def __call__(self, *, groups: list[dict[str, Any]], hp: Mapping[str, Any],
+                 device: torch.device) -> torch.optim.Optimizer:
+        """A torch optimizer over `groups`: two parameter-group dicts, each with its
+        `weight_decay` already set from the plugin's `weight_decay` hyperparameter (0 for
+        LayerNorm weights and biases) and a `decay` flag."""
+        ...
+
+
+class GradientRule(Protocol):
+    def __call__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, lam: float,
+                 hp: Mapping[str, Any], scale: float) -> dict[str, Any]:
+        """Accumulate scale × a gradient estimate of the composite loss into the parameters' .grad
+        (instead of autograd's backward) and return at least {"loss": float} (NaN marks a
+        diverged step). Other numbers and flags it returns are diagnostics: the trainer reports
+        their mean (numbers) or count (flags) over each evaluation interval."""
+        ...
+
+
+class ComputeMetric(Protocol):
+    def __call__(self, *, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON-serializable result with any of `scalars` (name → number), `series` (name → list),
+        `tables` (name → list of row dicts), `figures` (paths relative to the run directory) and
+        `no_signal` (a sentence: why the numbers mean nothing for this run)."""
+        ...
+
+
+class CheckMetric(Protocol):
+    def __call__(self, *, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
+        """Raise a UsageError when a run of `config` could never satisfy `options` (a reheat from a
+        step that will not be checkpointed, an optimizer `reg` does not know), so that a run or
+        suite fails before training."""
+        ...
+
+
+class ComparisonFigures(Protocol):
+    def __call__(self, *, runs: list[tuple[str, dict[str, Any]]], groups: list[dict[str, Any]],
+                 references: list[dict[str, Any]], plt: Any, save: Callable[[Any, str], None]) -> None:
+        """Draw this metric's figures of a comparison: `runs` are (label, this metric's result) of
+        the runs where it succeeded, `groups` the comparison's configurations (mean columns and
+        their params), `references` the published series shown beside them; `plt` is pyplot and
+        `save(fig, name)` adds a figure."""
+        ...
+
+
+class BuildModel(Protocol):
+    def __call__(self, *, config: ModelConfig, vocab_size: int) -> torch.nn.Module:
+        """A freshly initialized network mapping token ids (B, T) to logits (B, T, vocab); its own
+        declared parameters are in `config.params`."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerPlugin:
     """An optimizer: declared hyperparameters and a builder.
 
-    `build(groups, hp, device)` gets `groups`, a list of two torch parameter-group dicts — the
-    first with `decay=True` (matrices and embeddings), the second `decay=False` (LayerNorm weights
-    and biases) — the validated hyperparameters and the torch device, and returns a
-    `torch.optim.Optimizer`. A plugin with `variants` set answers names `NAME:VARIANT` (e.g.
-    `torch:Adagrad`) by returning a concrete plugin for the variant.
-
-    A plugin may bring its own model family (`family`, the default of model.family when it is used)
-    and its own gradient rule: `gradient(model, optimizer, inputs, targets, mask, lam, hp, scale)`
-    accumulates scale × its gradient estimate into the parameters' .grad instead of autograd's
-    backward pass, and returns a dict with at least "loss" (NaN marks a diverged step).
+    `weight_decay` names the hyperparameter the harness puts into the decaying parameter group
+    (None: the optimizer takes no weight decay from the harness). A plugin with `variants` set
+    answers names `NAME:VARIANT` (e.g. `torch:Adagrad`) by returning a concrete plugin. A plugin
+    may bring its own model family (`family`, the default of model.family when it is used), its
+    own `gradient` rule, and `metrics` it adds to the default metric set of the runs it trains.
     """
 
     name: str
     help: str
     params: Mapping[str, Param]
-    build: Callable[..., Any]
+    build: BuildOptimizer
+    weight_decay: str | None = "wd"
     variants: Callable[[str], OptimizerPlugin] | None = None
     family: str | None = None
-    gradient: Callable[..., dict] | None = None
+    gradient: GradientRule | None = None
+    metrics: tuple[str, ...] = ()
     source: str = ""
+
+
+# What a metric may need, and what provides it.
+NEEDS = {
+    "checkpoints": "a trajectory of checkpoints",
+    "evals": "the run's evaluation history",
+    "model": "the run's model",
+    "data": "the run's data stream and evaluation sets",
+    "training": "training from a checkpoint",
+    "gradients": "gradients through the model's forward",
+    "probe": "probe sequences in training (probe.p_probe > 0)",
+}
+FAMILY_NEED = "family:"  # "family:gpt": only runs of that model family
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricPlugin:
-    """A metric: declared options, what it needs from the run, and a compute function.
-
-    `compute(ctx, options)` gets an `AnalysisContext` and returns a JSON-serializable dict with any
-    of the keys `scalars` (name → number), `series` (name → list), `tables` (name → list of row
-    dicts) and `figures` (list of paths relative to the run directory). The optional
-    `check(config, options)` raises a UsageError when a run of that config could never satisfy the
-    options (a reheat from a step that will not be checkpointed), so a run or suite fails at once.
-    """
+    """A metric: declared options, what it needs from a run (keys of NEEDS, or `family:NAME`),
+    a compute function and, optionally, an early check of its options against a config, and what
+    it contributes to side-by-side reports: `columns` (column id → (the scalar of its result,
+    the heading)), shown wherever a run has the value, and `comparison_figures`."""
 
     name: str
     help: str
     options: Mapping[str, Param]
-    compute: Callable[..., dict]
+    compute: ComputeMetric
     needs: tuple[str, ...] = ("checkpoints",)
-    check: Callable[..., None] | None = None  # check(config, options): fail early, before training
+    check: CheckMetric | None = None
+    columns: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # id → (scalar, heading)
+    comparison_figures: ComparisonFigures | None = None
     source: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.needs if n not in NEEDS and not n.startswith(FAMILY_NEED)]
+        if unknown:
+            raise UsageError(f"metric {self.name!r} declares unknown needs {unknown}; "
+                             f"allowed: {', '.join(NEEDS)}, {FAMILY_NEED}NAME")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterLayout:
+    """Where a model family keeps its parameters, as regular expressions over `named_parameters()`
+    names: `trunk` matches every attention and MLP weight matrix of every block; `block` matches a
+    block's parameters (LayerNorms included) from the start of the name, with a group `index` (a
+    family without it has one block, index 0)."""
+
+    trunk: str
+    block: str
+
+    def trunk_names(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if re.fullmatch(self.trunk, n)]
+
+    def block_index(self, name: str) -> int | None:
+        match = re.match(self.block, name)
+        if match is None:
+            return None
+        return int(match.group("index")) if "index" in match.re.groupindex else 0
+
+    def block_names(self, names: Sequence[str], i: int) -> list[str]:
+        return [n for n in names if self.block_index(n) == i]
+
+    def block_indices(self, names: Sequence[str]) -> list[int]:
+        return sorted({i for i in map(self.block_index, names) if i is not None})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelPlugin:
-    """A model family: `build(model_config, vocab_size)` returns a torch module whose forward maps
-    token ids (B, T) to logits (B, T, vocab)."""
+    """A model family: declared parameters (in `model.params`), its parameter layout, whether
+    autograd can differentiate its forward (metrics that need gradients apply only then), and a
+    builder."""
 
     name: str
     help: str
-    build: Callable[..., Any]
+    build: BuildModel
+    layout: ParameterLayout
+    params: Mapping[str, Param] = dataclasses.field(default_factory=dict)
+    differentiable: bool = True
     source: str = ""
 
 
@@ -80,6 +198,55 @@ class Registry:
     optimizers: dict[str, OptimizerPlugin]
     metrics: dict[str, MetricPlugin]
     models: dict[str, ModelPlugin]
+
+    @property
+    def hooks(self) -> Any:
+        """The lifecycle hooks of every registered plugin (`hooks.geobench_on_step(...)`)."""
+        return self.manager.hook
+
+    def optimizer(self, name: str) -> OptimizerPlugin:
+        base, sep, variant = name.partition(":")
+        plugin = self.optimizers.get(base)
+        if plugin is None:
+            raise UsageError(f"unknown optimizer {name!r}{did_you_mean(base, self.optimizers)}; "
+                             f"available: {', '.join(self.optimizers)} (see `geobench plugins`)")
+        if sep:
+            if plugin.variants is None:
+                raise UsageError(f"optimizer {base!r} takes no variant (got {name!r})")
+            return dataclasses.replace(plugin.variants(variant), source=plugin.source)
+        if plugin.variants is not None:
+            raise UsageError(f"optimizer {base!r} needs a variant: {base}:NAME, e.g. torch:Adagrad")
+        return plugin
+
+    def metric(self, name: str) -> MetricPlugin:
+        if name not in self.metrics:
+            available = ", ".join(self.metrics) or "none installed"
+            raise UsageError(f"unknown metric {name!r}{did_you_mean(name, self.metrics)}; available: {available}")
+        return self.metrics[name]
+
+    def model(self, name: str) -> ModelPlugin:
+        if name not in self.models:
+            raise UsageError(f"unknown model family {name!r}{did_you_mean(name, self.models)}; "
+                             f"available: {', '.join(self.models)}")
+        return self.models[name]
+
+    def unmet_need(self, metric: str, cfg: Config | None) -> str | None:
+        """Why `metric` cannot apply to a run of `cfg` (None: a manifest's trajectory, checkpoints
+        only), or None when it can."""
+        plugin = self.metric(metric)
+        for need in plugin.needs:
+            if need == "checkpoints" or (cfg is None and need == "evals"):  # a manifest's history is empty
+                continue
+            if cfg is None:
+                return f"it needs {NEEDS.get(need, need)}, and a manifest's trajectory has checkpoints only"
+            family = self.model(cfg.model.family)
+            if need.startswith(FAMILY_NEED) and need.removeprefix(FAMILY_NEED) != family.name:
+                return f"it needs model family {need.removeprefix(FAMILY_NEED)}, and this run trains {family.name}"
+            if need == "gradients" and not family.differentiable:
+                return f"it needs {NEEDS[need]}, and model family {family.name} is not differentiable by autograd"
+            if need == "probe" and cfg.probe.p_probe == 0:
+                return f"it needs {NEEDS[need]}"
+        return None
 
 
 def _source(manager: pluggy.PluginManager, plugin: object) -> str:
@@ -122,38 +289,7 @@ def make_registry(extra_plugins: tuple[object, ...] = ()) -> Registry:
 
 
 @functools.lru_cache(maxsize=1)
-def registry() -> Registry:
+def installed() -> Registry:
+    """The registry of the installed plugins, built once per process: for the command line and
+    for workers in other processes, which hand it on explicitly."""
     return make_registry()
-
-
-def get_optimizer(name: str, reg: Registry | None = None) -> OptimizerPlugin:
-    reg = reg or registry()
-    base, sep, variant = name.partition(":")
-    plugin = reg.optimizers.get(base)
-    if plugin is None:
-        raise UsageError(
-            f"unknown optimizer {name!r}{did_you_mean(base, reg.optimizers)}; "
-            f"available: {', '.join(reg.optimizers)} (see `geobench plugins`)"
-        )
-    if sep:
-        if plugin.variants is None:
-            raise UsageError(f"optimizer {base!r} takes no variant (got {name!r})")
-        return dataclasses.replace(plugin.variants(variant), source=plugin.source)
-    if plugin.variants is not None:
-        raise UsageError(f"optimizer {base!r} needs a variant: {base}:NAME, e.g. torch:Adagrad")
-    return plugin
-
-
-def get_metric(name: str, reg: Registry | None = None) -> MetricPlugin:
-    reg = reg or registry()
-    if name not in reg.metrics:
-        available = ", ".join(reg.metrics) or "none installed"
-        raise UsageError(f"unknown metric {name!r}{did_you_mean(name, reg.metrics)}; available: {available}")
-    return reg.metrics[name]
-
-
-def get_model(name: str, reg: Registry | None = None) -> ModelPlugin:
-    reg = reg or registry()
-    if name not in reg.models:
-        raise UsageError(f"unknown model family {name!r}{did_you_mean(name, reg.models)}; available: {', '.join(reg.models)}")
-    return reg.models[name]

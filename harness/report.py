@@ -8,6 +8,7 @@ Metric plugins add sections under `metrics` in a shape the report renders withou
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
@@ -26,7 +27,7 @@ from geobench import config
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from geobench.train import Outcome, Run
+    from geobench.train import Outcome, Setup
 
 SCHEMA_VERSION = "1.0"
 EVAL_KEYS = ("val_loss", "p_in", "p_ood", "nll_ood", "lm_ood", "r_ood")
@@ -42,18 +43,19 @@ LM_OOD = {"clean": "CE on the OOD examples' non-probe tokens, padding excluded (
                     "source counted it (probe.lm_ood=source)"}
 
 
-def schema() -> dict:
-    text = resources.files("geobench.schemas").joinpath(f"report-{SCHEMA_VERSION}.json").read_text()
-    return json.loads(text)
+@functools.cache
+def load_schema(name: str) -> dict:
+    """A JSON Schema shipped with geobench: `report` or `comparison`, at schema version 1.0."""
+    return json.loads(resources.files("geobench.schemas").joinpath(f"{name}-{SCHEMA_VERSION}.json").read_text())
 
 
 def validate(report: dict) -> None:
-    jsonschema.validate(report, schema())
+    jsonschema.validate(report, load_schema("report"))
 
 
 def metric_problem(result: dict) -> str | None:
     """Why a metric result would not fit the report schema, or None."""
-    root = schema()
+    root = load_schema("report")
     try:
         jsonschema.validate(finite(result), {"$defs": root["$defs"], "$ref": "#/$defs/metric"})
     except jsonschema.ValidationError as exc:
@@ -114,10 +116,10 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: str, preset_reason: str,
+def assemble(setup: Setup, out: RunDir, outcome: Outcome, metrics: dict, started: str, preset_reason: str,
              processes: int = 1) -> dict:
     """The report of a finished (or diverged, or interrupted) training run."""
-    cfg = run.cfg
+    cfg = setup.cfg
     evals = out.read_evals()
     seconds = outcome.train_seconds
     return {
@@ -128,11 +130,11 @@ def assemble(run: Run, out: RunDir, outcome: Outcome, metrics: dict, started: st
                 "divergence": outcome.divergence, "stopped_early_at": outcome.stopped_early_at,
                 "resumed_from": outcome.resumed_from, "started": started, "finished": now(),
                 "preset": cfg.preset, "preset_reason": preset_reason},
-        "environment": {**environment(run.device), "processes": processes},
-        "corpus": run.corpus.summary(),
-        "tokenizer": {**run.tokenizer.summary(), "codewords": len(run.probe.codewords)},
-        "model": {"family": cfg.model.family, "parameters": run.parameter_counts()},
-        "optimizer": {"name": cfg.optimizer.name, "source": run.optimizer_plugin.source,
+        "environment": {**environment(setup.device), "processes": processes},
+        "corpus": setup.corpus.summary(),
+        "tokenizer": {**setup.tokenizer.summary(), "codewords": len(setup.probe.codewords)},
+        "model": {"family": cfg.model.family, "parameters": setup.parameter_counts()},
+        "optimizer": {"name": cfg.optimizer.name, "source": setup.optimizer_plugin.source,
                       "params": cfg.optimizer.params},
         "config": config.to_dict(cfg),
         "throughput": {"train_seconds": round(seconds, 3), "tokens": outcome.tokens,
@@ -293,6 +295,8 @@ def render_metric(name: str, result: dict) -> list[str]:
     lines = [f"## Metric `{name}`", ""]
     if result["status"] == "failed":
         return lines + [f"**failed:** {result.get('error', '')}", ""]
+    if result["status"] == "skipped":
+        return lines + [f"**skipped:** {result.get('reason', '')}", ""]
     if result.get("variant"):
         lines += [f"*Computed as:* {result['variant']}", ""]
     if result.get("no_signal"):

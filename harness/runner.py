@@ -4,11 +4,13 @@ suites both go through here."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import yaml
 
 from geobench import config, distributed, report, series
-from geobench import registry as plugin_registry
 from geobench.errors import UsageError
+from geobench.registry import Registry
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
 
 
@@ -23,20 +25,31 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def check(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, metric_pairs: dict | None = None) -> dict:
-    """Everything about the config and the run directory that must hold before a file is written;
-    returns the validated options of the end-of-run metrics (`metric_pairs`: {"NAME.option": value})."""
-    from geobench.analysis import metric_options
+@dataclasses.dataclass
+class MetricPlan:
+    """The end-of-run metrics of a run: those to compute with their validated options, and those
+    of the default set skipped because they cannot apply (name → reason)."""
 
-    options = metric_options(cfg.metrics, metric_pairs or {}, reg)
-    for name in cfg.metrics:
-        plugin = plugin_registry.get_metric(name, reg)
+    names: list[str]
+    options: dict[str, dict]
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def check(cfg: config.Config, out: RunDir, reg: Registry, metric_pairs: dict | None = None) -> MetricPlan:
+    """Everything about the config and the run directory that must hold before a file is written;
+    returns the plan of the end-of-run metrics (`metric_pairs`: {"NAME.option": value})."""
+    from geobench.analysis import metric_options, plan_metrics
+
+    names, skipped = plan_metrics(cfg, reg)
+    plan = MetricPlan(names, metric_options(names, metric_pairs or {}, reg), skipped)
+    for name in names:
+        plugin = reg.metric(name)
         if plugin.check is not None:
-            plugin.check(cfg, options[name])
+            plugin.check(config=cfg, options=plan.options[name], reg=reg)
     if out.path.exists() and not out.path.is_dir():
         raise UsageError(f"run directory {str(out)!r} is a file")
     if out.is_empty():
-        return options
+        return plan
     if not cfg.train.resume:
         raise UsageError(f"run directory {str(out)!r} exists and is not empty; "
                          "continue it with resume=true or choose another with --out")
@@ -44,16 +57,17 @@ def check(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, metric
         changed = _differences(yaml.safe_load(out.config.read_text()), config.to_dict(cfg))
         if changed:
             raise UsageError(f"resume=true but the config differs from {str(out.config)!r} in: {', '.join(changed)}")
-    return options
+    return plan
 
 
-def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
-            metric_options: dict | None = None, *, here: distributed.World = distributed.World()) -> dict | None:
+def execute(cfg: config.Config, out: RunDir, reg: Registry, preset_reason: str, plan: MetricPlan, *,
+            here: distributed.World = distributed.World()) -> dict | None:
     """Train, measure and report; returns the report. Prints what ran, as the command line shows it.
-    `metric_options` are the validated options `check` returned (defaults when None). Under torchrun
+    `plan` is what `check` returned. Under torchrun
     every rank trains and rank 0 alone writes, measures and reports (the others return None)."""
     from geobench.analysis import AnalysisContext, run_metrics
-    from geobench.train import pick_device, prepare, train
+    from geobench.device import pick_device
+    from geobench.train import prepare, train
 
     say = print if here.writer else (lambda *args, **kwargs: None)
     processes = f"; {here.size} processes (DistributedDataParallel)" if here.active else ""
@@ -61,30 +75,28 @@ def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, pres
         f"optimizer {cfg.optimizer.name} {cfg.optimizer.params}; {cfg.train.steps} steps"
         f"{'; torch.compile on' if cfg.model.compile else ''}", flush=True)
     started = report.now()
-    run = prepare(cfg, reg)
-    counts = run.parameter_counts()
-    say(f"geobench: corpus {run.corpus.description}", flush=True)
-    say(f"geobench: tokenizer {run.tokenizer.summary()['description']} (vocab {run.tokenizer.vocab_size}); "
+    setup = prepare(cfg, reg)
+    counts = setup.parameter_counts()
+    say(f"geobench: corpus {setup.corpus.description}", flush=True)
+    say(f"geobench: tokenizer {setup.tokenizer.summary()['description']} (vocab {setup.tokenizer.vocab_size}); "
         f"model {counts['total']:,} parameters (trunk {counts['trunk']:,})", flush=True)
     say(f"geobench: run directory {out}", flush=True)
 
     if here.writer:
         out.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out.config, config.save(cfg))
-        atomic_write_text(out.path / "tokenizer.json", run.tokenizer.tokenizer.to_str())
-        atomic_write_json(out.path / "codewords.json", run.probe.codewords)
+        atomic_write_text(out.path / "tokenizer.json", setup.tokenizer.tokenizer.to_str())
+        atomic_write_json(out.path / "codewords.json", setup.probe.codewords)
 
-    outcome = train(run, out, reg.manager.hook, here=here)
+    outcome = train(setup, out, here=here)
     if not here.writer:
         return None
-    metrics = {}
-    if cfg.metrics:
-        ctx = AnalysisContext(out, cfg)
-        ctx.live = run  # the metrics that need the model and data reuse this run's
-        metrics = run_metrics(ctx, cfg.metrics, reg, metric_options)
-    doc = report.assemble(run, out, outcome, metrics, started=started, preset_reason=preset_reason,
+    ctx = AnalysisContext(out, cfg, reg)
+    ctx.live = setup  # the metrics that need the model and data reuse the trained setup
+    metrics = run_metrics(ctx, plan.names, plan.options, skipped=plan.skipped)
+    doc = report.assemble(setup, out, outcome, metrics, started=started, preset_reason=preset_reason,
                           processes=here.size)
-    report.write(out, doc, reg.manager.hook)
+    report.write(out, doc, reg.hooks)
 
     final = doc["final"]
     summary = f"geobench: {outcome.status}"
@@ -96,6 +108,8 @@ def execute(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, pres
         summary += (f"; step {final['step']}: val_loss {final['val_loss']:.4f}, "
                     f"p_in {final['p_in']:.3f}, p_ood {final['p_ood']:.3f}")
     print(summary)
+    if plan.skipped:
+        print("geobench: metrics skipped: " + "; ".join(f"{name} ({why})" for name, why in plan.skipped.items()))
     failed = [name for name, result in metrics.items() if result["status"] == "failed"]
     if failed:
         print(f"geobench: metrics failed: {', '.join(failed)} (see the report)")

@@ -25,9 +25,10 @@ import yaml
 
 from geobench import compare, config, executors, runner
 from geobench import published as published_series
-from geobench import registry as plugin_registry
+from geobench.analysis import plan_metrics
 from geobench.errors import UsageError, did_you_mean
 from geobench.params import load_yaml
+from geobench.registry import Registry
 from geobench.trajectory import RunDir, atomic_write_json, writer_lock
 
 SUITE_KEYS = ("name", "description", "base", "grid", "metrics", "metric_options", "table", "published", "references",
@@ -40,7 +41,7 @@ class Cell:
     label: str
     group: str
     cfg: config.Config
-    metric_options: dict
+    plan: runner.MetricPlan
     out: RunDir
 
 
@@ -53,6 +54,7 @@ class Suite:
     published: dict
     directory: Path
     cells: list[Cell]
+    reg: Registry
     references: list[str] = dataclasses.field(default_factory=list)
     executor: executors.Settings = dataclasses.field(default_factory=executors.Settings)
 
@@ -116,7 +118,7 @@ def _merge_options(*layers: dict | None) -> dict:
 
 
 def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: str | None,
-         reg: plugin_registry.Registry) -> Suite:
+         reg: Registry) -> Suite:
     """Read and check a suite completely: every cell's config, optimizer, metrics and options."""
     data, where = _read(name_or_path)
     overrides = dict(overrides)
@@ -129,7 +131,7 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
     scaled = (data.get("scales") or {}).get(scale, {}) or {}
     base = {**(data.get("base") or {}), **(scaled.get("base") or {})}
     options = _merge_options(data.get("metric_options"), scaled.get("metric_options"))
-    metrics = data.get("metrics") or []
+    metrics = data.get("metrics")  # absent: each run's default metrics
     table = data.get("table", "main")
     if table not in compare.TABLES:
         raise UsageError(f"suite {where!r}: table {table!r} is not one of {', '.join(compare.TABLES)}")
@@ -149,14 +151,13 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
             raise UsageError(f"suite {where!r}: cell {label!r} names no optimizer")
         values.setdefault("preset", "tiny" if scale == "tiny" else "paper")
         values.setdefault("metrics", metrics)  # a cell may name its own
-        cell_metrics = values["metrics"]
         try:
-            cfg = config.resolve(str(optimizer), values, None,
-                                 lambda n: plugin_registry.get_optimizer(n, reg), "paper")
+            cfg = config.resolve(str(optimizer), values, None, reg, "paper")
             out = RunDir(root / label)
             if not out.is_empty():
                 cfg.train.resume = True  # an interrupted cell continues
-            checked = runner.check(cfg, out, reg, {f"{m}.{k}": v for m, opts in options.items() if m in cell_metrics
+            planned, _ = plan_metrics(cfg, reg)
+            checked = runner.check(cfg, out, reg, {f"{m}.{k}": v for m, opts in options.items() if m in planned
                                                    for k, v in opts.items()})
         except UsageError as exc:
             raise UsageError(f"suite {where!r}, cell {label!r}: {exc}") from None
@@ -166,13 +167,13 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
         references = published_series.resolve(",".join(data.get("references") or [])) if data.get("references") else []
     except UsageError as exc:
         raise UsageError(f"suite {where!r}: {exc}") from None
-    return Suite(name, data.get("description", ""), scale, table, published if scale == "paper" else {}, root, cells,
+    return Suite(name, data.get("description", ""), scale, table, published if scale == "paper" else {}, root, cells, reg,
                  references, executor)
 
 
 def jobs(suite: Suite) -> list[executors.CellJob]:
     return [executors.CellJob(c.label, str(suite.directory.resolve()), str(c.out.path.resolve()), c.cfg,
-                              c.metric_options, f"suite {suite.name}, scale {suite.scale}") for c in suite.cells]
+                              c.plan, f"suite {suite.name}, scale {suite.scale}") for c in suite.cells]
 
 
 def states(suite: Suite) -> dict[str, tuple[str, str]]:
@@ -202,7 +203,7 @@ def run(suite: Suite, *, wait: bool = True, cluster: str = "slurm") -> dict[str,
                 say(f"{job.label}: {state} elsewhere ({detail}), not submitted again")
             else:
                 todo.append(job)
-        statuses.update(executors.execute(todo, suite.executor, wait=wait, say=say, cluster=cluster))
+        statuses.update(executors.execute(todo, suite.executor, reg=suite.reg, wait=wait, say=say, cluster=cluster))
         if wait:
             for job in elsewhere:  # e.g. the cells of a killed `bench --executor local` still training
                 while executors.cell_state(job)[0] in ("running", "queued"):
@@ -212,11 +213,11 @@ def run(suite: Suite, *, wait: bool = True, cluster: str = "slurm") -> dict[str,
         finished = [c for c in suite.cells if c.out.status() is not None]
         if wait and finished:
             doc, docs = compare.build([c.out.path for c in finished], f"geobench suite {suite.name} ({suite.scale})",
-                                      suite.table, suite.published, {str(c.out.path): c.label for c in finished},
+                                      suite.reg, suite.table, suite.published, {str(c.out.path): c.label for c in finished},
                                       {str(c.out.path): c.group for c in finished},
                                       {"suite": {"name": suite.name, "scale": suite.scale, "cells": statuses}},
                                       suite.references)
-            compare.write(suite.directory, doc, docs)
+            compare.write(suite.directory, doc, docs, suite.reg)
     return statuses
 
 

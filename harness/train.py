@@ -22,38 +22,24 @@ import torch
 from tqdm import tqdm
 
 from geobench import distributed
-from geobench import registry as plugin_registry
+from geobench.checkpoints import load_weights
 from geobench.config import Config, checkpoint_windows
 from geobench.data.batches import Prefetcher, TrainStream, validation_batches
 from geobench.data.corpus import Corpus, load_corpus
 from geobench.data.probe import ProbeTask, codeword_pool, select_codewords
 from geobench.data.tokenizer import TextTokenizer, load_tokenizer, tokenize_stories
+from geobench.device import autocast, pick_device
 from geobench.errors import UsageError
 from geobench.evaluate import Evaluator
-from geobench.model import no_decay, trunk_names
 from geobench.objective import composite_loss, has_head, head_composite_loss, lambda_at
+from geobench.registry import Batch, OptimizerPlugin, Registry
 from geobench.trajectory import BackgroundWriter, RunDir, snapshot
 
 
-def pick_device(name: str) -> torch.device:
-    """The device of train.device; on CUDA, the GPU of this process (its local rank under torchrun)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device("cuda", distributed.world().local_rank) if name == "cuda" else torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @dataclasses.dataclass
-class Run:
-    """Everything a run needs, built and checked before anything is written."""
+class Setup:
+    """Everything a run needs — data, model, optimizer, evaluator — built and checked before anything
+    is written. (A *run* is its directory, `trajectory.RunDir`; this is what trains into it.)"""
 
     cfg: Config
     device: torch.device
@@ -64,7 +50,8 @@ class Run:
     evaluator: Evaluator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    optimizer_plugin: plugin_registry.OptimizerPlugin
+    optimizer_plugin: OptimizerPlugin
+    reg: Registry
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -72,33 +59,38 @@ class Run:
 
     def parameter_counts(self) -> dict[str, int]:
         names = dict(self.model.named_parameters())
-        return {"total": sum(p.numel() for p in names.values()),
-                "trunk": sum(names[n].numel() for n in trunk_names(list(names)))}
+        trunk = self.reg.model(self.cfg.model.family).layout.trunk_names(list(names))
+        return {"total": sum(p.numel() for p in names.values()), "trunk": sum(names[n].numel() for n in trunk)}
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The two parameter groups every optimizer receives: matrices and embeddings with
+    `weight_decay`, LayerNorm weights and biases (every parameter of fewer than 2 dimensions)
+    without."""
+    named = list(model.named_parameters())
+    return [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay, "decay": True},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "decay": False}]
 
 
 def build_model_and_optimizer(cfg: Config, vocab_size: int, device: torch.device,
-                              reg: plugin_registry.Registry | None = None):
+                              reg: Registry) -> tuple[torch.nn.Module, torch.optim.Optimizer, OptimizerPlugin]:
     """A freshly initialized model (seeded by train.seed) and a fresh optimizer of cfg's plugin."""
-    reg = reg or plugin_registry.registry()
-    optimizer_plugin = plugin_registry.get_optimizer(cfg.optimizer.name, reg)
-    model_plugin = plugin_registry.get_model(cfg.model.family, reg)
+    optimizer_plugin = reg.optimizer(cfg.optimizer.name)
+    model_plugin = reg.model(cfg.model.family)
     torch.manual_seed(cfg.train.seed)
-    model = model_plugin.build(cfg.model, vocab_size).to(device)
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not no_decay(n, p)], "decay": True},
-        {"params": [p for n, p in model.named_parameters() if no_decay(n, p)], "decay": False},
-    ]
-    optimizer = optimizer_plugin.build(groups, cfg.optimizer.params, device)
+    model = model_plugin.build(config=cfg.model, vocab_size=vocab_size).to(device)
+    hp = cfg.optimizer.params
+    wd = float(hp[optimizer_plugin.weight_decay]) if optimizer_plugin.weight_decay else 0.0
+    optimizer = optimizer_plugin.build(groups=decay_groups(model, wd), hp=hp, device=device)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     return model, optimizer, optimizer_plugin
 
 
-def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
-    reg = reg or plugin_registry.registry()
+def prepare(cfg: Config, reg: Registry) -> Setup:
     device = pick_device(cfg.train.device)
-    plugin_registry.get_optimizer(cfg.optimizer.name, reg)  # an unknown name fails before the data loads
-    plugin_registry.get_model(cfg.model.family, reg)
+    reg.optimizer(cfg.optimizer.name)  # an unknown name fails before the data loads
+    reg.model(cfg.model.family)
 
     corpus = load_corpus(cfg.data)
     tokenizer = load_tokenizer(cfg.data, corpus, codeword_pool(cfg.probe.n_codewords))
@@ -112,8 +104,8 @@ def prepare(cfg: Config, reg: plugin_registry.Registry | None = None) -> Run:
         cfg.train.val_batch_size, device, autocast(device),
         lm_ood_padding_eos=tokenizer.eos_id if cfg.probe.lm_ood == "source" else None,
     )
-    return Run(cfg, device, corpus, tokenizer, probe, _stream(cfg, tokenizer, corpus, probe), evaluator,
-               model, optimizer, optimizer_plugin)
+    return Setup(cfg, device, corpus, tokenizer, probe, _stream(cfg, tokenizer, corpus, probe), evaluator,
+               model, optimizer, optimizer_plugin, reg)
 
 
 def _stream(cfg: Config, tokenizer: TextTokenizer, corpus: Corpus, probe: ProbeTask) -> TrainStream:
@@ -122,19 +114,16 @@ def _stream(cfg: Config, tokenizer: TextTokenizer, corpus: Corpus, probe: ProbeT
                        tokenizer.eos_id)
 
 
-def derive(run: Run, cfg: Config, weights: dict[str, torch.Tensor],
-           reg: plugin_registry.Registry | None = None) -> Run:
-    """A run that starts from `weights` with a fresh optimizer and cfg's training settings, on the
-    data, tokenizer, probe and evaluation sets of `run` (cfg must keep its model, data and probe)."""
+def derive(setup: Setup, cfg: Config, weights: dict[str, torch.Tensor]) -> Setup:
+    """A setup that starts from `weights` with a fresh optimizer and cfg's training settings, on the
+    data, tokenizer, probe and evaluation sets of `setup` (cfg must keep its model, data and probe)."""
     for section in ("model", "data", "probe"):
-        if getattr(cfg, section) != getattr(run.cfg, section):
+        if getattr(cfg, section) != getattr(setup.cfg, section):
             raise UsageError(f"a derived run must keep the {section} settings of its source")
-    model, optimizer, plugin = build_model_and_optimizer(cfg, run.tokenizer.vocab_size, run.device, reg)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(weights[name])
-    stream = _stream(cfg, run.tokenizer, run.corpus, run.probe)
-    return dataclasses.replace(run, cfg=cfg, stream=stream, model=model, optimizer=optimizer, optimizer_plugin=plugin)
+    model, optimizer, plugin = build_model_and_optimizer(cfg, setup.tokenizer.vocab_size, setup.device, setup.reg)
+    load_weights(model, weights)
+    stream = _stream(cfg, setup.tokenizer, setup.corpus, setup.probe)
+    return dataclasses.replace(setup, cfg=cfg, stream=stream, model=model, optimizer=optimizer, optimizer_plugin=plugin)
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -224,23 +213,21 @@ class HiddenStates(torch.nn.Module):
         return self.model.hidden(inputs)
 
 
-def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed.World(),
+def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.World(),
           source_val_loss: float | None = None) -> Outcome:
-    """Train `run` into `out`. Under torchrun (`here` active) every rank calls this; rank 0 alone
+    """Train `setup` into the run directory `out`. Under torchrun (`here` active) every rank calls this; rank 0 alone
     evaluates and writes. A run derived from another one's checkpoint passes that run's step-1
     val_loss as `source_val_loss`: the divergence criterion compares against it, not against the
     derived run's own (already trained) first evaluation."""
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    cfg, model, optimizer, hooks = setup.cfg, setup.model, setup.optimizer, setup.reg.hooks
     t = cfg.train
     if here.active:
-        distributed.check_trainable(cfg.optimizer.name, run.optimizer_plugin.gradient)
+        distributed.check_trainable(cfg.optimizer.name, setup.optimizer_plugin.gradient)
     micros = here.micro_batches(t.grad_accum)
     start, elapsed, tokens, resumed_from = 0, 0.0, 0, None
     if t.resume and out.has_state():
         meta, weights, training = out.load_state()
-        with torch.no_grad():
-            for name, param in _parameters(model).items():
-                param.copy_(weights[name])
+        load_weights(model, weights)
         optimizer.load_state_dict(training["optimizer"])
         torch.set_rng_state(training["torch_rng"])
         start, elapsed, tokens, resumed_from = meta["step"], meta["train_seconds"], meta["tokens"], meta["step"]
@@ -251,14 +238,15 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
 
     headed: Any = model if has_head(model, t.batch_size * cfg.model.context) else None  # no full logits held
     body: torch.nn.Module = HiddenStates(headed) if headed is not None else model
-    ddp = distributed.wrap(here, body, run.device)
+    ddp = distributed.wrap(here, body, setup.device)
     forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.model.compile else ddp
-    rule = run.optimizer_plugin.gradient
+    rule = setup.optimizer_plugin.gradient
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
     status, diverged_at, divergence, stopped_early_at, done = "completed", None, None, None, start
     compile_seconds: float | None = None
     since_eval: list[float] = []
-    losses = LossReader(SYNC_EVERY_CUDA if run.device.type == "cuda" else 1)
+    rule_reports: list[dict] = []  # what the gradient rule reported for each micro-batch since the last eval
+    losses = LossReader(SYNC_EVERY_CUDA if setup.device.type == "cuda" else 1)
     history = out.read_evals() if start else []
     first_val_loss = source_val_loss or next((e["val_loss"] for e in history if e["step"] == 1), None)
     for record in history:  # a resumed run that had already blown up stays marked
@@ -288,8 +276,8 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
     bar = tqdm(total=t.steps, initial=start, desc=out.path.name, unit="step", file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0, disable=not here.writer)
     model.train()
-    on_gpu = run.device.type == "cuda"  # a CPU gains nothing from a second thread competing for its cores
-    prefetch = Prefetcher(run.stream, start + 1, t.steps, depth=2 * len(micros), pin=on_gpu, threaded=on_gpu,
+    on_gpu = setup.device.type == "cuda"  # a CPU gains nothing from a second thread competing for its cores
+    prefetch = Prefetcher(setup.stream, start + 1, t.steps, depth=2 * len(micros), pin=on_gpu, threaded=on_gpu,
                           micros=micros)
     batches = iter(prefetch)
     held = contextlib.ExitStack()  # under torchrun the ranks keep the default Ctrl-C (they must stop together)
@@ -302,16 +290,18 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
                 group["lr"] = group["peak_lr"] * factor
             lam = lambda_at(t.lambda_schedule, step)
             optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=run.device)
+            loss_sum = torch.zeros((), device=setup.device)
             for i in range(len(micros)):
-                inputs, targets, mask = (x.to(run.device, non_blocking=True) for x in next(batches))
+                inputs, targets, mask = (x.to(setup.device, non_blocking=True) for x in next(batches))
                 if rule is not None:  # the optimizer plugin brings its own gradient (EP)
-                    info = rule(model, optimizer, inputs, targets, mask, lam, cfg.optimizer.params, 1 / t.grad_accum)
+                    info = rule(model=model, optimizer=optimizer, batch=Batch(inputs, targets, mask), lam=lam,
+                                hp=cfg.optimizer.params, scale=1 / t.grad_accum)
                     loss_sum += info["loss"] / t.grad_accum
+                    rule_reports.append(info)
                     continue
                 # DDP averages over the ranks; each rank averages its own share of the micro-batches
                 with _no_sync(ddp, last=i == len(micros) - 1):
-                    with run.autocast:
+                    with setup.autocast:
                         features = forward(inputs)
                         loss = (head_composite_loss(features, headed.output_weight, targets, mask, lam)
                                 if headed is not None else composite_loss(features, targets, mask, lam)) / len(micros)
@@ -353,9 +343,10 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
             if step == 1 or step % t.eval_every == 0 or step == t.steps:
                 record = distributed.agree(here, here.writer and {
                     "step": step, "lambda": lam, "lr": optimizer.param_groups[0]["lr"],
-                    "train_loss": float(np.mean(since_eval)), **run.evaluator(model),
+                    "train_loss": float(np.mean(since_eval)), **setup.evaluator(model),
+                    **({"gradient_rule": rule_summary(rule_reports)} if rule_reports else {}),
                     "tokens": tokens, "train_seconds": round(elapsed, 3)})
-                since_eval = []
+                since_eval, rule_reports = [], []
                 history.append(record)
                 if here.writer:
                     out.append_eval(record)
@@ -393,6 +384,20 @@ def train(run: Run, out: RunDir, hooks, *, here: distributed.World = distributed
         bar.close()
     return Outcome(status, done, diverged_at, elapsed, tokens, resumed_from, divergence, stopped_early_at,
                    compile_seconds)
+
+
+def rule_summary(reports: list[dict]) -> dict[str, float | int | None]:
+    """A gradient rule's diagnostics over an evaluation interval: for each flag it reported, how
+    many micro-batches raised it (`skipped`: 3); for each number, its mean over the finite values."""
+    summary: dict[str, float | int | None] = {"batches": len(reports)}
+    for key in dict.fromkeys(k for info in reports for k in info if k != "loss"):
+        values = [info[key] for info in reports if key in info]
+        if all(isinstance(v, bool) for v in values):
+            summary[key] = sum(values)
+        elif all(isinstance(v, (int, float)) for v in values):
+            finite = [float(v) for v in values if math.isfinite(v)]
+            summary[key] = float(np.mean(finite)) if finite else None
+    return summary
 
 
 @contextlib.contextmanager

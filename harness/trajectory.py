@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
+from geobench.checkpoints import CheckpointReader
 from geobench.errors import UsageError
 
 LOCK_NAME = ".lock"
@@ -187,9 +187,7 @@ class RunDir:
 
     def load_checkpoint(self, step: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """The tensors of one checkpoint (all, or only `names`), memory-mapped from disk."""
-        with safe_open(self.checkpoint_path(step), framework="pt") as fh:
-            wanted = list(fh.keys()) if names is None else list(names)
-            return {name: fh.get_tensor(name) for name in wanted}
+        return CheckpointReader(self.checkpoint_path(step)).tensors(names)
 
     # state/: everything needed to continue the run exactly
     def save_state(self, step: int, model: dict[str, torch.Tensor], training: dict, meta: dict) -> None:
@@ -212,8 +210,7 @@ class RunDir:
         """(meta, model tensors, training dict); loads no pickled objects."""
         where = self.state if (self.state / "meta.json").exists() else self.path / "state.old"
         meta = json.loads((where / "meta.json").read_text())
-        with safe_open(where / "model.safetensors", framework="pt") as fh:
-            model = {name: fh.get_tensor(name) for name in fh.keys()}
+        model = CheckpointReader(where / "model.safetensors").tensors()
         training = torch.load(where / "training.pt", weights_only=True, map_location="cpu")
         return meta, model, training
 

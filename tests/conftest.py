@@ -95,17 +95,17 @@ def pytest_sessionfinish(session, exitstatus):
 def trained_run(tmp_path_factory):
     """A tiny finished run with a checkpoint and an evaluation every 2 steps, for the metric tests."""
     from geobench import config
-    from geobench.registry import get_optimizer, registry
+    from geobench.registry import installed
     from geobench.train import prepare, train
     from geobench.trajectory import RunDir
 
     pairs = config.parse_pairs(FAST + ["steps=30", "eval_every=2", "checkpoint_every=2", "state_every=30",
                                        "eval_examples=40", "lr=3e-3"])
-    cfg = config.resolve("adamw", pairs, None, lambda n: get_optimizer(n), "tiny")
+    cfg = config.resolve("adamw", pairs, None, installed(), "tiny")
     out = RunDir(tmp_path_factory.mktemp("metrics") / "run")
     out.path.mkdir(parents=True)
     (out.config).write_text(config.save(cfg))
-    train(prepare(cfg), out, registry().manager.hook)
+    train(prepare(cfg, installed()), out)
     return out
 
 

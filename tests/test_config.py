@@ -5,12 +5,12 @@ from hypothesis import strategies as st
 from geobench import config
 from geobench.errors import UsageError
 from geobench.params import Param
-from geobench.registry import get_optimizer
+from geobench.registry import installed
 
 
 def resolve(optimizer="adamw", pairs=(), file=None, auto="tiny"):
     return config.resolve(optimizer, config.parse_pairs(list(pairs)), file,
-                          lambda name: get_optimizer(name), auto)
+                          installed(), auto)
 
 
 def test_defaults_are_the_paper_protocol():
@@ -51,7 +51,7 @@ def test_every_preset_resolves_and_the_report_schema_admits_it():
 
     presets = [c for c in config.declared_fields()["preset"].choices if c != "auto"]
     assert sorted(presets) == sorted(config.PRESETS)
-    assert report.schema()["properties"]["run"]["properties"]["preset"]["enum"] == sorted(presets)
+    assert report.load_schema("report")["properties"]["run"]["properties"]["preset"]["enum"] == sorted(presets)
     for name in presets:
         cfg = resolve(pairs=[f"preset={name}"])
         lam_switch = cfg.train.lambda_schedule[1][0]
@@ -83,7 +83,7 @@ def test_bad_values_name_the_key_and_what_is_allowed(pair, message):
 
 def test_ambiguous_short_key_lists_the_candidates(monkeypatch):
     with pytest.raises(UsageError, match="ambiguous: use one of"):
-        config.resolve_key("seed", {"seed": Param(0)})
+        config.resolve_key("seed", {"seed": Param(0)}, {})
 
 
 def test_malformed_and_missing_yaml(tmp_path):
@@ -111,7 +111,7 @@ def test_saved_config_round_trips():
 
     cfg = resolve(pairs=["beta2=0.9", "steps=77"])
     tree = yaml.safe_load(config.save(cfg))
-    assert config.build(tree, get_optimizer("adamw").params) == cfg
+    assert config.build(tree, installed()) == cfg
 
 
 @given(st.floats(min_value=0, max_value=1, exclude_max=True, allow_nan=False))

@@ -114,7 +114,18 @@ def test_energy_invariants(seed, n_params):
     shapes = {n: tuple(rng.integers(1, 5, size=rng.integers(1, 3))) for n in names}
     make = lambda: Memory({n: torch.from_numpy(rng.normal(size=shapes[n])) for n in names})  # noqa: E731
     origin, end = make(), make()
-    rows = energy_rows("x", [(i, make()) for i in range(3)], origin, lambda n: end.get(n) - origin.get(n), names)
-    for row in rows:
-        assert row["E_phi"] + row["E_perp"] == pytest.approx(row["E_tau"])
-        assert 0 <= row["cos_eff"] <= 1 + 1e-12 and row["p_phi"] + row["p_perp"] == pytest.approx(1)
+    checkpoints = [(i, make()) for i in range(3)]
+    rows = energy_rows("x", checkpoints, origin, lambda n: end.get(n) - origin.get(n), names)
+    for row, (_, theta) in zip(rows, checkpoints):
+        # independently, in numpy: the perpendicular energy from the residual vectors τ − α φ̂ themselves
+        tau = {n: (theta.get(n) - origin.get(n)).numpy().ravel() for n in names}
+        phi = {n: (end.get(n) - origin.get(n)).numpy().ravel() for n in names}
+        phi = {n: v / np.linalg.norm(v) for n, v in phi.items()}
+        alpha = {n: tau[n] @ phi[n] for n in names}
+        e_tau = sum(t @ t for t in tau.values())
+        e_perp = sum(np.sum((tau[n] - alpha[n] * phi[n]) ** 2) for n in names)
+        assert row["E_tau"] == pytest.approx(e_tau, rel=1e-9)
+        assert row["E_phi"] == pytest.approx(sum(a**2 for a in alpha.values()), rel=1e-9)
+        assert row["E_perp"] == pytest.approx(e_perp, rel=1e-9, abs=1e-12)
+        assert row["p_phi"] == pytest.approx(1 - e_perp / e_tau, rel=1e-9, abs=1e-12)
+        assert row["cos_eff"] == pytest.approx(np.sqrt(max(1 - e_perp / e_tau, 0.0)), rel=1e-7, abs=1e-9)

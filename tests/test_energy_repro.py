@@ -243,7 +243,7 @@ def test_backbone_of_a_manifest_trajectory_against_numpy(repro, tmp_path, opt):
                      "--out", str(out), "backbone.rotation_window=3")
     assert result.returncode == 0, result.stderr
     doc = json.loads((out / "report.json").read_text())
-    jsonschema.validate(doc, report.schema())
+    jsonschema.validate(doc, report.load_schema("report"))
     assert "run" not in doc and "evals" not in doc and doc["trajectory"]["steps"] == list(ITERS)
     names = sorted(n for n in stored[(opt, 10)] if "layers." in n)
     assert doc["trajectory"]["parameters"] == len(names)
@@ -259,7 +259,7 @@ def test_backbone_of_a_manifest_trajectory_against_numpy(repro, tmp_path, opt):
 def test_manifest_analysis_refuses_what_checkpoints_cannot_give(repro, tmp_path):
     root, *_ = repro
     base = ["analyze", "--manifest", str(root / "manifest.json"), "--opt", "sgd", "--out", str(tmp_path / "a")]
-    for extra, message in ((["--metric", "alignment"], "metric 'alignment' needs data, model"),
+    for extra, message in ((["--metric", "alignment"], "metric 'alignment' cannot apply to a manifest: it needs the run's model"),
                            (["backbone.scope=trunk"], "scope='trunk': a manifest's trajectory has only the parameters"),
                            (["--params", "nothing"], "--params 'nothing' matches no parameter")):
         result = run_cli(*base, *extra)

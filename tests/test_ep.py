@@ -13,6 +13,7 @@ from geobench import ep
 from geobench.config import ModelConfig
 from geobench.objective import composite_loss
 from geobench.plugins.models.eqformer import EqFormer, linear
+from geobench.registry import Batch
 
 
 class Energy(EqFormer):
@@ -47,20 +48,21 @@ def energy_case():
     return model, inputs, targets, mask
 
 
-def gradient(model, fn, *args):
+def gradient(model, fn, **kwargs):
     model.zero_grad(set_to_none=True)
-    fn(*args)
+    fn(model, **kwargs)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def exact(model, inputs, targets, mask):
     e, h, _ = ep.free_phase(model, inputs)
-    return gradient(model, ep.implicit_gradient, model, e, h, targets, mask, 2.0, 400)
+    return gradient(model, ep.implicit_gradient, e=e, h=h, batch=Batch(inputs, targets, mask), lam=2.0, steps=400)
 
 
 def estimate(model, inputs, targets, mask, estimator, beta, n_points=4):
     e, h, _ = ep.free_phase(model, inputs)
-    return gradient(model, ep.ep_gradient, model, e, h, targets, mask, 2.0, estimator, beta, n_points, 400)
+    return gradient(model, ep.ep_gradient, e=e, h=h, batch=Batch(inputs, targets, mask), lam=2.0, estimator=estimator,
+                    beta=beta, n_points=n_points, nudge_steps=400)
 
 
 def cos(a, b):
@@ -69,7 +71,7 @@ def cos(a, b):
 
 def test_implicit_gradient_equals_backprop_through_the_relaxation(energy_case):
     model, inputs, targets, mask = energy_case
-    g_bptt = gradient(model, ep.bptt_gradient, model, inputs, targets, mask, 2.0)
+    g_bptt = gradient(model, ep.bptt_gradient, batch=Batch(inputs, targets, mask), lam=2.0)
     g_exact = exact(*energy_case)
     assert float((g_bptt - g_exact).norm() / g_exact.norm()) < 1e-6
 
@@ -146,8 +148,38 @@ def test_ep_metric_reports_cosine_residuals_and_eigenvalues(tmp_path):
     for row in doc["metrics"]["ep"]["tables"]["ep"]:
         assert -1 <= row["cos_all"] <= 1 and row["cos_readout"] == pytest.approx(1.0)  # readout gradients are exact
         assert row["eig_abs"] >= 0 and row["free_residual"] >= 0
-    gpt = run_cli("analyze", str(tmp_path / "ep"), "--metric", "grad_structure")
-    assert gpt.returncode == 2 and "needs a GPT" in gpt.stderr
+    for metric, why in (("grad_structure", "needs gradients through the model's forward"),
+                        ("fisher", "model family eqformer is not differentiable by autograd")):
+        refused = run_cli("analyze", str(tmp_path / "ep"), "--metric", metric)
+        assert refused.returncode == 2 and f"metric '{metric}' cannot apply to this run" in refused.stderr
+        assert why in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_ep_run_reports_its_diagnostics_by_default_and_skips_what_cannot_apply(tmp_path):
+    result = run_cli("run", "ep", *TINY_EP, "metrics=none", "ep.count=2", "ep.batches=2", "ep.eig_iterations=5", "--out", "ep",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "ep" / "report.json").read_text())
+    status = {name: m["status"] for name, m in doc["metrics"].items()}
+    assert status == {"backbone": "ok", "switching": "ok", "energy": "ok", "ep": "ok", "alignment": "skipped",
+                      "fisher": "skipped", "interference": "skipped", "grad_structure": "skipped"}
+    assert "not differentiable by autograd" in doc["metrics"]["fisher"]["reason"]
+    assert doc["metrics"]["ep"]["scalars"]["mean_cos"] != 0
+    assert "metrics skipped: alignment (it needs gradients" in result.stdout
+    assert "## Metric `fisher`\n\n**skipped:** it needs gradients through the model's forward" in (
+        tmp_path / "ep" / "report.md").read_text()
+    # the gradient rule's diagnostics are in every evaluation after the first step
+    rule = [e["gradient_rule"] for e in doc["evals"]]
+    assert [r["batches"] for r in rule] == [1, 2, 3]
+    assert all(r["skipped"] == 0 and 0 <= r["free_residual"] for r in rule)
+
+
+def test_gradient_metrics_asked_for_on_ep_are_refused_before_training(tmp_path):
+    result = run_cli("run", "ep", *TINY_EP, "metrics=backbone,alignment", "--out", "ep", cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "ep").exists()
+    assert result.stderr.strip() == ("geobench: error: metric 'alignment' cannot apply to this run: it needs gradients "
+                                     "through the model's forward, and model family eqformer is not differentiable "
+                                     "by autograd")
 
 
 def test_validity_gate_and_divergence_record(tmp_path):
@@ -156,6 +188,8 @@ def test_validity_gate_and_divergence_record(tmp_path):
     assert result.returncode == 0, result.stderr
     doc = json.loads((tmp_path / "gated" / "report.json").read_text())
     assert doc["run"]["status"] == "diverged" and doc["run"]["diverged_at"] == 3
+    rule = doc["evals"][0]["gradient_rule"]  # the one batch before the first evaluation: skipped by the gate
+    assert rule["batches"] == 1 and rule["skipped"] == 1 and rule["free_residual"] > 1e-12
 
 
 def test_jacobian_penalty_and_controller():
@@ -174,13 +208,14 @@ def test_the_controller_raises_the_penalty_while_the_residual_is_above_target():
     from geobench.plugins.optimizers import ep as ep_plugin
 
     torch.manual_seed(0)
-    model = EqFormer(ModelConfig(n_layer=1, n_head=2, d_model=8, d_ff=16, context=6, relax_steps=3), 10)
+    model = EqFormer(ModelConfig(n_layer=1, n_head=2, d_model=8, d_ff=16, context=6, params={"relax_steps": 3}), 10)
     hp = {k: spec.default for k, spec in ep_plugin.PARAMS.items()} | {"jac_reg": 0.1, "jac_target": 1e-9, "gate": 10.0}
-    groups = [{"params": list(model.parameters()), "decay": True}]
-    optimizer = ep_plugin.build(groups, hp, torch.device("cpu"))
+    groups = [{"params": list(model.parameters()), "weight_decay": hp["wd"], "decay": True}]
+    optimizer = ep_plugin.build(groups=groups, hp=hp, device=torch.device("cpu"))
     inputs, targets = torch.randint(0, 10, (2, 6)), torch.randint(0, 10, (2, 6))
     mask = torch.zeros(2, 6, dtype=torch.bool)
     for _ in range(3):
-        info = ep_plugin.gradient(model, optimizer, inputs, targets, mask, 2.0, hp, 1.0)
+        info = ep_plugin.gradient(model=model, optimizer=optimizer, batch=Batch(inputs, targets, mask), lam=2.0, hp=hp,
+                                  scale=1.0)
         assert not info["skipped"]
     assert optimizer.param_groups[0]["jac_weight"] == pytest.approx(0.1 * 1.05**3)

@@ -8,26 +8,25 @@ import torch
 from geobench import series
 from geobench.analysis import AnalysisContext, metric_options, run_metrics
 from geobench.errors import UsageError
-from geobench.model import trunk_names
 from geobench.objective import composite_loss, lambda_at, lm_and_probe_losses
 from geobench.plugins.metrics import fisher, grad_structure, switching
-from geobench.registry import registry
+from geobench.registry import installed
 
 
 def options(name, **given):
-    return metric_options([name], {f"{name}.{k}": v for k, v in given.items()}, registry())[name]
+    return metric_options([name], {f"{name}.{k}": v for k, v in given.items()}, installed())[name]
 
 
 @pytest.fixture(scope="module")
 def ctx(trained_run):
-    return AnalysisContext.open(trained_run.path)
+    return AnalysisContext.open(trained_run.path, installed())
 
 
 @pytest.fixture(scope="module")
 def trajectory(ctx):
     """The trunk trajectory materialized: steps, rows θ_t (T × D) in float64."""
     steps = ctx.checkpoint_steps()
-    names = trunk_names(list(ctx.parameter_shapes))
+    names = ctx.scope("trunk")
     thetas = np.stack([np.concatenate([ctx.load_checkpoint(s)[n].double().numpy().ravel() for n in names])
                        for s in steps])
     return steps, names, thetas
@@ -187,7 +186,7 @@ def planted_evals(steps):
 def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant):
     steps, names, thetas = trajectory
     monkeypatch.setattr(type(ctx), "evals", property(lambda self: planted_evals(steps)))
-    result = switching.compute(ctx, options("switching", resamples=5, backbone=variant, per_block=True, sigma="last"))
+    result = switching.compute(ctx=ctx, options=options("switching", resamples=5, backbone=variant, per_block=True, sigma="last"))
     delta = thetas[1:] - thetas[0]
     rows = delta / np.linalg.norm(delta, axis=1, keepdims=True) if variant == "rownorm" else delta
     _, _, vt = np.linalg.svd(rows, full_matrices=False)
@@ -221,7 +220,7 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant):
 def test_switching_needs_three_evaluations(ctx, monkeypatch):
     monkeypatch.setattr(type(ctx), "evals", property(lambda self: [{"step": 1, "p_ood": 0.0}]))
     with pytest.raises(UsageError, match="has only 1 evaluations of p_ood"):
-        switching.compute(ctx, options("switching"))
+        switching.compute(ctx=ctx, options=options("switching"))
 
 
 def test_fisher_summary_against_an_explicit_fisher_matrix():
@@ -351,10 +350,10 @@ def test_basin_perturbation_and_tests(ctx):
     w = model.blocks[0].mlp.up.weight
     before = w.detach().clone()
     with torch.no_grad():
-        perturbation(0.0, 0)(model)
+        perturbation(0.0, 0, ctx.scope("trunk"))(model)
     assert torch.equal(w, before)
     with torch.no_grad():
-        perturbation(0.3, 0)(model)
+        perturbation(0.3, 0, ctx.scope("trunk"))(model)
     noise = (w.detach() - before) / (0.3 * before.pow(2).mean().sqrt())
     assert abs(float(noise.std()) - 1) < 0.05 and abs(float(noise.mean())) < 0.05
 

@@ -1,7 +1,9 @@
 import torch
 
 from geobench.config import ModelConfig
-from geobench.model import GPT, block_names, no_decay, trunk_names
+from geobench.model import GPT
+from geobench.plugins.models.gpt import LAYOUT
+from geobench.train import decay_groups
 
 
 def test_paper_size_is_51m_with_trunk_25m():
@@ -10,9 +12,10 @@ def test_paper_size_is_51m_with_trunk_25m():
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
     assert abs(total - 51.0e6) < 0.1e6, total
-    assert sum(params[n].numel() for n in trunk_names(list(params))) == 25_165_824
-    assert len(trunk_names(list(params))) == 8 * 4
-    per_block = sum(params[n].numel() for n in block_names(list(params), 3))
+    assert sum(params[n].numel() for n in LAYOUT.trunk_names(list(params))) == 25_165_824
+    assert len(LAYOUT.trunk_names(list(params))) == 8 * 4
+    assert LAYOUT.block_indices(list(params)) == list(range(8))
+    per_block = sum(params[n].numel() for n in LAYOUT.block_names(list(params), 3))
     assert per_block == 3_145_728 + 4 * 512  # trunk matrices plus two LayerNorms
 
 
@@ -49,6 +52,10 @@ def test_attention_is_causal():
 
 def test_layernorm_and_bias_take_no_decay():
     model = tiny_model()
-    decayed = {n for n, p in model.named_parameters() if not no_decay(n, p)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decaying, plain = decay_groups(model, 0.5)
+    decayed = {names[id(p)] for p in decaying["params"]}
+    assert decaying["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0
     assert "blocks.0.ln1.weight" not in decayed and "ln_f.bias" not in decayed
     assert "wte.weight" in decayed and "blocks.1.attn.qkv.weight" in decayed
+    assert len(decayed) + len(plain["params"]) == len(names)

@@ -152,17 +152,17 @@ def test_training_through_the_chunked_head_equals_training_on_the_logits(tmp_pat
     """End to end: the same tiny run with the head path forced on (as at the paper size) and off."""
     from conftest import FAST
     from geobench import config, objective
-    from geobench.registry import get_optimizer, registry
+    from geobench.registry import installed
     from geobench.train import prepare, train
     from geobench.trajectory import RunDir
 
     finals = {}
     for name, threshold in (("logits", 2**62), ("head", 0)):
         monkeypatch.setattr(objective, "HEAD_PATH_BYTES", threshold)
-        cfg = config.resolve("adamw", config.parse_pairs([*FAST, "steps=6", "eval_every=3"]), None, get_optimizer, "tiny")
+        cfg = config.resolve("adamw", config.parse_pairs([*FAST, "steps=6", "eval_every=3"]), None, installed(), "tiny")
         out = RunDir(tmp_path / name)
         out.path.mkdir()
-        train(prepare(cfg), out, registry().manager.hook)
+        train(prepare(cfg, installed()), out)
         finals[name] = (out.load_checkpoint(6), out.read_evals())
     (w_logits, e_logits), (w_head, e_head) = finals["logits"], finals["head"]
     for key in w_logits:

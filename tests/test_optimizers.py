@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from geobench.errors import UsageError
-from geobench.registry import get_optimizer
+from geobench.registry import installed
 
 CPU = torch.device("cpu")
 
@@ -15,15 +15,21 @@ def groups():
     return w, b, [{"params": [w], "decay": True}, {"params": [b], "decay": False}]
 
 
+def build(plugin, params, g):
+    """What the trainer does: the decaying group gets the plugin's weight-decay hyperparameter."""
+    g[0]["weight_decay"], g[1]["weight_decay"] = (params[plugin.weight_decay] if plugin.weight_decay else 0.0), 0.0
+    return plugin.build(groups=g, hp=params, device=CPU)
+
+
 def hp(name, **given):
-    plugin = get_optimizer(name)
+    plugin = installed().optimizer(name)
     return plugin, {k: given.get(k, spec.default) for k, spec in plugin.params.items()}
 
 
 def test_adamw_decays_matrices_only_and_uses_beta2():
     plugin, params = hp("adamw", beta2=0.9)
     w, b, g = groups()
-    opt = plugin.build(g, params, CPU)
+    opt = build(plugin, params, g)
     assert isinstance(opt, torch.optim.AdamW)
     assert [grp["weight_decay"] for grp in opt.param_groups] == [0.5, 0.0]
     assert opt.param_groups[0]["betas"] == (0.9, 0.9)
@@ -49,7 +55,7 @@ def test_sgd_variants_match_the_formulas(momentum, nesterov, wd_mode):
     plugin, params = hp("sgd", lr=0.1, momentum=momentum, nesterov=nesterov, wd=0.5, wd_mode=wd_mode)
     w, b, g = groups()
     start_w, start_b = w.detach().numpy().copy(), b.detach().numpy().copy()
-    opt = plugin.build(g, params, CPU)
+    opt = build(plugin, params, g)
     rng = np.random.default_rng(1)
     grads_w = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3)]
     grads_b = [rng.normal(size=4).astype(np.float32) for _ in range(3)]
@@ -66,7 +72,7 @@ def test_sgd_variants_match_the_formulas(momentum, nesterov, wd_mode):
 def test_decoupled_decay_follows_the_scheduled_lr():
     plugin, params = hp("sgd", lr=0.1, wd=0.5, wd_mode="decoupled")
     w, b, g = groups()
-    opt = plugin.build(g, params, CPU)
+    opt = build(plugin, params, g)
     opt.param_groups[0]["lr"] = 0.02  # what the trainer's schedule does
     before = w.detach().clone()
     w.grad = torch.zeros_like(w)
@@ -77,27 +83,27 @@ def test_decoupled_decay_follows_the_scheduled_lr():
 def test_nesterov_needs_momentum():
     plugin, params = hp("sgd", nesterov=True)
     with pytest.raises(UsageError, match="nesterov=true needs momentum > 0"):
-        plugin.build(groups()[2], params, CPU)
+        build(plugin, params, groups()[2])
 
 
 def test_any_torch_optimizer_by_name():
-    plugin = get_optimizer("torch:Adagrad")
+    plugin = installed().optimizer("torch:Adagrad")
     assert plugin.name == "torch:Adagrad" and "lr" in plugin.params and "weight_decay" in plugin.params
     params = {k: s.default for k, s in plugin.params.items()} | {"weight_decay": 0.1}
-    opt = plugin.build(groups()[2], params, CPU)
+    opt = build(plugin, params, groups()[2])
     assert isinstance(opt, torch.optim.Adagrad)
     assert [grp["weight_decay"] for grp in opt.param_groups] == [0.1, 0.0]
     bad = {k: s.default for k, s in plugin.params.items()} | {"lr_decay": -1.0}
     with pytest.raises(UsageError, match="torch:Adagrad rejected its hyperparameters"):
-        plugin.build(groups()[2], bad, CPU)
+        build(plugin, bad, groups()[2])
 
 
 def test_unknown_optimizers_suggest_a_name():
     with pytest.raises(UsageError, match=r"unknown optimizer 'adamww' \(did you mean 'adamw'\?\)"):
-        get_optimizer("adamww")
+        installed().optimizer("adamww")
     with pytest.raises(UsageError, match=r"torch.optim has no optimizer 'Adamm' \(did you mean"):
-        get_optimizer("torch:Adamm")
+        installed().optimizer("torch:Adamm")
     with pytest.raises(UsageError, match="needs a variant"):
-        get_optimizer("torch")
+        installed().optimizer("torch")
     with pytest.raises(UsageError, match="takes no variant"):
-        get_optimizer("adamw:fast")
+        installed().optimizer("adamw:fast")

@@ -7,7 +7,7 @@ from conftest import FAST
 from geobench import Param, config, hookimpl, report
 from geobench.analysis import AnalysisContext, run_metrics
 from geobench.errors import UsageError
-from geobench.registry import MetricPlugin, ModelPlugin, OptimizerPlugin, get_metric, get_model, make_registry
+from geobench.registry import MetricPlugin, ModelPlugin, OptimizerPlugin, ParameterLayout, make_registry
 from geobench.train import prepare, train
 from geobench.trajectory import RunDir
 
@@ -21,7 +21,7 @@ class Watcher:
     @hookimpl
     def geobench_register_optimizers(self, register):
         register(OptimizerPlugin("plain-sgd", "SGD without extras", {"lr": Param(0.05, low=0, low_open=True)},
-                                 build=lambda groups, hp, device: torch.optim.SGD(groups, lr=hp["lr"])))
+                                 build=build_sgd, weight_decay=None))
 
     @hookimpl
     def geobench_register_metrics(self, register):
@@ -31,7 +31,7 @@ class Watcher:
 
     @hookimpl
     def geobench_register_models(self, register):
-        register(ModelPlugin("linear", "a bigram model", build=lambda cfg, vocab: torch.nn.Embedding(vocab, vocab)))
+        register(ModelPlugin("linear", "a bigram model", build=bigram, layout=ParameterLayout(trunk="weight", block="$^")))
 
     @hookimpl
     def geobench_on_step(self, run, step, loss, lr):
@@ -52,7 +52,15 @@ class Watcher:
         report["extensions"]["watcher"] = {"steps_seen": len(self.steps)}
 
 
-def drift(ctx, options):
+def build_sgd(*, groups, hp, device):
+    return torch.optim.SGD(groups, lr=hp["lr"])
+
+
+def bigram(*, config, vocab_size):
+    return torch.nn.Embedding(vocab_size, vocab_size)
+
+
+def drift(*, ctx, options):
     steps = ctx.checkpoint_steps()
     first, last = ctx.load_checkpoint(steps[0]), ctx.load_checkpoint(steps[-1])
     total = sum(float(((last[n] - first[n]) ** 2).sum()) for n in first)
@@ -60,7 +68,7 @@ def drift(ctx, options):
             "tables": {"checkpoints": [{"step": s} for s in steps]}}
 
 
-def broken(ctx, options):
+def broken(*, ctx, options):
     raise RuntimeError("this metric is broken on purpose")
 
 
@@ -68,11 +76,10 @@ def broken(ctx, options):
 def watched_run(tmp_path_factory):
     watcher = Watcher()
     reg = make_registry(extra_plugins=(watcher,))
-    cfg = config.resolve("plain-sgd", config.parse_pairs(FAST + ["model.family=gpt"]), None,
-                         lambda n: reg.optimizers[n], "tiny")
+    cfg = config.resolve("plain-sgd", config.parse_pairs(FAST + ["model.family=gpt"]), None, reg, "tiny")
     run = prepare(cfg, reg)
     out = RunDir(tmp_path_factory.mktemp("run") / "watched")
-    outcome = train(run, out, reg.manager.hook)
+    outcome = train(run, out)
     return watcher, reg, cfg, run, out, outcome
 
 
@@ -80,10 +87,10 @@ def test_register_hooks_add_optimizers_metrics_and_models(watched_run):
     watcher, reg, *_ = watched_run
     assert reg.optimizers["plain-sgd"].source.startswith("registered at runtime")
     assert reg.optimizers["adamw"].source.startswith("geobench ")
-    assert get_metric("drift", reg).options["scale"].default == 1.0
-    assert get_model("linear", reg).build(None, 5).weight.shape == (5, 5)
+    assert reg.metric("drift").options["scale"].default == 1.0
+    assert reg.model("linear").build(config=None, vocab_size=5).weight.shape == (5, 5)
     with pytest.raises(UsageError, match="unknown metric 'drfit'.*did you mean 'drift'"):
-        get_metric("drfit", reg)
+        reg.metric("drfit")
 
 
 def test_lifecycle_hooks_see_every_step_eval_and_checkpoint(watched_run):
@@ -96,7 +103,7 @@ def test_lifecycle_hooks_see_every_step_eval_and_checkpoint(watched_run):
 
 def test_metrics_run_and_one_failure_does_not_stop_the_others(watched_run):
     watcher, reg, cfg, run, out, outcome = watched_run
-    results = run_metrics(AnalysisContext(out, cfg), ["broken", "drift"], reg)
+    results = run_metrics(AnalysisContext(out, cfg, reg), ["broken", "drift"])
     assert results["broken"]["status"] == "failed" and "broken on purpose" in results["broken"]["error"]
     first, last = out.load_checkpoint(1), out.load_checkpoint(12)
     expected = torch.sqrt(sum(((last[n] - first[n]) ** 2).sum() for n in first)).item()
@@ -104,7 +111,7 @@ def test_metrics_run_and_one_failure_does_not_stop_the_others(watched_run):
     assert results["drift"]["scalars"]["drift"] == pytest.approx(expected, rel=1e-5)
 
     doc = minimal_report(out, results)
-    report.write(out, doc, reg.manager.hook)
+    report.write(out, doc, reg.hooks)
     assert watcher.reports == 1
     text = out.report_md.read_text()
     assert "## Metric `drift`" in text and "**failed:** RuntimeError" in text
@@ -162,8 +169,55 @@ def test_a_metric_result_outside_the_schema_is_recorded_as_failed(watched_run):
         @hookimpl
         def geobench_register_metrics(self, register):
             register(MetricPlugin("sloppy", "returns a mapping where a list belongs", {},
-                                  compute=lambda ctx, options: {"series": {"x": {"a": 1}}}))
+                                  compute=lambda *, ctx, options: {"series": {"x": {"a": 1}}}))
 
     sloppy_reg = make_registry(extra_plugins=(Sloppy(),))
-    result = run_metrics(AnalysisContext(out, cfg), ["sloppy"], sloppy_reg)["sloppy"]
+    result = run_metrics(AnalysisContext(out, cfg, sloppy_reg), ["sloppy"])["sloppy"]
     assert result["status"] == "failed" and "does not fit the report schema: series/x" in result["error"]
+
+
+def test_every_hookspec_has_an_implementation_here_and_was_called(watched_run):
+    from geobench import hookspecs
+
+    watcher, *_ = watched_run
+    specs = {name for name in vars(hookspecs) if name.startswith("geobench_")}
+    assert specs == {name for name in dir(Watcher) if name.startswith("geobench_")}
+    assert watcher.steps and watcher.evals and watcher.checkpoints  # registration: the fixture's run trained with them
+
+
+def test_a_plugin_registered_at_runtime_works_on_every_path(tmp_path):
+    """One registry, passed explicitly: a runtime optimizer trains, its run is measured by metrics
+    that rebuild the model, reheated by a derived run that fires the same lifecycle hooks, and run
+    as a suite cell with the comparison built from the same plugins."""
+    import yaml
+
+    from geobench import suites
+
+    watcher = Watcher()
+    reg = make_registry(extra_plugins=(watcher,))
+    cfg = config.resolve("plain-sgd", config.parse_pairs(FAST + ["eval_every=4"]), None, reg, "tiny")
+    out = RunDir(tmp_path / "run")
+    out.path.mkdir()
+    out.config.write_text(config.save(cfg))
+    train(prepare(cfg, reg), out)
+    ctx = AnalysisContext.open(out.path, reg)
+    trained_steps = len(watcher.steps)
+    given = {"alignment.control_batches": "2", "reheat.lrs": "[0.05]", "reheat.steps": "3", "reheat.warmup": "1",
+             "reheat.eval_every": "1"}
+    from geobench.analysis import metric_options
+
+    results = run_metrics(ctx, ["alignment", "reheat", "drift"], metric_options(["alignment", "reheat", "drift"],
+                                                                              given, reg))
+    assert {name: r["status"] for name, r in results.items()} == {"alignment": "ok", "reheat": "ok", "drift": "ok"}
+    derived = yaml.safe_load((out.path / "derived" / "reheat-from12-lr0.05" / "config.yaml").read_text())
+    assert derived["optimizer"] == {"name": "plain-sgd", "params": {"lr": 0.05}}
+    assert len(watcher.steps) == trained_steps + 3  # the derived run's steps reached the run's hooks
+
+    suite_file = tmp_path / "suite.yaml"
+    base = dict(pair.split("=", 1) for pair in FAST if not pair.startswith("metrics"))
+    suite_file.write_text(yaml.safe_dump({"name": "runtime", "base": base, "grid": {"optimizer": ["plain-sgd"]},
+                                          "metrics": ["drift"], "table": "main"}))
+    suite = suites.load(str(suite_file), "tiny", {}, str(tmp_path / "suite"), reg)
+    assert suites.run(suite) == {"plain-sgd": "completed"}
+    comparison = (tmp_path / "suite" / "comparison.json").read_text()
+    assert '"optimizer": "plain-sgd"' in comparison

@@ -16,7 +16,7 @@ import yaml
 from conftest import FAST, geobench_command, kill_every_process, paused_process, run_cli, stopping_after_first_state
 from geobench import executors, suites
 from geobench.errors import UsageError
-from geobench.registry import registry
+from geobench.registry import installed
 from geobench.trajectory import lock_holder, writer_lock
 
 CELL_BASE = dict(pair.split("=", 1) for pair in FAST if not pair.startswith("metrics")) | {"eval_every": 4}
@@ -112,7 +112,7 @@ def test_a_suite_through_local_processes_survives_a_kill_and_completes_when_run_
 
 
 def test_a_cell_that_cannot_see_the_suite_directory_fails_with_a_clear_line(tmp_path):
-    suite = suites.load(str(write_suite(tmp_path)), "tiny", {}, str(tmp_path / "out"), registry())
+    suite = suites.load(str(write_suite(tmp_path)), "tiny", {}, str(tmp_path / "out"), installed())
     job = suites.jobs(suite)[0]
     with pytest.raises(RuntimeError, match="is not visible on host .*: a suite directory must be on a filesystem"):
         executors.run_cell(job)
@@ -132,11 +132,11 @@ def test_slurm_options_map_to_submitit_parameters(tmp_path):
     assert yaml.safe_load("t: 10:30")["t"] == 630  # what plain YAML 1.1 makes of a time; geobench refuses it
     with pytest.raises(UsageError, match="is ambiguous"):
         suites.load(str(write_suite(tmp_path, executor={"name": "slurm"})), "tiny",
-                    {"executor.timeout_min": "10:30"}, str(tmp_path / "o"), registry())
+                    {"executor.timeout_min": "10:30"}, str(tmp_path / "o"), installed())
     text = write_suite(tmp_path).read_text() + "executor: {name: slurm, timeout_min: 10:30}\n"
     (tmp_path / "sexagesimal.yaml").write_text(text)
     with pytest.raises(UsageError, match="timeout_min='10:30' is ambiguous"):
-        suites.load(str(tmp_path / "sexagesimal.yaml"), "tiny", {}, str(tmp_path / "o"), registry())
+        suites.load(str(tmp_path / "sexagesimal.yaml"), "tiny", {}, str(tmp_path / "o"), installed())
 
 
 def test_a_slurm_submission_is_one_job_array_through_submitits_real_sbatch_code(tmp_path):
@@ -164,7 +164,7 @@ def test_a_slurm_submission_is_one_job_array_through_submitits_real_sbatch_code(
 
 
 def test_the_slurm_path_runs_cells_through_submitits_debug_executor(tmp_path):
-    suite = suites.load(str(write_suite(tmp_path, **SLURM)), "tiny", {}, str(tmp_path / "out"), registry())
+    suite = suites.load(str(write_suite(tmp_path, **SLURM)), "tiny", {}, str(tmp_path / "out"), installed())
     statuses = suites.run(suite, cluster="debug")
     assert statuses == {"adamw": "completed", "sgd": "completed"}
     assert (tmp_path / "out" / "comparison.md").exists()
@@ -203,7 +203,7 @@ def test_a_failing_cell_stops_the_others_only_with_fail_fast(tmp_path, executor)
     def prepared(fail_fast):
         out = tmp_path / f"{executor}-{fail_fast}"
         suite = suites.load(str(write_suite(tmp_path)), "tiny", {"executor": executor, "fail_fast": str(fail_fast)},
-                            str(out), registry())
+                            str(out), installed())
         out.mkdir()
         (out / "adamw").write_text("a file where the first cell's run directory belongs")  # fails at run time
         return suite
@@ -220,7 +220,7 @@ def test_a_timed_out_or_preempted_cell_is_requeued_and_resumes_from_its_state(tm
     for key, value in stopping_after_first_state(tmp_path).items():
         monkeypatch.setenv(key, value)  # the cell's process inherits it
     suite = suites.load(str(write_suite(tmp_path, steps=60, base=CELL_BASE | {"steps": 60, "state_every": 4})),
-                        "tiny", {}, str(tmp_path / "out"), registry())
+                        "tiny", {}, str(tmp_path / "out"), installed())
     job = suites.jobs(suite)[0]
     executor = submitit.LocalExecutor(folder=tmp_path / "out" / "submitit")
     executor.update_parameters(timeout_min=60)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import FAST, run_cli
-from geobench import compare
+from geobench import compare, report
 
 MINI = {
     "name": "mini",
@@ -40,7 +40,7 @@ def test_a_suite_runs_every_cell_skips_done_ones_and_compares(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "[1/4] adamw-seed=1: running" in result.stdout and "[4/4] sgd-seed=2: completed" in result.stdout
     doc = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    jsonschema.validate(doc, compare.schema())
+    jsonschema.validate(doc, report.load_schema("comparison"))
     assert [r["label"] for r in doc["runs"]] == ["adamw-seed=1", "adamw-seed=2", "sgd-seed=1", "sgd-seed=2"]
     groups = {g["group"]: g for g in doc["groups"]}
     assert set(groups) == {"adamw", "sgd"} and groups["adamw"]["runs"] == 2
@@ -58,9 +58,9 @@ def test_a_suite_runs_every_cell_skips_done_ones_and_compares(tmp_path):
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already completed, skipped") == 4
 
-    report = run_cli("report", str(tmp_path / "out" / "adamw-seed=1"), str(tmp_path / "out" / "sgd-seed=1"),
+    compared = run_cli("report", str(tmp_path / "out" / "adamw-seed=1"), str(tmp_path / "out" / "sgd-seed=1"),
                      "--out", "side", cwd=tmp_path)
-    assert report.returncode == 0, report.stderr
+    assert compared.returncode == 0, compared.stderr
     side = json.loads((tmp_path / "side" / "comparison.json").read_text())
     assert len(side["runs"]) == 2 and side["table"] == "main"
 
@@ -123,7 +123,7 @@ def test_builtin_tiny_suites(tmp_path, suite):
     result = run_cli("bench", suite, "scale=tiny", "--out", "out", cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, result.stderr
     doc = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    jsonschema.validate(doc, compare.schema())
+    jsonschema.validate(doc, report.load_schema("comparison"))
     runs = {r["label"]: r for r in doc["runs"]}
     if suite == "paper-beta2":  # the paper's contrasts (SPEC §5), at tiny scale
         zero = runs.pop("adamw-beta2=0.0")
@@ -151,10 +151,10 @@ def test_bootstrap_interval_brackets_the_mean():
 
 def test_the_beta2_suite_checkpoints_where_the_published_series_has_rows(tmp_path):
     from geobench import published, suites
-    from geobench.registry import registry
+    from geobench.registry import installed
     from geobench.train import is_checkpoint_step
 
-    suite = suites.load("paper-beta2", "paper", {}, str(tmp_path / "b2"), registry())
+    suite = suites.load("paper-beta2", "paper", {}, str(tmp_path / "b2"), installed())
     cfg = suite.cells[0].cfg
     assert (cfg.train.steps, cfg.probe.p_probe, cfg.train.eval_every, cfg.train.early_stop) == (4000, 0.2, 200, False)
     steps = [s for s in range(1, cfg.train.steps + 1) if is_checkpoint_step(s, cfg)]
@@ -163,10 +163,10 @@ def test_the_beta2_suite_checkpoints_where_the_published_series_has_rows(tmp_pat
 
 def test_published_figures_name_columns_of_their_table(tmp_path):
     from geobench import suites
-    from geobench.registry import registry
+    from geobench.registry import installed
 
     for name in suites.builtin():
-        suite = suites.load(name, "paper", {}, str(tmp_path / name), registry())
+        suite = suites.load(name, "paper", {}, str(tmp_path / name), installed())
         for group, values in suite.published.items():
-            assert set(values) <= set(compare.TABLES[suite.table]), (name, group)
+            assert set(values) <= set(compare.columns(installed())), (name, group)
             assert group in {c.group for c in suite.cells}, (name, group)

@@ -20,6 +20,7 @@ import torch
 from geobench import ep
 from geobench.config import ModelConfig
 from geobench.plugins.models.eqformer import EqFormer
+from geobench.registry import Batch
 
 
 def measure(fn) -> tuple[float, int]:
@@ -53,7 +54,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, n_head=args.n_head, d_model=args.d_model, d_ff=args.d_ff, context=args.context,
-                      relax_tol=0.0)
+                      params={"relax_tol": 0.0})
     model = EqFormer(cfg, args.vocab).to(device)
     inputs = torch.randint(0, args.vocab, (args.batch, args.context), device=device)
     targets = torch.randint(0, args.vocab, (args.batch, args.context), device=device)
@@ -61,15 +62,21 @@ def main() -> None:
     mask[:, -1] = True
     print(f"eqformer d={args.d_model} heads={args.n_head} d_ff={args.d_ff}, batch {args.batch}×{args.context}, {device}")
     print(f"{'T1':>4} {'rule':>10} {'seconds':>9} {'saved for backward':>20} {'vs EP':>7}")
+    batch = Batch(inputs, targets, mask)
+
+    def free() -> dict:
+        e, h, _ = ep.free_phase(model, inputs)
+        return {"e": e, "h": h}
+
     for t1 in args.t1:
         model.relax_steps = t1
         rules = {
-            "ep-sym": lambda t1=t1: ep.ep_gradient(model, *ep.free_phase(model, inputs)[:2], targets, mask, 2.0, "symmetric",
-                                             0.05, 4, t1 // 2),
-            "ep-holo": lambda t1=t1: ep.ep_gradient(model, *ep.free_phase(model, inputs)[:2], targets, mask, 2.0, "holo",
-                                              0.05, 4, t1 // 2),
-            "implicit": lambda t1=t1: ep.implicit_gradient(model, *ep.free_phase(model, inputs)[:2], targets, mask, 2.0, t1),
-            "bptt": lambda: ep.bptt_gradient(model, inputs, targets, mask, 2.0),
+            "ep-sym": lambda t1=t1: ep.ep_gradient(model, **free(), batch=batch, lam=2.0, estimator="symmetric",
+                                                   nudge_steps=t1 // 2),
+            "ep-holo": lambda t1=t1: ep.ep_gradient(model, **free(), batch=batch, lam=2.0, estimator="holo",
+                                                    nudge_steps=t1 // 2),
+            "implicit": lambda t1=t1: ep.implicit_gradient(model, **free(), batch=batch, lam=2.0, steps=t1),
+            "bptt": lambda: ep.bptt_gradient(model, batch=batch, lam=2.0),
         }
         results = {}
         for name, rule in rules.items():

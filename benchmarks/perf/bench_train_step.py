@@ -34,30 +34,23 @@ import torch
 import torch.nn.functional as F
 
 from geobench import config
-from geobench.registry import get_optimizer, registry
-from geobench.train import Run, prepare, train
+from geobench.registry import installed
+from geobench.train import Setup, build_model_and_optimizer, prepare, train
 from geobench.trajectory import RunDir
 
 COMPILE_SECONDS: list[float] = []
 
 
-def build_run(args) -> Run:
+def build_run(args) -> Setup:
     pairs = {"preset": args.preset, "steps": str(args.steps), "data": args.data, "compile": str(args.compile).lower()}
-    cfg = config.resolve("adamw", pairs, None, lambda n: get_optimizer(n), args.preset)
-    run = prepare(cfg)
+    cfg = config.resolve("adamw", pairs, None, installed(), args.preset)
+    run = prepare(cfg, installed())
     if args.vocab and args.vocab != run.tokenizer.vocab_size:  # throughput at the paper's vocabulary
-        reg = registry()
-        torch.manual_seed(cfg.train.seed)
-        run.model = reg.models[cfg.model.family].build(cfg.model, args.vocab).to(run.device)
-        groups = [{"params": [p for p in run.model.parameters() if p.ndim >= 2], "decay": True},
-                  {"params": [p for p in run.model.parameters() if p.ndim < 2], "decay": False}]
-        run.optimizer = get_optimizer("adamw").build(groups, cfg.optimizer.params, run.device)
-        for group in run.optimizer.param_groups:
-            group["peak_lr"] = group["lr"]
+        run.model, run.optimizer, _ = build_model_and_optimizer(cfg, args.vocab, run.device, run.reg)
     return run
 
 
-def time_harness(run: Run) -> float:
+def time_harness(run: Setup) -> float:
     """Seconds of `train()` outside evaluation."""
     spent_in_eval = 0.0
     evaluate = run.evaluator
@@ -72,7 +65,7 @@ def time_harness(run: Run) -> float:
     run.evaluator = timed_eval  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        outcome = train(run, RunDir(tmp), registry().manager.hook)
+        outcome = train(run, RunDir(tmp))
         _sync(run.device)
         total = time.perf_counter() - start
     run.evaluator = evaluate
@@ -82,12 +75,12 @@ def time_harness(run: Run) -> float:
     return total - spent_in_eval
 
 
-def time_plain(run: Run, steps: int) -> float:
+def time_plain(run: Setup, steps: int) -> float:
     forward = torch.compile(run.model) if run.cfg.model.compile else run.model
     return time_loop(run, run.model, forward, run.optimizer, steps, run.autocast)
 
 
-def time_loop(run: Run, model, forward, optimizer, steps: int, autocast) -> float:
+def time_loop(run: Setup, model, forward, optimizer, steps: int, autocast) -> float:
     """Seconds of `steps` plain steps on random token batches of the run's shape."""
     cfg = run.cfg
     vocab = model.wte.weight.shape[0]
@@ -119,7 +112,7 @@ def manual_attention(module, x: torch.Tensor) -> torch.Tensor:
     return module.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
-def time_seed_style(run: Run, steps: int) -> float:
+def time_seed_style(run: Setup, steps: int) -> float:
     """fp32, eager, manual attention, unfused AdamW, on a copy of the model."""
     cfg = run.cfg
     model = copy.deepcopy(run.model).float()
@@ -158,7 +151,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def flops_per_token(run: Run) -> float:
+def flops_per_token(run: Setup) -> float:
     """6 × (parameters used in matmuls) + attention scores and values (12 · layers · d · context)."""
     m = run.cfg.model
     n = sum(p.numel() for name, p in run.model.named_parameters() if name != "wpe.weight")

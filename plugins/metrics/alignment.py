@@ -3,24 +3,33 @@ interval, and the control cos(g, v_b) of per-batch gradients (isotropic floor ~1
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
 from geobench import Param, hookimpl
-from geobench.model import block_indices
+from geobench.analysis import SCOPE
 from geobench.registry import MetricPlugin
 
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+
+
 OPTIONS = {
-    "scope": Param("trunk", "parameters: trunk, all or block:I"),
+    "scope": SCOPE,
     "window": Param([], "checkpoint steps [start, end] (empty: the whole run)"),
     "backbone": Param("rownorm", "v_b of the row-normalized or the raw PCA (the source: raw)", choices=("rownorm", "raw")),
     "per_block": Param(False, "also C(t) per transformer block against that block's own v_b (the source's "
                               "published 0.15-0.32)"),
     "control_batches": Param(16, "per-batch gradients for the control at each control checkpoint (0: skip it)", low=0),
-    "control_step": Param(-1, "checkpoint of the gradient control (-1: see control_checkpoints)"),
+    "control_step": Param(None, "checkpoint of the gradient control (none: see control_checkpoints)", kind=int,
+                          nullable=True, low=1),
     "control_checkpoints": Param(1, "with control_step -1: this many checkpoints spread over the run, the last "
                                     "included (the source: 11)", low=1),
-    "control_scope": Param("", "parameters of the gradient control and its v_b (empty: scope; the source: block:0)"),
+    "control_scope": Param(None, "parameters of the gradient control and its v_b (none: scope; the source: block:0)",
+                           kind=str, nullable=True, pattern=SCOPE.pattern),
 }
 
 
@@ -40,7 +49,7 @@ def backbone_direction(bb, variant: str) -> np.ndarray:
     return (bb.pca if variant == "rownorm" else bb.pca_raw).directions[0]
 
 
-def compute(ctx, options: dict) -> dict:
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     window = tuple(options["window"])
     bb = ctx.backbone(options["scope"], window)
     steps = bb.gram.steps
@@ -51,7 +60,7 @@ def compute(ctx, options: dict) -> dict:
     tables = {}
     if options["per_block"]:
         rows = []
-        for i in block_indices(list(ctx.parameter_shapes)):
+        for i in ctx.block_indices():
             block = ctx.backbone(f"block:{i}", window)
             c = np.abs(update_cosines(block, backbone_direction(block, options["backbone"])))
             rows.append({"block": i, "mean_abs_cos": float(c.mean()), "min_abs_cos": float(c.min()),
@@ -63,7 +72,7 @@ def compute(ctx, options: dict) -> dict:
     control_scope = options["control_scope"] or options["scope"]
     if options["control_batches"]:
         control_bb = bb if control_scope == options["scope"] else ctx.backbone(control_scope, window)
-        at = [options["control_step"]] if options["control_step"] >= 0 else ctx.spread([], options["control_checkpoints"])
+        at = [options["control_step"]] if options["control_step"] is not None else ctx.spread([], options["control_checkpoints"])
         control = [c for step in at for c in gradient_control(ctx, control_bb, step, options["control_batches"],
                                                               backbone_direction(control_bb, options["backbone"]))]
         series["control_cos"] = control
@@ -75,7 +84,7 @@ def compute(ctx, options: dict) -> dict:
                f"{options['scope']} PCA" + ("; per_block: each block (LayerNorms included) against its own v_b"
                                             if options["per_block"] else "")
                + (f"; control: {options['control_batches']} per-batch gradients at each of "
-                  f"{options['control_checkpoints'] if options['control_step'] < 0 else 1} checkpoint(s), "
+                  f"{options['control_checkpoints'] if options['control_step'] is None else 1} checkpoint(s), "
                   f"{control_scope} scope" if options["control_batches"] else ""))
     return {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series)], "variant": variant}
 
@@ -106,4 +115,7 @@ def plot(ctx, series) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("alignment", "update-backbone alignment C(t) and the per-batch gradient control",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data")))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients"),
+                          columns={"mean_abs_cos": ("mean_abs_cos", "mean abs cos(u, v_b)"),
+                                   "block_mean_abs_cos": ("block_mean_abs_cos", "mean abs cos(u, v_b), per block"),
+                                   "control_mean_abs_cos": ("control_mean_abs_cos", "gradient control")}))

@@ -3,20 +3,28 @@ per-block table."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from geobench import Param, hookimpl
 from geobench import series as series_math
+from geobench.analysis import SCOPE
 from geobench.linalg import pca
-from geobench.model import block_indices
 from geobench.registry import MetricPlugin
 
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+
+
 OPTIONS = {
-    "scope": Param("trunk", "parameters: trunk, all or block:I"),
+    "scope": SCOPE,
     "window": Param([], "checkpoint steps [start, end] (empty: the whole run), anchored at the first"),
     "top_k": Param(10, "explained-variance ratios reported", low=1),
     "rotation_window": Param(10, "checkpoints W per sliding rotation window (stride one checkpoint)", low=3),
-    "phase_split": Param(-1, "step splitting v_E and v_L (-1: the λ switch of the run's schedule)"),
+    "phase_split": Param(None, "step splitting v_E and v_L (none: the λ switch of the run's schedule)", kind=int,
+                         nullable=True, low=1),
     "fit_windows": Param([], "[[lo, hi], ...] half-open (lo, hi] windows for power laws and corr(p_ood, |r|) "
                              "(empty: the source's six, scaled to the run's length)"),
     "per_block": Param(True, "also the PC1 of every block"),
@@ -25,7 +33,7 @@ OPTIONS = {
 }
 
 
-def compute(ctx, options: dict) -> dict:
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     bb = ctx.backbone(options["scope"], tuple(options["window"]))
     gram, steps = bb.gram, bb.gram.steps
     G = gram.gram
@@ -35,7 +43,7 @@ def compute(ctx, options: dict) -> dict:
     fraction = np.divide(a**2, sq, out=np.zeros_like(sq), where=sq > 0)
     raw_v = bb.pca_raw.directions[0]
     k = options["top_k"]
-    scalars = {
+    scalars: dict[str, float | None] = {
         "pc1": float(bb.pca.ratios[0]), "pc1_raw": float(bb.pca_raw.ratios[0]),
         "pc1_top10": float(series_math.explained_ratios(bb.pca.sigma, top=10)[0]),
         "pc1_raw_top10": float(series_math.explained_ratios(bb.pca_raw.sigma, top=10)[0]),
@@ -91,9 +99,9 @@ def rotation(gram, size: int) -> tuple[list[float], list[float]]:
     return [(a + b) / 2 for a, b in zip(centres, centres[1:])], rho
 
 
-def phase_overlap(gram, split: int, ctx) -> float | None:
+def phase_overlap(gram, split: int | None, ctx) -> float | None:
     """|⟨v_E, v_L⟩|: backbones of steps <= split (anchored at the first) and >= split (anchored there)."""
-    if split < 0:
+    if split is None:
         if ctx.config is None:  # no schedule to split at
             return None
         schedule = ctx.config.train.lambda_schedule
@@ -114,7 +122,7 @@ def phase_overlap(gram, split: int, ctx) -> float | None:
 
 def per_block(ctx, window: list, every: int) -> list[dict]:
     out = []
-    for i in block_indices(list(ctx.parameter_shapes)):
+    for i in ctx.block_indices():
         bb = ctx.backbone(f"block:{i}", tuple(window), every=every)
         out.append({"block": i, "pc1": float(bb.pca.ratios[0]), "pc1_raw": float(bb.pca_raw.ratios[0]),
                     "k95": bb.pca.k_for(0.95), "k95_raw": bb.pca_raw.k_for(0.95), "checkpoints": len(bb.gram.steps)})
@@ -155,9 +163,51 @@ def plots(ctx, bb, steps, a, r, rho_steps, rho, k) -> list[str]:
     return figures
 
 
+COLUMNS = {"pc1": ("pc1", "PC1 (row-norm.)"), "pc1_top10": ("pc1_top10", "PC1 (row-norm., top-10 denom.)"),
+           "pc1_raw": ("pc1_raw", "PC1 (raw)"), "k95": ("k95", "k95"), "drift": ("drift", "drift")}
+
+
+def comparison_figures(*, runs, groups, references, plt, save) -> None:
+    """The backbone planes and |a(t)|, ‖r(t)‖ of every run (the published series beside them) and,
+    where the configurations differ in β₂, trunk PC1 against β₂."""
+    from geobench.compare import plot_references
+
+    if runs:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for label, result in runs:
+            ax.plot(result["series"]["a"], result["series"]["r_norm"], marker="o", ms=2, label=label)
+        ax.set_xlabel("a(t) = ⟨Δθ_t, v_b⟩")
+        ax.set_ylabel("‖r(t)‖")
+        ax.legend(fontsize=7)
+        save(fig, "backbone_planes")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, result in runs:
+        left.plot(result["series"]["steps"], np.abs(result["series"]["a"]), label=label)
+        right.plot(result["series"]["steps"], result["series"]["r_norm"], label=label)
+    plot_references(left, references, "a")
+    plot_references(right, references, "r_norm")
+    for ax, name in ((left, "|a(t)|"), (right, "‖r(t)‖")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7)
+    save(fig, "backbone_curves")
+    points = sorted((g["params"]["beta2"], g["pc1"], g["pc1_raw"]) for g in groups
+                    if "beta2" in g["params"] and g.get("pc1") is not None)
+    if len({b for b, _, _ in points}) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        b, pc1, raw = zip(*points)
+        ax.plot(b, pc1, marker="o", label="row-normalized")
+        ax.plot(b, raw, marker="o", label="raw")
+        ax.set_xlabel("β₂")
+        ax.set_ylabel("trunk PC1")
+        ax.legend()
+        save(fig, "pc1_vs_beta2")
+
+
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("backbone", "uncentered trajectory PCA: PC1, k95, drift, decomposition, rotation",
-                          OPTIONS, compute, needs=("checkpoints", "evals")))
+                          OPTIONS, compute, needs=("checkpoints", "evals"), columns=COLUMNS,
+                          comparison_figures=comparison_figures))
 
 

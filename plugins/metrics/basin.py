@@ -9,21 +9,28 @@ steps with a fresh AdamW (constant lr 6e-4, λ = 4, batch 64); D_σ = mean p_ood
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
 from geobench import Param, hookimpl
 from geobench import series as series_math
 from geobench.analysis import check_checkpoint_steps
-from geobench.model import trunk_names
-from geobench.registry import MetricPlugin
+from geobench.registry import MetricPlugin, Registry
+
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+    from geobench.config import Config
+
 
 OPTIONS = {
     "recovery_from": Param([], "checkpoints for B1 (empty: the best-p_ood checkpoint and the lowest after it)"),
     "recovery_steps": Param(1000, "B1 training steps", low=1),
     "recovery_lr": Param(1e-3, "B1 AdamW learning rate", low=0, low_open=True),
     "recovery_lam": Param(8.0, "B1 probe-loss weight λ", low=0),
-    "depth_from": Param(-1, "checkpoint for B6 (-1: the last)"),
+    "depth_from": Param(None, "checkpoint for B6 (none: the last)", kind=int, nullable=True, low=1),
     "sigmas": Param([0.0, 0.01, 0.03, 0.1, 0.3], "B6 perturbation scales σ"),
     "relax_steps": Param(300, "B6 relaxation steps", low=1),
     "relax_lr": Param(6e-4, "B6 AdamW learning rate", low=0, low_open=True),
@@ -41,12 +48,12 @@ def constant_adamw(steps: int, lr: float, lam: float, eval_every: int) -> dict:
             "train.checkpoint_every": steps, "train.state_every": steps, "train.checkpoint_window": []}
 
 
-def perturbation(sigma: float, seed: int):
-    """W ← W + σ · rms(W) · Z on every trunk matrix."""
+def perturbation(sigma: float, seed: int, names: list[str]):
+    """W ← W + σ · rms(W) · Z on every matrix of `names` (the trunk)."""
     def apply(model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
         generator = torch.Generator().manual_seed(seed)
-        for name in trunk_names(list(params)):
+        for name in names:
             w = params[name]
             noise = torch.randn(w.shape, generator=generator).to(w.device, w.dtype)
             w.add_(sigma * w.pow(2).mean().sqrt() * noise)
@@ -62,13 +69,13 @@ def default_recovery_points(ctx) -> list[int]:
     return [best] + ([min(after, key=lambda s: after[s])] if after else [])
 
 
-def check(cfg, options: dict) -> None:
-    check_checkpoint_steps(cfg, options["recovery_from"], "basin.recovery_from")
-    if options["depth_from"] >= 0:
-        check_checkpoint_steps(cfg, [options["depth_from"]], "basin.depth_from")
+def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
+    check_checkpoint_steps(config, options["recovery_from"], "basin.recovery_from")
+    if options["depth_from"] is not None:
+        check_checkpoint_steps(config, [options["depth_from"]], "basin.depth_from")
 
 
-def compute(ctx, options: dict) -> dict:
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     t = options["threshold"]
     recovery = []
     for step in options["recovery_from"] or default_recovery_points(ctx):
@@ -77,14 +84,14 @@ def compute(ctx, options: dict) -> dict:
         reached = next((e["step"] for e in evals if e.get("p_ood", -1) >= t), None)
         recovery.append({"from_step": step, "start_p_ood": evals[0]["p_ood"], "steps_to_threshold": reached,
                          "best_p_ood": max(e.get("p_ood", 0.0) for e in evals)})
-    step = ctx.checkpoint_steps()[-1] if options["depth_from"] < 0 else options["depth_from"]
+    step = ctx.checkpoint_steps()[-1] if options["depth_from"] is None else options["depth_from"]
     relax = constant_adamw(options["relax_steps"], options["relax_lr"], options["relax_lam"], options["relax_steps"])
     relax["train.batch_size"], relax["train.grad_accum"] = options["relax_batch"], 1
-    depth = []
+    depth, trunk = [], ctx.scope("trunk")
     for sigma in options["sigmas"]:
         finals = []
         for seed in range(options["repeats"]):
-            evals = ctx.retrain(step, f"b6-from{step}-sigma{sigma:g}-seed{seed}", relax, perturb=perturbation(sigma, seed))
+            evals = ctx.retrain(step, f"b6-from{step}-sigma{sigma:g}-seed{seed}", relax, perturb=perturbation(sigma, seed, trunk))
             finals.append(evals[-1].get("p_ood", float("nan")))
         depth.append({"sigma": sigma, "depth": float(np.mean(finals)), "p_ood_after": finals})
     scalars = {"depth_at_largest_sigma": depth[-1]["depth"],
@@ -101,4 +108,5 @@ def compute(ctx, options: dict) -> dict:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("basin", "B1 recovery steps from peak/trough checkpoints and B6 basin depth",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check,
+                          columns={"basin_depth": ("depth_at_largest_sigma", "B6 depth at the largest σ")}))

@@ -3,20 +3,35 @@ reference direction, by default the unit final drift of a named reference run (e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 from geobench import Param, hookimpl
+from geobench.analysis import SCOPE
 from geobench.checkpoints import CheckpointReader
 from geobench.energy import energy_rows, to_csv
 from geobench.errors import UsageError
-from geobench.registry import MetricPlugin
+from geobench.registry import MetricPlugin, Registry
 from geobench.trajectory import RunDir, atomic_write_text
 
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+    from geobench.config import Config
+
+
 OPTIONS = {
-    "scope": Param("trunk", "parameter set: trunk, all or block:I"),
-    "reference": Param("", "run directory whose unit final drift is φ̂ (empty: this run itself)"),
+    "scope": SCOPE,
+    "reference": Param(None, "run directory whose unit final drift is φ̂ (none: this run itself)", kind=str,
+                       nullable=True),
 }
 
 
-def compute(ctx, options: dict) -> dict:
+def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
+    if options["reference"] is not None and not RunDir(options["reference"]).config.exists():
+        raise UsageError(f"energy.reference={options['reference']!r} is not a geobench run directory (no config.yaml)")
+
+
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     steps = ctx.window([], minimum=2)
     names = ctx.scope(options["scope"])
     reference = RunDir(options["reference"]) if options["reference"] else ctx.run
@@ -27,7 +42,7 @@ def compute(ctx, options: dict) -> dict:
     ref_end = CheckpointReader(reference.checkpoint_path(ref_steps[-1]))
     origin = CheckpointReader(ctx.run.checkpoint_path(steps[0]))
     # τ is measured from this run's Θ₀; φ̂ is the reference run's own unit drift.
-    rows = energy_rows(ctx.config.optimizer.name, [(s, CheckpointReader(ctx.run.checkpoint_path(s))) for s in steps],
+    rows = energy_rows(ctx.trained.optimizer.name, [(s, CheckpointReader(ctx.run.checkpoint_path(s))) for s in steps],
                        origin, lambda n: ref_end.get(n) - ref_origin.get(n), names)
     atomic_write_text(ctx.run.path / "energy.csv", to_csv(rows))
     last = rows[-1]
@@ -59,4 +74,5 @@ def plot(ctx, rows) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("energy", "shared-direction energy E_tau, E_phi, E_perp, p_phi, cos_eff (energy.csv)",
-                          OPTIONS, compute, needs=("checkpoints",)))
+                          OPTIONS, compute, needs=("checkpoints",), check=check,
+                          columns={"cos_eff": ("cos_eff_final", "cos_eff (final)")}))

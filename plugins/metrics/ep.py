@@ -5,18 +5,25 @@ subspace iteration, which resolves a complex pair), flagging a crossing of the u
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
 from geobench import Param, ep, hookimpl
-from geobench.errors import UsageError
 from geobench.registry import MetricPlugin
+
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+
 
 OPTIONS = {
     "steps": Param([], "checkpoints (empty: up to `count` spread over the run)"),
     "count": Param(4, "checkpoints when `steps` is empty", low=1),
     "batches": Param(3, "batches per checkpoint", low=2),
-    "estimator": Param("", "EP estimator to check (empty: the run's, or symmetric)"),
+    "estimator": Param(None, "EP estimator to check (none: the run's, or symmetric)", kind=str, nullable=True,
+                       choices=ep.ESTIMATORS),
     "exact": Param("implicit", "the exact gradient", choices=("implicit", "bptt")),
     "eig_k": Param(4, "subspace size of the eigenvalue probe", low=2),
     "eig_iterations": Param(30, "subspace iterations", low=1),
@@ -24,10 +31,10 @@ OPTIONS = {
 GROUPS = {"embedding": ("wte.", "wpe."), "block": ("block.",), "readout": ("ln_f.",)}
 
 
-def _gradient(model, rule, *args) -> dict:
+def _gradient(model, rule, **kwargs) -> dict:
     """Run a gradient rule on fresh .grad buffers; the gradient per parameter group, and the rule's info."""
     model.zero_grad(set_to_none=True)
-    info = rule(model, *args)
+    info = rule(model, **kwargs)
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().double()
              for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -39,30 +46,29 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
-def compute(ctx, options: dict) -> dict:
-    if ctx.config.model.family != "eqformer":
-        raise UsageError("ep diagnostics need a fixed-point model (model.family=eqformer, e.g. `geobench run ep`)")
-    hp = ctx.config.optimizer.params if ctx.config.optimizer.name == "ep" else {}
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    hp = ctx.trained.optimizer.params if ctx.trained.optimizer.name == "ep" else {}
     estimator = options["estimator"] or hp.get("estimator", "symmetric")
     if estimator in ("bptt", "implicit"):
         estimator = "symmetric"
     beta, n_points, nudge = hp.get("beta", 0.05), hp.get("n_points", 4), hp.get("nudge_steps", 15)
-    lam_schedule = ctx.config.train.lambda_schedule
+    lam_schedule = ctx.trained.train.lambda_schedule
     rows = []
     for step in ctx.spread(options["steps"], options["count"]):
-        model = ctx.model_at(step).train()
+        model: Any = ctx.model_at(step).train()  # an EqFormer (needs family:eqformer)
         lam = [v for s, v in lam_schedule if s <= step][-1]
         est, exact, free, nudged = [], [], [], []
-        for inputs, targets, mask in ctx.batches(options["batches"]):
-            e, h, residual = ep.free_phase(model, inputs)
+        for batch in ctx.batches(options["batches"]):
+            e, h, residual = ep.free_phase(model, batch.inputs)
             free.append(residual)
-            g = _gradient(model, ep.ep_gradient, e, h, targets, mask, lam, estimator, beta, n_points, nudge)
+            g = _gradient(model, ep.ep_gradient, e=e, h=h, batch=batch, lam=lam, estimator=estimator, beta=beta,
+                          n_points=n_points, nudge_steps=nudge)
             nudged.append(g.pop("info")["nudged_residual"])
             est.append(g)
             if options["exact"] == "implicit":
-                exact_g = _gradient(model, ep.implicit_gradient, model.embed(inputs), h, targets, mask, lam)
+                exact_g = _gradient(model, ep.implicit_gradient, e=model.embed(batch.inputs), h=h, batch=batch, lam=lam)
             else:
-                exact_g = _gradient(model, ep.bptt_gradient, inputs, targets, mask, lam)
+                exact_g = _gradient(model, ep.bptt_gradient, batch=batch, lam=lam)
             exact_g.pop("info")
             exact.append(exact_g)
         row = {"step": step, "estimator": estimator}
@@ -107,9 +113,25 @@ def plot(ctx, rows) -> str:
     return ctx.figure(fig, "ep")
 
 
+def comparison_figures(*, runs, groups, references, plt, save) -> None:
+    """cos(g_EP, g_exact) by checkpoint, every run on one axis."""
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, result in runs:
+        table = result["tables"]["ep"]
+        ax.plot([r["step"] for r in table], [r["cos_all"] for r in table], marker="o", ms=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cos(g_EP, g_exact)")
+    ax.set_ylim(-1.02, 1.02)
+    ax.legend(fontsize=7)
+    save(fig, "ep_cosine")
+
+
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("ep", "EP vs exact gradient, estimator self-cosine, residuals, leading Jacobian eigenvalue",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data")))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "family:eqformer"),
+                          columns={"ep_cos": ("mean_cos", "cos(EP, exact)")}, comparison_figures=comparison_figures))
 
 

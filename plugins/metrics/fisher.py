@@ -4,19 +4,28 @@ orthogonal to it (anisotropy α), and the top Fisher eigenvector from the M×M G
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
 from geobench import Param, hookimpl
+from geobench.analysis import SCOPE
 from geobench.registry import MetricPlugin
 
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+
+
 OPTIONS = {
-    "scope": Param("trunk", "parameters: trunk, all or block:I"),
+    "scope": SCOPE,
     "steps": Param([], "checkpoints to measure at (empty: up to `count` spread over the run)"),
     "count": Param(5, "checkpoints when `steps` is empty", low=1),
     "batches": Param(32, "per-batch gradients M", low=2),
     "backbone": Param("rownorm", "v_b of the row-normalized or the raw PCA (the source: raw)", choices=("rownorm", "raw")),
-    "lam": Param(-1.0, "λ of the composite loss (-1: the schedule's λ at each checkpoint; the source: 2)", low=-1),
+    "lam": Param(None, "λ of the composite loss (none: the schedule's λ at each checkpoint; the source: 2)",
+                 kind=float, nullable=True, low=0),
     "random_directions": Param(10, "random unit directions orthogonal to v_b", low=1),
     "seed": Param(0, "seed of the random directions"),
 }
@@ -44,13 +53,13 @@ def fisher_summary(G: torch.Tensor, v_b: torch.Tensor, n_random: int, generator:
             "trace": float(K.trace())}
 
 
-def compute(ctx, options: dict) -> dict:
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     bb = ctx.backbone(options["scope"])
     names = bb.gram.names
     direction = (bb.pca if options["backbone"] == "rownorm" else bb.pca_raw).directions[0]
     v_b = ctx.flatten(ctx.materialize(bb.gram, direction), names)
     generator = torch.Generator().manual_seed(options["seed"])
-    lam = options["lam"] if options["lam"] >= 0 else None
+    lam = options["lam"]
     rows = []
     for step in ctx.spread(options["steps"], options["count"]):
         G = torch.stack(list(ctx.batch_gradients(step, names, options["batches"], lam=lam)))
@@ -85,4 +94,5 @@ def plot(ctx, rows) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("fisher", "Rayleigh quotients along v_b, anisotropy, top Fisher eigenvector",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data")))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients"),
+                          columns={"fisher_anisotropy": ("max_anisotropy", "max Fisher anisotropy α")}))

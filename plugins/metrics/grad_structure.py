@@ -13,6 +13,9 @@ exactly, g_t = δ_t[row] · x_t, with x_t the layer's input and δ_t the gradien
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
@@ -21,10 +24,14 @@ from geobench.errors import UsageError
 from geobench.objective import token_losses
 from geobench.registry import MetricPlugin
 
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+
+
 OPTIONS = {
     "weight": Param("mlp.down", "Linear of the last block whose row is probed", choices=("mlp.down", "attn.proj")),
     "row": Param(0, "row (output unit) of that weight", low=0),
-    "step": Param(-1, "checkpoint (-1: the last)"),
+    "step": Param(None, "checkpoint (none: the last)", kind=int, nullable=True, low=1),
     "tokens": Param(4096, "validation tokens to collect", low=10),
     "buckets": Param(5, "entropy-quantile buckets", low=2),
     "resamples": Param(20, "random half-splits for the control band", low=1),
@@ -91,12 +98,9 @@ def split_band(groups: list[np.ndarray], resamples: int, rng) -> list[float] | N
     return [min(values), max(values)] if values else None
 
 
-def compute(ctx, options: dict) -> dict:
-    step = ctx.checkpoint_steps()[-1] if options["step"] < 0 else ctx.spread([options["step"]], 1)[0]
-    model = ctx.model_at(step)
-    if not hasattr(model, "blocks"):
-        raise UsageError("grad_structure needs a GPT (model.family=gpt): its per-token gradients are exact only "
-                         "after the last block, and a fixed-point model has no last block")
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    step = ctx.checkpoint_steps()[-1] if options["step"] is None else ctx.spread([options["step"]], 1)[0]
+    model: Any = ctx.model_at(step)  # a GPT (needs family:gpt)
     block = model.blocks[-1]
     module = block.mlp.down if options["weight"] == "mlp.down" else block.attn.proj
     if options["row"] >= module.weight.shape[0]:
@@ -175,4 +179,4 @@ def plot(ctx, cross) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("grad_structure", "per-token gradient structure by entropy bucket; correct vs incorrect",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data")))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients", "family:gpt")))

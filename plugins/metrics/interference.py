@@ -3,23 +3,31 @@ composite loss — averaged over batches, at chosen checkpoints."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
 from geobench import Param, hookimpl
+from geobench.analysis import SCOPE
 from geobench.errors import UsageError
 from geobench.objective import flat_gradient, lm_and_probe_losses
 from geobench.registry import MetricPlugin
 
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+
+
 OPTIONS = {
-    "scope": Param("trunk", "parameters: trunk, all or block:I"),
+    "scope": SCOPE,
     "steps": Param([], "checkpoints (empty: up to `count` spread over the run; the source used 1600, 3000)"),
     "count": Param(5, "checkpoints when `steps` is empty", low=1),
     "batches": Param(8, "batches with probe targets to average over", low=1),
 }
 
 
-def compute(ctx, options: dict) -> dict:
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     names = ctx.scope(options["scope"])
     rows = []
     for step in ctx.spread(options["steps"], options["count"]):
@@ -51,4 +59,5 @@ def compute(ctx, options: dict) -> dict:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("interference", "cos(g_LM, g_probe) on the trunk at chosen checkpoints",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data")))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients", "probe"),
+                          columns={"interference": ("mean_cos", "interference")}))

@@ -5,12 +5,21 @@ evaluation is included, so G ≥ 0)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from geobench import Param, hookimpl
 from geobench import series as series_math
 from geobench.analysis import check_checkpoint_steps
-from geobench.registry import MetricPlugin
+from geobench.errors import UsageError
+from geobench.registry import MetricPlugin, Registry
+
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+    from geobench.config import Config
+
 
 OPTIONS = {
     "from_steps": Param([], "checkpoints to reheat (empty: the last)"),
@@ -19,14 +28,20 @@ OPTIONS = {
     "steps": Param(2000, "reheat steps", low=1),
     "warmup": Param(200, "linear warmup steps", low=0),
     "eval_every": Param(200, "evaluate every N steps (and at steps 0 and 1)", low=1),
-    "optimizer": Param("", "optimizer plugin (empty: the run's own, with its hyperparameters)"),
+    "optimizer": Param(None, "optimizer plugin (none: the run's own, with its hyperparameters)", kind=str,
+                       nullable=True),
     "threshold": Param(0.6, "report the first step with p_ood at or above this", low=0, high=1),
     "grad_accum": Param(0, "micro-batches per reheat step (0: the run's; the source's β₂ reheats used 1)", low=0),
 }
 
 
-def check(cfg, options: dict) -> None:
-    check_checkpoint_steps(cfg, options["from_steps"], "reheat.from_steps")
+def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
+    check_checkpoint_steps(config, options["from_steps"], "reheat.from_steps")
+    if options["optimizer"] is not None:
+        try:
+            reg.optimizer(options["optimizer"])
+        except UsageError as exc:
+            raise UsageError(f"reheat.optimizer: {exc}") from None
 
 
 def summarize(evals: list[dict], threshold: float) -> dict:
@@ -40,7 +55,7 @@ def summarize(evals: list[dict], threshold: float) -> dict:
             "final_p_ood": p[-1], "gain": max(p) - p[0], "diverged": any(e.get("diverged") for e in evals)}
 
 
-def compute(ctx, options: dict) -> dict:
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     rows, curves = [], []
     for step in options["from_steps"] or [ctx.checkpoint_steps()[-1]]:
         rows_step, curves_step = reheat_from(ctx, step, options)
@@ -49,8 +64,8 @@ def compute(ctx, options: dict) -> dict:
     best = max(rows, key=lambda r: r["peak_p_ood"])
     scalars = {"best_from_step": best["from_step"], "best_lr": best["lr"], "best_peak_p_ood": best["peak_p_ood"],
                "best_gain": best["gain"]}
-    t = ctx.config.train
-    variant = (f"a fresh {options['optimizer'] or ctx.config.optimizer.name} per lr, λ = {options['lam']:g}, "
+    t = ctx.trained.train
+    variant = (f"a fresh {options['optimizer'] or ctx.trained.optimizer.name} per lr, λ = {options['lam']:g}, "
                f"{options['steps']} steps, warmup {options['warmup']} then the cosine clamped at "
                f"{t.lr_floor:g} of the peak, {t.batch_size} × {options['grad_accum'] or t.grad_accum} sequences per step; "
                "G = max p_ood − p_ood at the start (the start evaluation included)")
@@ -62,7 +77,7 @@ def compute(ctx, options: dict) -> dict:
     return result
 
 
-def reheat_from(ctx, step: int, options: dict) -> tuple[list[dict], list[dict]]:
+def reheat_from(ctx: AnalysisContext, step: int, options: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
     rows, curves = [], []
     for lr in options["lrs"]:
         overrides = {"train.steps": options["steps"], "train.warmup": options["warmup"],
@@ -96,7 +111,24 @@ def plot(ctx, curves: list[dict]) -> str:
     return ctx.figure(fig, "reheat")
 
 
+def comparison_figures(*, runs, groups, references, plt, save) -> None:
+    """Every reheat curve of every run on one axis."""
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, result in runs:
+        curves = result["tables"]["curves"]
+        for start, lr in dict.fromkeys((c.get("from_step"), c["lr"]) for c in curves):
+            points = [c for c in curves if c.get("from_step") == start and c["lr"] == lr]
+            ax.plot([c["step"] for c in points], [c["p_ood"] for c in points], label=f"{label} from {start} lr {lr:g}")
+    ax.set_xlabel("reheat step")
+    ax.set_ylabel("p_ood")
+    ax.legend(fontsize=7)
+    save(fig, "reheat_curves")
+
+
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("reheat", "re-train from a checkpoint with a fresh optimizer: peak p_ood and gain G per lr",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check))
+                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check,
+                          columns={"gain": ("best_gain", "G")}, comparison_figures=comparison_figures))

@@ -4,16 +4,23 @@ backbone and the next PCs."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from geobench import Param, hookimpl
 from geobench import series as series_math
+from geobench.analysis import SCOPE
 from geobench.errors import UsageError
-from geobench.model import block_indices
 from geobench.registry import MetricPlugin
 
+if TYPE_CHECKING:
+    from geobench.analysis import AnalysisContext
+
+
 OPTIONS = {
-    "scope": Param("trunk", "parameters: trunk, all or block:I"),
+    "scope": SCOPE,
     "window": Param([], "checkpoint steps [start, end] (empty: the whole run)"),
     "prominence": Param(series_math.PROMINENCE, "minimum prominence of a peak or trough", low=0),
     "reach": Param(series_math.REACH, "prominence against the min (max) of this many evaluations each side", low=1),
@@ -43,7 +50,7 @@ def direction_shares(ctx, bb, pca, s_peak: int, s_trough: int) -> dict:
     return {"v": v, "backbone_share": along**2, "abs_cos_vb": abs(along), "e2_6": e26}
 
 
-def compute(ctx, options: dict) -> dict:
+def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     window = options["window"]
     evals = [(e["step"], e["p_ood"]) for e in ctx.evals if e.get("p_ood") is not None
              and (not window or window[0] <= e["step"] <= window[1])]
@@ -57,7 +64,7 @@ def compute(ctx, options: dict) -> dict:
     pick = (lambda b: b.pca) if options["backbone"] == "rownorm" else (lambda b: b.pca_raw)
     bb = ctx.backbone(options["scope"], tuple(window))
     checkpoints = set(bb.gram.steps)
-    blocks = ({i: ctx.backbone(f"block:{i}", tuple(window)) for i in block_indices(list(ctx.parameter_shapes))}
+    blocks = ({i: ctx.backbone(f"block:{i}", tuple(window)) for i in ctx.block_indices()}
               if options["per_block"] else {})
     rng = np.random.default_rng(options["seed"])
     correct: dict[int, np.ndarray] = {}
@@ -149,4 +156,5 @@ def plot(ctx, series, rows) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("switching", "p_ood peaks/troughs, bootstrap tiers, switch directions vs the backbone",
-                          OPTIONS, compute, needs=("checkpoints", "evals", "model", "data")))
+                          OPTIONS, compute, needs=("checkpoints", "evals", "model", "data"),
+                          columns={"switches": ("n_switches", "switch pairs"), "tier_a": ("tier_a", "tier A")}))

@@ -18,10 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from geobench import hookimpl
+from geobench import Param, hookimpl
 from geobench.config import ModelConfig
-from geobench.model import _init
-from geobench.registry import ModelPlugin
+from geobench.model import init_weights
+from geobench.registry import ModelPlugin, ParameterLayout
+
+PARAMS = {
+    "relax_steps": Param(30, "maximum free-phase relaxation steps T1", low=1),
+    "damping": Param(0.8, "h ← (1 − γ)h + γF(h), γ", low=0, high=1, low_open=True),
+    "relax_tol": Param(1e-4, "stop relaxing when ‖F(h) − h‖/‖h‖ is below this", low=0),
+}
+# the one weight-tied block is block 0; its attention and MLP matrices are the trunk
+LAYOUT = ParameterLayout(trunk=r"block\.(qkv|proj|up|down)\.weight", block=r"block\.")
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -82,8 +90,9 @@ class EqFormer(nn.Module):
         self.wpe = nn.Embedding(cfg.context, cfg.d_model)
         self.block = EqBlock(cfg)
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.relax_steps, self.damping, self.tol = cfg.relax_steps, cfg.damping, cfg.relax_tol
-        self.apply(_init)
+        params = {name: cfg.params.get(name, spec.default) for name, spec in PARAMS.items()}
+        self.relax_steps, self.damping, self.tol = params["relax_steps"], params["damping"], params["relax_tol"]
+        self.apply(init_weights)
         self.last_residual = float("nan")
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
@@ -121,6 +130,11 @@ class EqFormer(nn.Module):
         return self.readout(h)
 
 
+def build(*, config: ModelConfig, vocab_size: int) -> torch.nn.Module:
+    return EqFormer(config, vocab_size)
+
+
 @hookimpl
 def geobench_register_models(register):
-    register(ModelPlugin("eqformer", "weight-tied transformer block iterated to a fixed point (for EP)", EqFormer))
+    register(ModelPlugin("eqformer", "weight-tied transformer block iterated to a fixed point (for EP)", build=build,
+                         layout=LAYOUT, params=PARAMS, differentiable=False))

@@ -4,6 +4,9 @@
 expected to diverge.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from geobench import Param, hookimpl
@@ -18,9 +21,7 @@ PARAMS = {
 }
 
 
-def build(groups, hp, device):
-    for group in groups:
-        group["weight_decay"] = hp["wd"] if group["decay"] else 0.0
+def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         groups,
         lr=hp["lr"],

@@ -14,12 +14,14 @@ a controller scales that weight up while the free residual is above the target a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from geobench import Param, ep, hookimpl
 from geobench.objective import composite_loss
-from geobench.registry import OptimizerPlugin
+from geobench.registry import Batch, OptimizerPlugin
 
 PARAMS = {
     "estimator": Param("symmetric", "gradient rule", choices=ep.ESTIMATORS),
@@ -38,15 +40,15 @@ PARAMS = {
 }
 
 
-def build(groups, hp, device):
-    for group in groups:
-        group["weight_decay"] = hp["wd"] if group["decay"] else 0.0
+def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
     optimizer = torch.optim.AdamW(groups, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]))
     optimizer.param_groups[0]["jac_weight"] = hp["jac_reg"]  # the controller's state, saved with the optimizer
     return optimizer
 
 
-def gradient(model, optimizer, inputs, targets, mask, lam, hp, scale) -> dict:
+def gradient(*, model: Any, optimizer: torch.optim.Optimizer, batch: Batch, lam: float,
+             hp: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    inputs, targets, mask = batch
     group = optimizer.param_groups[0]
     e, h, residual = ep.free_phase(model, inputs)
     if not math.isfinite(residual):
@@ -64,12 +66,12 @@ def gradient(model, optimizer, inputs, targets, mask, lam, hp, scale) -> dict:
         if hp["jac_target"] > 0:
             group["jac_weight"] *= 1.05 if residual > hp["jac_target"] else 1 / 1.05
     if hp["estimator"] == "bptt":
-        info = ep.bptt_gradient(model, inputs, targets, mask, lam, scale)
+        info = ep.bptt_gradient(model, batch=batch, lam=lam, scale=scale)
     elif hp["estimator"] == "implicit":
-        info = ep.implicit_gradient(model, e, h, targets, mask, lam, hp["implicit_steps"], scale)
+        info = ep.implicit_gradient(model, e=e, h=h, batch=batch, lam=lam, steps=hp["implicit_steps"], scale=scale)
     else:
-        info = ep.ep_gradient(model, e, h, targets, mask, lam, hp["estimator"], hp["beta"], hp["n_points"],
-                              hp["nudge_steps"], scale)
+        info = ep.ep_gradient(model, e=e, h=h, batch=batch, lam=lam, estimator=hp["estimator"], beta=hp["beta"],
+                              n_points=hp["n_points"], nudge_steps=hp["nudge_steps"], scale=scale)
     return {**info, "free_residual": residual, "skipped": False}
 
 
@@ -77,4 +79,4 @@ def gradient(model, optimizer, inputs, targets, mask, lam, hp, scale) -> dict:
 def geobench_register_optimizers(register):
     register(OptimizerPlugin(name="ep", help="equilibrium propagation on the eqformer (estimators: "
                              + ", ".join(ep.ESTIMATORS) + "), then AdamW", params=PARAMS, build=build,
-                             family="eqformer", gradient=gradient))
+                             family="eqformer", gradient=gradient, metrics=("ep",)))

@@ -4,6 +4,9 @@ Covers SPEC §3's controls: B = `sgd lr=1e-3 wd=0.5`, C = `sgd lr=1e-2 momentum=
 C′ = `sgd lr=1e-2 momentum=0.9 nesterov=true wd=0.5 wd_mode=decoupled`.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from geobench import Param, hookimpl
@@ -21,12 +24,13 @@ PARAMS = {
 
 
 class DecoupledSGD(torch.optim.SGD):
-    """SGD whose weight decay shrinks the weights after the step by the scheduled lr: θ ← (1 − lr_t·wd)θ."""
+    """SGD whose weight decay shrinks the weights after the step by the scheduled lr: θ ← (1 − lr_t·wd)θ.
+    A group's `weight_decay` becomes its `decoupled_wd`; SGD itself then adds none to the gradient."""
 
-    def __init__(self, groups, decoupled_wd: float, **kwargs):
-        super().__init__(groups, weight_decay=0.0, **kwargs)
-        for group in self.param_groups:
-            group.setdefault("decoupled_wd", decoupled_wd if group.get("decay") else 0.0)
+    def __init__(self, groups: list[dict], **kwargs: Any):
+        for group in groups:
+            group["decoupled_wd"], group["weight_decay"] = group.pop("weight_decay", 0.0), 0.0
+        super().__init__(groups, **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -37,14 +41,12 @@ class DecoupledSGD(torch.optim.SGD):
         return loss
 
 
-def build(groups, hp, device):
+def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
     if hp["nesterov"] and hp["momentum"] == 0:
         raise UsageError("nesterov=true needs momentum > 0")
     common = {"lr": hp["lr"], "momentum": hp["momentum"], "nesterov": hp["nesterov"]}
     if hp["wd_mode"] == "decoupled":
-        return DecoupledSGD(groups, decoupled_wd=hp["wd"], **common)
-    for group in groups:
-        group["weight_decay"] = hp["wd"] if group["decay"] else 0.0
+        return DecoupledSGD(groups, **common)
     return torch.optim.SGD(groups, **common)
 
 

@@ -5,6 +5,8 @@ from its signature; torch's own checks of their values are reported as usage err
 """
 
 import inspect
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -43,25 +45,23 @@ def variant(class_name: str) -> OptimizerPlugin:
         )
     cls = classes[class_name]
 
-    def build(groups, hp, device):
-        kwargs = dict(hp)
-        if "weight_decay" in kwargs:
-            for group in groups:
-                group["weight_decay"] = kwargs["weight_decay"] if group["decay"] else 0.0
+    def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
+        kwargs = {k: v for k, v in hp.items() if k != "weight_decay"}  # the groups carry it
         try:
             return cls(groups, **kwargs)
         except (ValueError, TypeError, RuntimeError) as exc:
             raise UsageError(f"torch:{class_name} rejected its hyperparameters: {exc}") from None
 
-    return OptimizerPlugin(name=f"torch:{class_name}", help=f"torch.optim.{class_name}",
-                           params=_declared(cls), build=build)
+    params = _declared(cls)
+    return OptimizerPlugin(name=f"torch:{class_name}", help=f"torch.optim.{class_name}", params=params, build=build,
+                           weight_decay="weight_decay" if "weight_decay" in params else None)
 
 
-def build_unresolved(groups, hp, device):
+def build_unresolved(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
     raise UsageError("name a torch.optim class: torch:NAME")
 
 
 @hookimpl
 def geobench_register_optimizers(register):
     register(OptimizerPlugin(name="torch", help="any torch.optim optimizer by class name: torch:NAME",
-                             params={}, build=build_unresolved, variants=variant))
+                             params={}, build=build_unresolved, weight_decay=None, variants=variant))

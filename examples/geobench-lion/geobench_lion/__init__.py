@@ -1,5 +1,8 @@
 """Lion as a geobench optimizer plugin."""
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from geobench import Param, hookimpl
@@ -41,13 +44,12 @@ PARAMS = {
 }
 
 
-def build(groups, hp, device):
-    for group in groups:
-        group["weight_decay"] = hp["wd"] if group["decay"] else 0.0
+def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
+    """`groups` arrive with their weight decay set from `wd` (none on LayerNorm weights and biases)."""
     return Lion(groups, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]))
 
 
 @hookimpl
 def geobench_register_optimizers(register):
     register(OptimizerPlugin(name="lion", help="Lion: sign of interpolated momentum (Chen et al. 2023)",
-                             params=PARAMS, build=build))
+                             params=PARAMS, build=build, weight_decay="wd"))

@@ -1,0 +1,133 @@
+"""Common tests over the registry (after scikit-learn's estimator checks): every installed
+optimizer, metric and model plugin — the built-ins and any package installed beside them, like
+the example geobench-lion in tox's plugin env — is held to the same contract."""
+
+import dataclasses
+
+import pytest
+
+from conftest import FAST
+from geobench import cli, config
+from geobench.analysis import AnalysisContext, metric_options, plan_metrics, run_metrics
+from geobench.params import Param
+from geobench.registry import installed
+from geobench.train import prepare, train
+from geobench.trajectory import RunDir
+
+REG = installed()
+
+
+def invalid(spec: Param) -> str:
+    """A command-line value `spec` must refuse."""
+    if spec.choices is not None:
+        return "not-one-of-the-choices"
+    kind = spec.value_type
+    if kind in (int, float) and spec.low is not None:
+        return str(spec.low if spec.low_open else spec.low - 1)
+    if kind in (int, float) and spec.high is not None:
+        return str(spec.high if spec.high_open else spec.high + 1)
+    return {bool: "maybe", int: "1.5", float: "abc", str: "[1, 2]", list: "{a: 1}", tuple: "{a: 1}"}[kind]
+
+
+def refused(argv: list[str], key: str, tmp_path, capsys) -> None:
+    code = cli.main([*argv, "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("geobench: error: ") and key in err, err
+    assert not (tmp_path / "never").exists()
+
+
+def concrete_optimizers() -> list[str]:
+    return [name for name, plugin in REG.optimizers.items() if plugin.variants is None]
+
+
+def family_of(optimizer: str) -> str:
+    return REG.optimizer(optimizer).family or "gpt"
+
+
+def optimizer_for(family: str) -> str:
+    """An optimizer that trains `family` (for the model's and the metrics' parameter checks)."""
+    return next(name for name in concrete_optimizers() if family_of(name) == family)
+
+
+@pytest.mark.parametrize("name", concrete_optimizers())
+def test_every_optimizer_hyperparameter_refuses_an_invalid_value(name, tmp_path, capsys):
+    for key, spec in REG.optimizer(name).params.items():
+        refused(["run", name, *FAST, f"{key}={invalid(spec)}"], key, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("name", [n for n, p in REG.optimizers.items() if p.variants is not None])
+def test_an_optimizer_with_variants_refuses_its_bare_name(name, tmp_path, capsys):
+    refused(["run", name, *FAST], name, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("family", sorted(REG.models))
+def test_every_model_parameter_refuses_an_invalid_value(family, tmp_path, capsys):
+    for key, spec in REG.model(family).params.items():
+        refused(["run", optimizer_for(family), *FAST, f"model.family={family}", f"model.{key}={invalid(spec)}"],
+                key, tmp_path, capsys)
+
+
+def applicable_run(metric: str) -> list[str]:
+    """A run command to which `metric` applies."""
+    for family in sorted(REG.models, key=lambda f: f != "gpt"):
+        optimizer = optimizer_for(family)
+        cfg = config.resolve(optimizer, config.parse_pairs(FAST), None, REG, "tiny")
+        if REG.unmet_need(metric, cfg) is None:
+            return ["run", optimizer, *FAST]
+    pytest.fail(f"metric {metric!r} applies to no installed model family")
+
+
+@pytest.mark.parametrize("name", sorted(REG.metrics))
+def test_every_metric_option_refuses_an_invalid_value(name, tmp_path, capsys):
+    for key, spec in REG.metric(name).options.items():
+        refused([*applicable_run(name), f"metrics=[{name}]", f"{name}.{key}={invalid(spec)}"], f"{name}.{key}",
+                tmp_path, capsys)
+
+
+# Small options for the built-in metrics that would otherwise train or sample for long on a tiny run;
+# an installed third-party metric runs with its defaults.
+QUICK = {
+    "alignment": {"control_batches": 2, "control_checkpoints": 1},
+    "fisher": {"batches": 2, "count": 2, "random_directions": 2},
+    "interference": {"batches": 2},
+    "grad_structure": {"tokens": 100},
+    "ep": {"count": 2, "batches": 2, "eig_iterations": 3},
+    "reheat": {"lrs": [1e-3], "steps": 2, "warmup": 1, "eval_every": 1},
+    "basin": {"recovery_steps": 2, "relax_steps": 2, "relax_batch": 4, "sigmas": [0.0, 0.3], "eval_every": 1,
+              "repeats": 1},
+    "switching": {"resamples": 5},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(REG.models))
+def tiny_run(request, tmp_path_factory):
+    """A finished tiny run of each model family, with evaluations and checkpoints every 2 steps."""
+    family = request.param
+    pairs = config.parse_pairs(FAST + ["steps=12", "eval_every=2", "checkpoint_every=2", "state_every=12",
+                                       f"model.family={family}", "model.d_model=32", "model.n_head=2",
+                                       "model.d_ff=64"])
+    cfg = config.resolve(optimizer_for(family), pairs, None, REG, "tiny")
+    out = RunDir(tmp_path_factory.mktemp(family) / "run")
+    out.path.mkdir(parents=True)
+    out.config.write_text(config.save(cfg))
+    train(prepare(cfg, REG), out)
+    return AnalysisContext.open(out.path, REG)
+
+
+def test_every_metric_gives_a_result_or_a_declared_skip(tiny_run):
+    cfg = tiny_run.trained
+    skipped = {name: why for name in REG.metrics if (why := REG.unmet_need(name, cfg))}
+    names = [name for name in REG.metrics if name not in skipped]
+    given = {f"{m}.{k}": str(v) for m, opts in QUICK.items() if m in names for k, v in opts.items()
+             if k in REG.metric(m).options}
+    results = run_metrics(tiny_run, names, metric_options(names, given, REG), skipped=skipped)
+    assert set(results) == set(REG.metrics)
+    for name, result in results.items():
+        if name in skipped:
+            assert result == {"status": "skipped", "source": REG.metric(name).source, "reason": skipped[name]}
+        else:
+            assert result["status"] == "ok", (name, result.get("error"), result.get("traceback"))
+    # a default plan of the same run skips exactly what cannot apply
+    planned, plan_skipped = plan_metrics(dataclasses.replace(cfg, metrics=None), REG)
+    assert set(plan_skipped) <= set(skipped) and not set(planned) & set(skipped)
