@@ -266,12 +266,16 @@ def render_markdown(report: dict, figures: list[str]) -> str:
     for fig in figures:
         lines += [f"![training curves]({fig})", ""]
     if report["evals"]:
-        lines += ["## Evaluations", "", "| step | " + " | ".join(EVAL_KEYS) + " |",
-                  "|---|" + "---|" * len(EVAL_KEYS)]
+        rule = any("gradient_rule" in e for e in report["evals"])  # what the optimizer's gradient rule reported
+        lines += ["## Evaluations", "", "| step | " + " | ".join(EVAL_KEYS) + (" | gradient rule since the last |"
+                                                                          if rule else " |"),
+                  "|---|" + "---|" * (len(EVAL_KEYS) + rule)]
         for e in report["evals"]:
             cells = [fmt(e.get(k)) for k in EVAL_KEYS]
             if run["preset"] == "paper" and e["step"] in PUBLISHED_VAL_LOSS:
                 cells[0] += f" (published {PUBLISHED_VAL_LOSS[e['step']]})"
+            if rule:
+                cells.append(", ".join(f"{k} {fmt(v)}" for k, v in e.get("gradient_rule", {}).items()))
             lines.append(f"| {e['step']} | " + " | ".join(cells) + " |")
         lines.append("")
     for name, result in report["metrics"].items():

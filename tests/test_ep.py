@@ -172,6 +172,9 @@ def test_ep_run_reports_its_diagnostics_by_default_and_skips_what_cannot_apply(t
     rule = [e["gradient_rule"] for e in doc["evals"]]
     assert [r["batches"] for r in rule] == [1, 2, 3]
     assert all(r["skipped"] == 0 and 0 <= r["free_residual"] for r in rule)
+    assert "| gradient rule since the last |" in (tmp_path / "ep" / "report.md").read_text()
+    assert "| 6 | " in (tmp_path / "ep" / "report.md").read_text().split("gradient rule since the last")[1]
+    assert "batches 3, nudged_residual " in (tmp_path / "ep" / "report.md").read_text()
 
 
 def test_gradient_metrics_asked_for_on_ep_are_refused_before_training(tmp_path):
