@@ -278,8 +278,13 @@ def _plugin_params(section: str, declared: Mapping[str, Param], given: Mapping[s
 def build(tree: Mapping[str, Any], reg: Registry) -> Config:
     """Validate a nested dict of raw values into a Config (all values typed and in range), the
     optimizer's and the model family's own parameters against their plugins' declarations."""
+    declared = declared_fields()
+    unknown = [path for path in flatten(tree) if path not in declared and path != "optimizer.name"
+               and not path.startswith(("optimizer.params.", "model.params."))]
+    if unknown:
+        raise UsageError(f"unknown config key {unknown[0]!r} (a run directory written by another geobench version?)")
     cfg = Config()
-    for path, spec in declared_fields().items():
+    for path, spec in declared.items():
         try:
             raw = _get(tree, path)
         except (KeyError, TypeError):

@@ -112,6 +112,19 @@ def test_saved_config_round_trips():
     cfg = resolve(pairs=["beta2=0.9", "steps=77"])
     tree = yaml.safe_load(config.save(cfg))
     assert config.build(tree, installed()) == cfg
+    tree["model"]["relax_steps"] = 15  # where an older geobench kept the eqformer's parameter
+    with pytest.raises(UsageError, match=r"unknown config key 'model.relax_steps' \(a run directory written by"):
+        config.build(tree, installed())
+
+
+def test_model_parameters_belong_to_their_family():
+    cfg = resolve(optimizer="ep", pairs=["relax_steps=12", "model.damping=0.5"])
+    assert cfg.model.family == "eqformer" and cfg.model.params == {"relax_steps": 12, "damping": 0.5, "relax_tol": 1e-4}
+    assert resolve().model.params == {}  # the GPT declares none
+    with pytest.raises(UsageError, match=r"unknown key 'relax_steps'"):
+        resolve(pairs=["relax_steps=12"])
+    with pytest.raises(UsageError, match=r"model.relax_steps='0' is out of range"):
+        resolve(optimizer="ep", pairs=["model.relax_steps=0"])
 
 
 @given(st.floats(min_value=0, max_value=1, exclude_max=True, allow_nan=False))
@@ -150,3 +163,17 @@ def test_the_paper_preset_compiles_unless_told_not_to():
     assert resolve(pairs=["preset=paper"]).model.compile is True
     assert resolve(pairs=["preset=paper", "compile=false"]).model.compile is False
     assert resolve(pairs=["preset=tiny"]).model.compile is False
+
+
+def test_param_admits_none_where_declared_and_checks_patterns():
+    step = Param(None, "checkpoint (none: the last)", kind=int, nullable=True, low=1)
+    assert step.check("basin.depth_from", "none") is None and step.check("basin.depth_from", "null") is None
+    assert step.check("basin.depth_from", "400") == 400
+    with pytest.raises(UsageError, match=r"basin.depth_from='0' is out of range: expected int >= 1 or none"):
+        step.check("basin.depth_from", "0")
+    with pytest.raises(UsageError, match=r"steps='none' is not a valid int"):
+        Param(10, low=1).check("steps", "none")
+    scope = Param("trunk", pattern=r"trunk|all|block:\d+")
+    assert scope.check("backbone.scope", "block:3") == "block:3"
+    with pytest.raises(UsageError, match=r"backbone.scope='block:x' is not allowed: expected a string matching"):
+        scope.check("backbone.scope", "block:x")

@@ -106,7 +106,8 @@ def test_a_suite_directory_in_use_is_refused(tmp_path):
 
 
 def test_builtin_tiny_suite_paper_reheat(tmp_path):
-    result = run_cli("bench", "paper-reheat", "scale=tiny", "--out", "reheat", cwd=tmp_path)
+    result = run_cli("bench", "paper-reheat", "scale=tiny", "--out", "reheat", cwd=tmp_path,
+                     timeout=1800)  # a hang guard: minutes on a loaded 2-core machine
     assert result.returncode == 0, result.stderr
     doc = json.loads((tmp_path / "reheat" / "comparison.json").read_text())
     assert doc["table"] == "reheat" and doc["runs"][0]["gain"] > 0
