@@ -131,10 +131,11 @@ def test_builtin_tiny_suites(tmp_path, suite):
         assert zero["status"] == "diverged" and zero["steps"] == 2000  # trained on to the end, as the source did
         assert zero["drift"] > 100 * max(r["drift"] for r in runs.values())
         b99, b95, b90, b80 = (runs[f"adamw-beta2={b}"] for b in ("0.99", "0.95", "0.9", "0.8"))
-        # contrasts that held in every seed measured (reports/reference/README.md); β₂ = 0.99 sits just
-        # below 0.95 in PC1 at this scale, so the ordered fall is asserted from 0.95 down
-        assert b80["pc1"] < b99["pc1"] - 0.02 and zero["pc1"] < b80["pc1"] < b90["pc1"] < b95["pc1"]
-        assert b80["k95"] >= b99["k95"]
+        # the reference run's contrasts, with margins (reports/reference/README.md); PC1 at β₂ = 0.99
+        # and 0.95 ties at this scale (the sign of the gap changes with the seed), so the ordered fall
+        # is asserted from 0.95 down
+        assert b80["pc1"] < b90["pc1"] < b95["pc1"] and b80["pc1"] < b99["pc1"] - 0.05
+        assert b80["k95"] > b99["k95"]
         assert b99["best_p_ood"] > b80["best_p_ood"] + 0.3 and zero["best_p_ood"] < 0.1
         assert [r["name"] for r in doc["references"]][:1] == ["mini_gpt-beta2-0.99"]
     if suite == "paper-sgd":  # AdamW leaves the line, plain SGD and SGD + momentum stay on it
