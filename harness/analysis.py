@@ -243,12 +243,18 @@ class AnalysisContext:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             atomic_write_text(out.config, config_mod.save(cfg))
             out.append_eval({"step": 0, **setup.evaluator(setup.model)})
-            source_val_loss = next((e["val_loss"] for e in self.evals if e["step"] == 1 and "val_loss" in e), None)
-            outcome = train(setup, out, source_val_loss=source_val_loss)
+            outcome = train(setup, out, source_baseline=self.baseline_val_loss)
             evals = out.read_evals()
         if outcome.status == "diverged":
             evals.append({"step": outcome.diverged_at, "diverged": True})
         return evals
+
+    @property
+    def baseline_val_loss(self) -> float | None:
+        """The run's val_loss before its first update (its step-1 evaluation for a run directory of an
+        earlier version): the divergence anchor of the runs derived from it."""
+        saved = self.run.read_baseline() or next((e for e in self.evals if e["step"] == 1), None)
+        return saved.get("val_loss") if saved else None
 
     def materialize(self, gram: TrajectoryGram, coefficients: np.ndarray) -> dict[str, torch.Tensor]:
         return gram.materialize([self.reader(s) for s in gram.steps], self.reader(gram.anchor), coefficients)
@@ -284,7 +290,7 @@ class AnalysisContext:
 
 def check_checkpoint_steps(cfg: config_mod.Config, steps, option: str) -> None:
     """For a metric's `check`: every step in `steps` will be a checkpoint of a run of `cfg`."""
-    from geobench.train import is_checkpoint_step
+    from geobench.schedule import is_checkpoint_step
 
     for step in steps:
         if not 1 <= step <= cfg.train.steps or not is_checkpoint_step(step, cfg):

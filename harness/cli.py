@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_as_rank(cfg, out, reg, preset_reason, here, metric_pairs)
     if devices > 1:
         distributed.check_devices(devices, cfg.train.device)
-        distributed.check_trainable(cfg.optimizer.name, optimizer.gradient)
+        distributed.check_trainable(optimizer)
         distributed.World(0, devices).micro_batches(cfg.train.grad_accum)
         runner.check(cfg, out, reg, metric_pairs)
         holder = lock_holder(out.path)
@@ -374,7 +374,9 @@ def cmd_energy(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     reg = plugin_registry.installed()
     listing: dict[str, dict[str, Any]] = {
-        "optimizers": {name: {"source": p.source, "help": p.help,
+        "optimizers": {name: {"source": p.source, "help": p.help, "unavailable": p.unavailable(),
+                              "schedule": p.schedule, "closure": p.closure, "second_order": p.second_order,
+                              "requires": list(p.requires),
                               "params": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
                                          for k, v in p.params.items()}}
                        for name, p in reg.optimizers.items()},
@@ -396,6 +398,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print("  (none installed)")
         for name, info in plugins.items():
             print(f"  {name:<12} {info['help']}  [{info['source']}]")
+            if info.get("unavailable"):
+                print(f"      UNAVAILABLE: {info['unavailable']}")
+            drives = [what for flag, what in (("closure", "a closure"), ("second_order", "second derivatives"))
+                      if info.get(flag)] + (["its own schedule"] if info.get("schedule") == "self" else [])
+            if drives:
+                print(f"      its step takes {', '.join(drives)}")
             for key, spec in {**info.get("params", {}), **info.get("options", {})}.items():
                 print(f"      {key} = {spec['default']!r}  ({spec['allowed']})  {spec['help']}")
     return 0

@@ -109,11 +109,15 @@ def check_devices(n: int, device_setting: str) -> None:
                          + ("" if visible else " (on a CPU, devices=N with train.device=cpu runs N CPU processes)"))
 
 
-def check_trainable(optimizer: str, gradient_rule: Any) -> None:
-    """Optimizers that bring their own gradient rule (EP) bypass autograd, so DDP cannot average them."""
-    if gradient_rule is not None:
-        raise UsageError(f"optimizer {optimizer!r} brings its own gradient rule, which does not run under "
+def check_trainable(plugin: Any) -> None:
+    """Optimizers that bring their own gradient rule (EP) bypass autograd, so DDP cannot average
+    them; DDP's all-reduce hook does not carry the graph a second derivative needs."""
+    if plugin.gradient is not None:
+        raise UsageError(f"optimizer {plugin.name!r} brings its own gradient rule, which does not run under "
                          "DistributedDataParallel yet; train it in one process (devices=1)")
+    if plugin.second_order:
+        raise UsageError(f"optimizer {plugin.name!r} needs second derivatives, which DistributedDataParallel "
+                         "does not provide; train it in one process (devices=1)")
 
 
 def launch(argv: list[str], n: int) -> int:

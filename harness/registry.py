@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -39,12 +40,71 @@ class Batch(NamedTuple):
     mask: torch.Tensor
 
 
+# What a parameter is to an optimizer; a model family's layout assigns one role to each parameter.
+ROLES = {
+    "matrix": "a hidden weight matrix of a block (attention, MLP)",
+    "embedding": "a token or position embedding (the output head too, when it is tied to the embedding)",
+    "head": "an output projection of its own (untied)",
+    "norm": "a normalization weight, a bias, any other vector",
+}
+DECAYED_ROLES = ("matrix", "embedding", "head")  # the roles weight decay applies to (norms and biases: none)
+
+
+class RoledParameter(NamedTuple):
+    name: str
+    tensor: torch.nn.Parameter
+    role: str
+
+
+class Parameters(tuple):
+    """The model's named parameters with their roles (a tuple of `RoledParameter`, in
+    `named_parameters()` order), as an optimizer plugin's builder receives them."""
+
+    def select(self, *roles: str) -> list[RoledParameter]:
+        unknown = [r for r in roles if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown parameter roles {unknown}; roles: {', '.join(ROLES)}")
+        return [p for p in self if p.role in roles]
+
+    def tensors(self, *roles: str) -> list[torch.nn.Parameter]:
+        """The tensors of `roles` (all, when none are named)."""
+        return [p.tensor for p in (self.select(*roles) if roles else self)]
+
+    def groups(self, *, weight_decay: float, roles: Sequence[str] = tuple(ROLES)) -> list[dict[str, Any]]:
+        """The standard parameter groups over the parameters of `roles`: the decayed roles (matrices,
+        embeddings, head) with `weight_decay`, norms and biases without; empty groups left out."""
+        decayed = [p.tensor for p in self if p.role in roles and p.role in DECAYED_ROLES]
+        plain = [p.tensor for p in self if p.role in roles and p.role not in DECAYED_ROLES]
+        return [group for group in ({"params": decayed, "weight_decay": weight_decay},
+                                    {"params": plain, "weight_decay": 0.0}) if group["params"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSchedule:
+    """The shape of the training run an optimizer is built for: a self-scheduling optimizer takes
+    its warmup and horizon from it, SophiaG its tokens per step."""
+
+    steps: int
+    warmup: int
+    tokens_per_step: int
+
+
 class BuildOptimizer(Protocol):
-    def __call__(self, *, groups: list[dict[str, Any]], hp: Mapping[str, Any],
-                 device: torch.device) -> torch.optim.Optimizer:
-        """A torch optimizer over `groups`: two parameter-group dicts, each with its
-        `weight_decay` already set from the plugin's `weight_decay` hyperparameter (0 for
-        LayerNorm weights and biases) and a `decay` flag."""
+    def __call__(self, *, parameters: Parameters, hp: Mapping[str, Any], device: torch.device,
+                 schedule: TrainingSchedule) -> torch.optim.Optimizer:
+        """A torch optimizer over `parameters` (every trainable parameter of the model, each with its
+        role), grouped as the plugin chooses: `parameters.groups(weight_decay=...)` for the standard
+        decay split, `parameters.select("matrix")` and `Composite` for hybrids that give roles to
+        different optimizers. Every parameter must be in exactly one group."""
+        ...
+
+
+class PrepareStep(Protocol):
+    def __call__(self, *, step: int, tokens_per_step: int, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, batches: Sequence[Batch]) -> None:
+        """Called at the start of every optimizer step, before its gradient is computed, with the
+        step's micro-batches (e.g. refresh a curvature estimate every k steps). `.grad` is free to
+        use: the harness clears it afterwards."""
         ...
 
 
@@ -93,25 +153,71 @@ class BuildModel(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerPlugin:
-    """An optimizer: declared hyperparameters and a builder.
+    """An optimizer: declared hyperparameters and a builder, and how the harness must drive it.
 
-    `weight_decay` names the hyperparameter the harness puts into the decaying parameter group
-    (None: the optimizer takes no weight decay from the harness). A plugin with `variants` set
-    answers names `NAME:VARIANT` (e.g. `torch:Adagrad`) by returning a concrete plugin. A plugin
-    may bring its own model family (`family`, the default of model.family when it is used), its
-    own `gradient` rule, and `metrics` it adds to the default metric set of the runs it trains.
+    - `schedule`: "harness" — the harness writes lr = peak × (warmup + clamped cosine) into every
+      group before each step (each group's `lr` after `build` is its peak; `lr_meaning` says what lr
+      is to the optimizer, e.g. a multiplier of an estimated step size); "self" — the optimizer
+      schedules itself and the harness never touches lr.
+    - `closure`: `step(closure)` gets a closure that recomputes the loss and gradients of the same
+      step's micro-batches (L-BFGS, SAM); `second_order`: the loss is backpropagated with
+      `create_graph=True` through a twice-differentiable path; `prepare_step`: a hook at the start
+      of every step (SophiaG's Hessian refresh).
+    - Optimizers with `train()`/`eval()` (Schedule-Free) are switched to eval mode around every
+      evaluation, checkpoint and state save: the trajectory records the eval-mode weights.
+    - `requires`: the distributions it imports (their versions go into the report); when one is
+      missing the plugin is listed as unavailable, with `install`. `deterministic=False` declares
+      that a resumed run is not bit-identical to an uninterrupted one.
+
+    A plugin with `variants` set answers names `NAME:VARIANT` (e.g. `torch:Adagrad`) by returning a
+    concrete plugin. A plugin may bring its own model family (`family`, the default of model.family
+    when it is used), its own `gradient` rule, and `metrics` it adds to the default metric set.
     """
 
     name: str
     help: str
     params: Mapping[str, Param]
     build: BuildOptimizer
-    weight_decay: str | None = "wd"
+    schedule: str = "harness"
+    lr_meaning: str = "the step size"
+    closure: bool = False
+    second_order: bool = False
+    prepare_step: PrepareStep | None = None
+    requires: tuple[str, ...] = ()
+    install: str = ""
+    deterministic: bool = True
     variants: Callable[[str], OptimizerPlugin] | None = None
     family: str | None = None
     gradient: GradientRule | None = None
     metrics: tuple[str, ...] = ()
     source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"optimizer {self.name!r} declares schedule={self.schedule!r}; "
+                             f"allowed: {', '.join(SCHEDULES)}")
+
+    def missing(self) -> list[str]:
+        """The distributions in `requires` that are not installed."""
+        missing = []
+        for dist in self.requires:
+            try:
+                importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(dist)
+        return missing
+
+    def unavailable(self) -> str | None:
+        """Why the plugin cannot run here (a missing library and how to install it), or None."""
+        missing = self.missing()
+        if not missing:
+            return None
+        return (f"optimizer {self.name!r} needs {', '.join(missing)}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not installed: {self.install or 'pip install ' + ' '.join(missing)}")
+
+
+SCHEDULES = {"harness": "the harness's warmup + clamped cosine, written into every group's lr",
+             "self": "the optimizer's own (the harness never writes lr)"}
 
 
 # What a metric may need, and what provides it.
@@ -156,10 +262,30 @@ class ParameterLayout:
     """Where a model family keeps its parameters, as regular expressions over `named_parameters()`
     names: `trunk` matches every attention and MLP weight matrix of every block; `block` matches a
     block's parameters (LayerNorms included) from the start of the name, with a group `index` (a
-    family without it has one block, index 0)."""
+    family without it has one block, index 0); `embedding` and `head` match the embeddings and an
+    untied output projection.
+
+    A parameter's role (ROLES): `matrix` in the trunk, else `embedding` or `head` where those match,
+    else `norm` for a tensor of fewer than 2 dimensions and `matrix` for any other."""
 
     trunk: str
     block: str
+    embedding: str = r"$^"
+    head: str = r"$^"
+
+    def role(self, name: str, tensor: torch.Tensor) -> str:
+        if re.fullmatch(self.trunk, name):
+            return "matrix"
+        if re.fullmatch(self.embedding, name):
+            return "embedding"
+        if re.fullmatch(self.head, name):
+            return "head"
+        return "norm" if tensor.ndim < 2 else "matrix"
+
+    def parameters(self, model: torch.nn.Module) -> Parameters:
+        """The model's trainable parameters with their roles."""
+        return Parameters(RoledParameter(name, tensor, self.role(name, tensor))
+                          for name, tensor in model.named_parameters() if tensor.requires_grad)
 
     def trunk_names(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if re.fullmatch(self.trunk, n)]
@@ -216,6 +342,9 @@ class Registry:
             return dataclasses.replace(plugin.variants(variant), source=plugin.source)
         if plugin.variants is not None:
             raise UsageError(f"optimizer {base!r} needs a variant: {base}:NAME, e.g. torch:Adagrad")
+        why = plugin.unavailable()
+        if why:
+            raise UsageError(why)
         return plugin
 
     def metric(self, name: str) -> MetricPlugin:

@@ -23,7 +23,7 @@ import jsonschema
 import torch
 
 import geobench
-from geobench import config
+from geobench import config, optim
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -128,6 +128,7 @@ def assemble(setup: Setup, out: RunDir, outcome: Outcome, metrics: dict, started
         "run": {"name": out.path.name, "status": outcome.status, "last_step": outcome.last_step,
                 "steps_planned": cfg.train.steps, "diverged_at": outcome.diverged_at,
                 "divergence": outcome.divergence, "stopped_early_at": outcome.stopped_early_at,
+                "baseline_val_loss": outcome.baseline_val_loss,
                 "resumed_from": outcome.resumed_from, "started": started, "finished": now(),
                 "preset": cfg.preset, "preset_reason": preset_reason},
         "environment": {**environment(setup.device), "processes": processes},
@@ -135,7 +136,8 @@ def assemble(setup: Setup, out: RunDir, outcome: Outcome, metrics: dict, started
         "tokenizer": {**setup.tokenizer.summary(), "codewords": len(setup.probe.codewords)},
         "model": {"family": cfg.model.family, "parameters": setup.parameter_counts()},
         "optimizer": {"name": cfg.optimizer.name, "source": setup.optimizer_plugin.source,
-                      "params": cfg.optimizer.params},
+                      "params": cfg.optimizer.params,
+                      **optim.describe(setup.optimizer_plugin, setup.optimizer, setup.parameters)},
         "config": config.to_dict(cfg),
         "throughput": {"train_seconds": round(seconds, 3), "tokens": outcome.tokens,
                        "tokens_per_second": outcome.tokens / seconds if seconds else None,
@@ -249,9 +251,10 @@ def render_markdown(report: dict, figures: list[str]) -> str:
            if report["throughput"].get("compile_seconds") is not None else "") + " |",
         f"| lm_ood | {LM_OOD[report['config'].get('probe', {}).get('lm_ood', 'clean')]} |",
         f"| divergence criterion | val_loss > {report['config'].get('train', {}).get('diverge_factor', 1.0):g} × the "
-        "step-1 val_loss, or a non-finite loss |",
+        f"val_loss before the first update ({fmt(run.get('baseline_val_loss'))}), or a non-finite loss |",
         f"| git revision | {env['git_revision'] or '—'} |", "",
     ]
+    lines += render_optimizer(report["optimizer"])
     final = report["final"]
     if final:
         paper = run["preset"] == "paper"
@@ -281,6 +284,32 @@ def render_markdown(report: dict, figures: list[str]) -> str:
     for name, result in report["metrics"].items():
         lines += render_metric(name, result)
     return "\n".join(lines)
+
+
+def render_optimizer(opt: dict) -> list[str]:
+    """How the optimizer was driven and which parameters each of its groups held."""
+    if "groups" not in opt:  # a report of an earlier version
+        return []
+    schedule = opt["schedule"]
+    lines = ["## Optimizer", "", "| | |", "|---|---|",
+             "| libraries | " + ", ".join(f"{k} {v}" for k, v in opt["libraries"].items()) + " |",
+             "| schedule | " + ("the harness's warmup + clamped cosine; lr is " + schedule["lr"]
+                                if schedule["owner"] == "harness" else "the optimizer's own (the harness sets no lr)") + " |",
+             f"| trajectory | {opt['trajectory']} |",
+             f"| state | {opt['state_floats_per_parameter']:.3g} floats per parameter |"]
+    extras = [what for flag, what in (("closure", "a closure recomputing the step's loss and gradient"),
+                                      ("second_order", "second derivatives (create_graph, math attention)"))
+              if opt[flag]]
+    if extras:
+        lines.append(f"| the step uses | {'; '.join(extras)} |")
+    if not opt["deterministic"]:
+        lines.append("| resume | not bit-identical to an uninterrupted run (the plugin declares it non-deterministic) |")
+    lines += ["", "| group | optimizer | parameters | roles | names | hyperparameters |", "|---|---|---|---|---|---|"]
+    for i, group in enumerate(opt["groups"]):
+        hyper = ", ".join(f"{k}={fmt(v)}" for k, v in group["hyperparameters"].items() if v is not False)  # flags off: noise
+        lines.append(f"| {i} | `{group['optimizer']}` | {group['parameters']:,} | {', '.join(group['roles'])} | "
+                     f"{group['names']} | {hyper} |")
+    return lines + [""]
 
 
 def render_trajectory(report: dict) -> str:

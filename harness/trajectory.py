@@ -1,7 +1,7 @@
 """The run directory: atomic writes, the eval log, the checkpoint store and the training state.
 
 Layout (stable; other tools read it):
-    config.yaml  report.json  report.md  figures/  evals.jsonl  tokenizer.json  codewords.json
+    config.yaml  report.json  report.md  figures/  evals.jsonl  baseline.json  tokenizer.json  codewords.json
     checkpoints/step_XXXXXX.safetensors + checkpoints/index.json
     state/model.safetensors + state/training.pt + state/meta.json
 Every file a crash could tear is written under a temporary name and renamed into place.
@@ -119,6 +119,7 @@ class RunDir:
         self.report_md = self.path / "report.md"
         self.figures = self.path / "figures"
         self.evals = self.path / "evals.jsonl"
+        self.baseline = self.path / "baseline.json"
         self.checkpoints = self.path / "checkpoints"
         self.state = self.path / "state"
 
@@ -160,6 +161,13 @@ class RunDir:
     def truncate_evals(self, max_step: int) -> None:
         kept = [r for r in self.read_evals() if r["step"] <= max_step]
         atomic_write_text(self.evals, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # baseline.json: the evaluation of the model before its first update (the divergence anchor)
+    def save_baseline(self, record: dict) -> None:
+        atomic_write_json(self.baseline, record)
+
+    def read_baseline(self) -> dict | None:
+        return json.loads(self.baseline.read_text()) if self.baseline.exists() else None
 
     # checkpoints/: weights only
     def checkpoint_path(self, step: int) -> Path:

@@ -1,6 +1,7 @@
 """The command line as a user calls it: the installed `geobench` script in a subprocess."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -107,19 +108,32 @@ def test_divergence_is_a_result_with_a_report(tmp_path):
 
 
 def test_a_finite_blow_up_is_marked_diverged_and_training_goes_on(tmp_path):
-    # a factor below 1 makes the criterion fire at the first evaluation after step 1 (step 6)
+    # a factor below 1 makes the criterion fire at the first evaluation (step 1): the anchor is the
+    # val_loss before the first update, written to baseline.json
     result = run_cli("run", "adamw", *FAST, "diverge_factor=0.1", "--out", "marked", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     doc = json.loads((tmp_path / "marked" / "report.json").read_text())
-    assert doc["run"]["status"] == "diverged" and doc["run"]["diverged_at"] == 6 and doc["run"]["last_step"] == 12
-    assert "train.diverge_factor" in doc["run"]["divergence"] and "diverged at step 6" in result.stdout
+    baseline = json.loads((tmp_path / "marked" / "baseline.json").read_text())
+    assert baseline["step"] == 0 and doc["run"]["baseline_val_loss"] == baseline["val_loss"]
+    assert doc["run"]["status"] == "diverged" and doc["run"]["diverged_at"] == 1 and doc["run"]["last_step"] == 12
+    assert "train.diverge_factor" in doc["run"]["divergence"] and "diverged at step 1" in result.stdout
     assert [e["step"] for e in doc["evals"]] == [1, 6, 12]
     stopped = run_cli("run", "adamw", *FAST, "diverge_factor=0.1", "stop_on_diverge=true", "--out", "stopped",
                       cwd=tmp_path)
     assert stopped.returncode == 0, stopped.stderr
     doc = json.loads((tmp_path / "stopped" / "report.json").read_text())
-    assert (doc["run"]["status"], doc["run"]["last_step"]) == ("diverged", 6)
-    assert 6 in RunDir(tmp_path / "stopped").checkpoint_steps()
+    assert (doc["run"]["status"], doc["run"]["last_step"]) == ("diverged", 1)
+    assert 1 in RunDir(tmp_path / "stopped").checkpoint_steps()
+
+
+def test_a_run_broken_by_its_first_update_is_diverged(tmp_path):
+    # AdamW at lr 3 without warmup: every weight moves by ~3 in step 1, the loss is finite and huge from
+    # then on; judged against its own step-1 loss it would never look diverged
+    result = run_cli("run", "adamw", *FAST, "lr=3", "warmup=0", "--out", "broken", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "broken" / "report.json").read_text())
+    assert all(math.isfinite(e["val_loss"]) for e in doc["evals"])
+    assert (doc["run"]["status"], doc["run"]["diverged_at"]) == ("diverged", 1), doc["evals"]
 
 
 def test_early_stop_is_opt_in(tmp_path):

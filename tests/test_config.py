@@ -149,7 +149,7 @@ def test_coercion(raw, kind, expected):
 
 def test_checkpoint_windows_one_triple_or_several():
     from geobench.config import checkpoint_windows
-    from geobench.train import is_checkpoint_step
+    from geobench.schedule import is_checkpoint_step
 
     assert checkpoint_windows([600, 2000, 50]) == [[600, 2000, 50]]
     assert checkpoint_windows([]) == []

@@ -5,12 +5,13 @@ the example geobench-lion in tox's plugin env — is held to the same contract."
 import dataclasses
 
 import pytest
+import torch
 
 from conftest import FAST
-from geobench import cli, config
+from geobench import cli, config, optim
 from geobench.analysis import AnalysisContext, metric_options, plan_metrics, run_metrics
 from geobench.params import Param
-from geobench.registry import installed
+from geobench.registry import TrainingSchedule, installed
 from geobench.train import prepare, train
 from geobench.trajectory import RunDir
 
@@ -131,3 +132,74 @@ def test_every_metric_gives_a_result_or_a_declared_skip(tiny_run):
     # a default plan of the same run skips exactly what cannot apply
     planned, plan_skipped = plan_metrics(dataclasses.replace(cfg, metrics=None), REG)
     assert set(plan_skipped) <= set(skipped) and not set(planned) & set(skipped)
+
+
+# --- optimizer plugins: resume, the schedule they follow, the state they keep
+
+def available_optimizers() -> list:
+    return [pytest.param(name, marks=pytest.mark.skip(reason=plugin.unavailable()) if plugin.unavailable() else ())
+            for name, plugin in REG.optimizers.items() if plugin.variants is None]
+
+
+class Killed(BaseException):
+    """What a kill leaves: the run stops where it is, nothing handles it."""
+
+
+def resumable_config(name: str, **extra: str) -> config.Config:
+    pairs = config.parse_pairs(FAST + ["steps=6", "eval_every=3", "checkpoint_every=3", "state_every=3",
+                                       "model.d_model=32", "model.n_head=2", "model.d_ff=64",
+                                       *(f"{k}={v}" for k, v in extra.items())])
+    return config.resolve(name, pairs, None, REG, "tiny")
+
+
+@pytest.mark.parametrize("name", available_optimizers())
+def test_every_optimizer_resumes_exactly_after_a_kill(name, tmp_path, monkeypatch):
+    """A run killed right after its first state save (step 3), resumed, writes the checkpoints and
+    evaluations of the uninterrupted run, bit for bit, train_loss included."""
+    plugin = REG.optimizer(name)
+    whole = RunDir(tmp_path / "whole")
+    setup = prepare(resumable_config(name), REG)
+    outcome = train(setup, whole)
+    floats = optim.state_floats_per_parameter(setup.optimizer, sum(p.numel() for p in setup.model.parameters()))
+    assert floats > 0 or name == "sgd", name  # plain SGD keeps no state
+    assert outcome.last_step == 6
+
+    killed = RunDir(tmp_path / "killed")
+    save_state = RunDir.save_state
+
+    def save_then_die(self, *args, **kwargs):
+        save_state(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(RunDir, "save_state", save_then_die)
+    with pytest.raises(Killed):
+        train(prepare(resumable_config(name), REG), killed)
+    monkeypatch.setattr(RunDir, "save_state", save_state)
+    assert killed.load_state()[0]["step"] == 3
+    resumed = train(prepare(resumable_config(name, resume="true"), REG), killed)
+    assert resumed.resumed_from == 3 and resumed.last_step == 6
+    if not plugin.deterministic:
+        pytest.skip(f"{name} declares a resumed run not bit-identical")
+    assert killed.checkpoint_steps() == whole.checkpoint_steps()
+    for step in whole.checkpoint_steps():
+        a, b = whole.load_checkpoint(step), killed.load_checkpoint(step)
+        assert all(torch.equal(a[k], b[k]) for k in a), (name, step)
+    timing = ("train_seconds",)
+    assert ([{k: v for k, v in e.items() if k not in timing} for e in killed.read_evals()]
+            == [{k: v for k, v in e.items() if k not in timing} for e in whole.read_evals()])
+
+
+@pytest.mark.parametrize("name", available_optimizers())
+def test_every_harness_scheduled_optimizer_stands_still_at_lr_zero(name):
+    plugin = REG.optimizer(name)
+    if plugin.schedule != "harness":
+        pytest.skip(f"{name} schedules itself")
+    cfg = resumable_config(name)
+    family = REG.model(cfg.model.family)
+    model = family.build(config=cfg.model, vocab_size=50)
+    schedule = TrainingSchedule(steps=6, warmup=1, tokens_per_step=64)
+    optim.check_lr_zero_moves_nothing(plugin, model, family.layout.parameters, cfg.optimizer.params,
+                                      torch.device("cpu"), schedule)
+    optimizer = optim.build(plugin, family.layout.parameters(model), cfg.optimizer.params, torch.device("cpu"),
+                            schedule)
+    assert all(group["peak_lr"] > 0 for group in optimizer.param_groups)

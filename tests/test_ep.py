@@ -213,8 +213,11 @@ def test_the_controller_raises_the_penalty_while_the_residual_is_above_target():
     torch.manual_seed(0)
     model = EqFormer(ModelConfig(n_layer=1, n_head=2, d_model=8, d_ff=16, context=6, params={"relax_steps": 3}), 10)
     hp = {k: spec.default for k, spec in ep_plugin.PARAMS.items()} | {"jac_reg": 0.1, "jac_target": 1e-9, "gate": 10.0}
-    groups = [{"params": list(model.parameters()), "weight_decay": hp["wd"], "decay": True}]
-    optimizer = ep_plugin.build(groups=groups, hp=hp, device=torch.device("cpu"))
+    from geobench.plugins.models.eqformer import LAYOUT
+    from geobench.registry import TrainingSchedule
+
+    optimizer = ep_plugin.build(parameters=LAYOUT.parameters(model), hp=hp, device=torch.device("cpu"),
+                                schedule=TrainingSchedule(steps=3, warmup=0, tokens_per_step=12))
     inputs, targets = torch.randint(0, 10, (2, 6)), torch.randint(0, 10, (2, 6))
     mask = torch.zeros(2, 6, dtype=torch.bool)
     for _ in range(3):

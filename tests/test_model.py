@@ -3,7 +3,6 @@ import torch
 from geobench.config import ModelConfig
 from geobench.model import GPT
 from geobench.plugins.models.gpt import LAYOUT
-from geobench.train import decay_groups
 
 
 def test_paper_size_is_51m_with_trunk_25m():
@@ -53,7 +52,11 @@ def test_attention_is_causal():
 def test_layernorm_and_bias_take_no_decay():
     model = tiny_model()
     names = {id(p): n for n, p in model.named_parameters()}
-    decaying, plain = decay_groups(model, 0.5)
+    parameters = LAYOUT.parameters(model)
+    assert {p.name: p.role for p in parameters if p.role != "matrix"} == {
+        "wte.weight": "embedding", "wpe.weight": "embedding",
+        **{n: "norm" for n, t in model.named_parameters() if t.ndim < 2}}
+    decaying, plain = parameters.groups(weight_decay=0.5)
     decayed = {names[id(p)] for p in decaying["params"]}
     assert decaying["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0
     assert "blocks.0.ln1.weight" not in decayed and "ln_f.bias" not in decayed

@@ -7,7 +7,7 @@ import torch
 from geobench.data.probe import EvalSet
 from geobench.evaluate import Evaluator
 from geobench.objective import composite_loss, lambda_at, token_losses
-from geobench.train import lr_factor
+from geobench.schedule import lr_factor
 
 
 def numpy_ce(logits, target):

@@ -3,22 +3,22 @@ import pytest
 import torch
 
 from geobench.errors import UsageError
-from geobench.registry import installed
+from geobench.registry import Parameters, RoledParameter, TrainingSchedule, installed
 
 CPU = torch.device("cpu")
+SCHEDULE = TrainingSchedule(steps=10, warmup=2, tokens_per_step=64)
 
 
 def groups():
+    """A weight matrix and a bias, as a model's layout gives them to an optimizer plugin."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(3, 4))
     b = torch.nn.Parameter(torch.randn(4))
-    return w, b, [{"params": [w], "decay": True}, {"params": [b], "decay": False}]
+    return w, b, Parameters([RoledParameter("w", w, "matrix"), RoledParameter("b", b, "norm")])
 
 
-def build(plugin, params, g):
-    """What the trainer does: the decaying group gets the plugin's weight-decay hyperparameter."""
-    g[0]["weight_decay"], g[1]["weight_decay"] = (params[plugin.weight_decay] if plugin.weight_decay else 0.0), 0.0
-    return plugin.build(groups=g, hp=params, device=CPU)
+def build(plugin, params, parameters):
+    return plugin.build(parameters=parameters, hp=params, device=CPU, schedule=SCHEDULE)
 
 
 def hp(name, **given):
@@ -94,7 +94,7 @@ def test_any_torch_optimizer_by_name():
     assert isinstance(opt, torch.optim.Adagrad)
     assert [grp["weight_decay"] for grp in opt.param_groups] == [0.1, 0.0]
     bad = {k: s.default for k, s in plugin.params.items()} | {"lr_decay": -1.0}
-    with pytest.raises(UsageError, match="torch:Adagrad rejected its hyperparameters"):
+    with pytest.raises(UsageError, match="torch:Adagrad could not be built"):
         build(plugin, bad, groups()[2])
 
 

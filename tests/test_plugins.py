@@ -21,7 +21,7 @@ class Watcher:
     @hookimpl
     def geobench_register_optimizers(self, register):
         register(OptimizerPlugin("plain-sgd", "SGD without extras", {"lr": Param(0.05, low=0, low_open=True)},
-                                 build=build_sgd, weight_decay=None))
+                                 build=build_sgd))
 
     @hookimpl
     def geobench_register_metrics(self, register):
@@ -52,8 +52,8 @@ class Watcher:
         report["extensions"]["watcher"] = {"steps_seen": len(self.steps)}
 
 
-def build_sgd(*, groups, hp, device):
-    return torch.optim.SGD(groups, lr=hp["lr"])
+def build_sgd(*, parameters, hp, device, schedule):
+    return torch.optim.SGD(parameters.tensors(), lr=hp["lr"])
 
 
 def bigram(*, config, vocab_size):

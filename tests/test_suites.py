@@ -157,7 +157,7 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_the_beta2_suite_checkpoints_where_the_published_series_has_rows(tmp_path):
     from geobench import published, suites
     from geobench.registry import installed
-    from geobench.train import is_checkpoint_step
+    from geobench.schedule import is_checkpoint_step
 
     suite = suites.load("paper-beta2", "paper", {}, str(tmp_path / "b2"), installed())
     cfg = suite.cells[0].cfg

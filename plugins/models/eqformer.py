@@ -29,7 +29,8 @@ PARAMS = {
     "relax_tol": Param(1e-4, "stop relaxing when ‖F(h) − h‖/‖h‖ is below this", low=0),
 }
 # the one weight-tied block is block 0; its attention and MLP matrices are the trunk
-LAYOUT = ParameterLayout(trunk=r"block\.(qkv|proj|up|down)\.weight", block=r"block\.")
+LAYOUT = ParameterLayout(trunk=r"block\.(qkv|proj|up|down)\.weight", block=r"block\.",
+                         embedding=r"wte\.weight|wpe\.weight")
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

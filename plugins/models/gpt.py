@@ -9,7 +9,8 @@ from geobench.registry import ModelPlugin, ParameterLayout
 
 # SPEC §1: the trunk is every attention and MLP weight matrix of every block
 LAYOUT = ParameterLayout(trunk=r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.up|mlp\.down)\.weight",
-                         block=r"blocks\.(?P<index>\d+)\.")
+                         block=r"blocks\.(?P<index>\d+)\.",
+                         embedding=r"wte\.weight|wpe\.weight", head=r"lm_head\.weight")
 
 
 def build(*, config: ModelConfig, vocab_size: int) -> torch.nn.Module:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from geobench import Param, hookimpl
-from geobench.registry import OptimizerPlugin
+from geobench.registry import OptimizerPlugin, Parameters, TrainingSchedule
 
 PARAMS = {
     "lr": Param(1e-3, "peak learning rate", low=0, low_open=True),
@@ -21,9 +21,10 @@ PARAMS = {
 }
 
 
-def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
+def build(*, parameters: Parameters, hp: Mapping[str, Any], device: torch.device,
+          schedule: TrainingSchedule) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        groups,
+        parameters.groups(weight_decay=hp["wd"]),
         lr=hp["lr"],
         betas=(hp["beta1"], hp["beta2"]),
         eps=hp["eps"],

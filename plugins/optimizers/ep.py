@@ -21,7 +21,7 @@ import torch
 
 from geobench import Param, ep, hookimpl
 from geobench.objective import composite_loss
-from geobench.registry import Batch, OptimizerPlugin
+from geobench.registry import Batch, OptimizerPlugin, Parameters, TrainingSchedule
 
 PARAMS = {
     "estimator": Param("symmetric", "gradient rule", choices=ep.ESTIMATORS),
@@ -40,8 +40,9 @@ PARAMS = {
 }
 
 
-def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
-    optimizer = torch.optim.AdamW(groups, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]))
+def build(*, parameters: Parameters, hp: Mapping[str, Any], device: torch.device,
+          schedule: TrainingSchedule) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW(parameters.groups(weight_decay=hp["wd"]), lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]))
     optimizer.param_groups[0]["jac_weight"] = hp["jac_reg"]  # the controller's state, saved with the optimizer
     return optimizer
 

@@ -11,7 +11,7 @@ import torch
 
 from geobench import Param, hookimpl
 from geobench.errors import UsageError
-from geobench.registry import OptimizerPlugin
+from geobench.registry import OptimizerPlugin, Parameters, TrainingSchedule
 
 PARAMS = {
     "lr": Param(1e-3, "peak learning rate", low=0, low_open=True),
@@ -41,10 +41,12 @@ class DecoupledSGD(torch.optim.SGD):
         return loss
 
 
-def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
+def build(*, parameters: Parameters, hp: Mapping[str, Any], device: torch.device,
+          schedule: TrainingSchedule) -> torch.optim.Optimizer:
     if hp["nesterov"] and hp["momentum"] == 0:
         raise UsageError("nesterov=true needs momentum > 0")
     common = {"lr": hp["lr"], "momentum": hp["momentum"], "nesterov": hp["nesterov"]}
+    groups = parameters.groups(weight_decay=hp["wd"])
     if hp["wd_mode"] == "decoupled":
         return DecoupledSGD(groups, **common)
     return torch.optim.SGD(groups, **common)

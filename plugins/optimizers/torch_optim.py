@@ -12,7 +12,10 @@ import torch
 
 from geobench import Param, hookimpl
 from geobench.errors import UsageError, did_you_mean
-from geobench.registry import OptimizerPlugin
+from geobench.registry import OptimizerPlugin, Parameters, TrainingSchedule
+
+NEEDS_CLOSURE = {"LBFGS"}  # step(closure) evaluates the loss several times
+HINTS = {"Muon": " (Muon takes the hidden 2-D matrices only: the `muon` plugin gives it those and AdamW the rest)"}
 
 
 def _classes() -> dict[str, type]:
@@ -45,23 +48,30 @@ def variant(class_name: str) -> OptimizerPlugin:
         )
     cls = classes[class_name]
 
-    def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
+    def build(*, parameters: Parameters, hp: Mapping[str, Any], device: torch.device,
+              schedule: TrainingSchedule) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in hp.items() if k != "weight_decay"}  # the groups carry it
+        # a class without weight decay gets one group: some (LBFGS) take no per-group options at all
+        groups = (parameters.groups(weight_decay=hp["weight_decay"]) if "weight_decay" in hp
+                  else [{"params": parameters.tensors()}])
         try:
             return cls(groups, **kwargs)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise UsageError(f"torch:{class_name} rejected its hyperparameters: {exc}") from None
+            hint = HINTS.get(class_name, "")
+            raise UsageError(f"torch:{class_name} could not be built over the model's parameters with "
+                             f"{dict(kwargs)}: {exc}{hint}") from None
 
     params = _declared(cls)
     return OptimizerPlugin(name=f"torch:{class_name}", help=f"torch.optim.{class_name}", params=params, build=build,
-                           weight_decay="weight_decay" if "weight_decay" in params else None)
+                           closure=class_name in NEEDS_CLOSURE)
 
 
-def build_unresolved(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
+def build_unresolved(*, parameters: Parameters, hp: Mapping[str, Any], device: torch.device,
+                     schedule: TrainingSchedule) -> torch.optim.Optimizer:
     raise UsageError("name a torch.optim class: torch:NAME")
 
 
 @hookimpl
 def geobench_register_optimizers(register):
     register(OptimizerPlugin(name="torch", help="any torch.optim optimizer by class name: torch:NAME",
-                             params={}, build=build_unresolved, weight_decay=None, variants=variant))
+                             params={}, build=build_unresolved, variants=variant))

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from geobench import Param, hookimpl
-from geobench.registry import OptimizerPlugin
+from geobench.registry import OptimizerPlugin, Parameters, TrainingSchedule
 
 __version__ = "0.1.0"
 
@@ -44,12 +44,13 @@ PARAMS = {
 }
 
 
-def build(*, groups: list[dict], hp: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
-    """`groups` arrive with their weight decay set from `wd` (none on LayerNorm weights and biases)."""
-    return Lion(groups, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]))
+def build(*, parameters: Parameters, hp: Mapping[str, Any], device: torch.device,
+          schedule: TrainingSchedule) -> torch.optim.Optimizer:
+    """The standard groups: weight decay `wd` on matrices and embeddings, none on norms and biases."""
+    return Lion(parameters.groups(weight_decay=hp["wd"]), lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]))
 
 
 @hookimpl
 def geobench_register_optimizers(register):
-    register(OptimizerPlugin(name="lion", help="Lion: sign of interpolated momentum (Chen et al. 2023)",
-                             params=PARAMS, build=build, weight_decay="wd"))
+    register(OptimizerPlugin(name="lion-example", help="Lion written out as an example plugin: sign of "
+                             "interpolated momentum (Chen et al. 2023)", params=PARAMS, build=build))

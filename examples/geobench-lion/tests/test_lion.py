@@ -38,16 +38,19 @@ def test_lion_matches_its_formula():
 
 def test_listed_by_geobench_plugins_with_its_package():
     listing = json.loads(geobench("plugins", "--json").stdout)
-    assert listing["optimizers"]["lion"]["source"] == "geobench-lion 0.1.0"
-    assert listing["optimizers"]["lion"]["params"]["lr"]["default"] == 1e-4
+    assert listing["optimizers"]["lion-example"]["source"] == "geobench-lion 0.1.0"
+    assert listing["optimizers"]["lion-example"]["params"]["lr"]["default"] == 1e-4
 
 
 def test_trains_through_the_cli(tmp_path):
-    result = geobench("run", "lion", "lr=3e-4", *FAST, "--out", "lion-run", cwd=tmp_path)
+    result = geobench("run", "lion-example", "lr=3e-4", *FAST, "--out", "lion-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "lion-run" / "report.json").read_text())
-    assert report["optimizer"] == {"name": "lion", "source": "geobench-lion 0.1.0",
-                                   "params": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.99, "wd": 0.1}}
+    optimizer = report["optimizer"]
+    assert (optimizer["name"], optimizer["source"]) == ("lion-example", "geobench-lion 0.1.0")
+    assert optimizer["params"] == {"lr": 3e-4, "beta1": 0.9, "beta2": 0.99, "wd": 0.1}
+    assert optimizer["schedule"]["owner"] == "harness" and optimizer["state_floats_per_parameter"] == 1.0
+    assert [g["roles"] for g in optimizer["groups"]] == [["embedding", "matrix"], ["norm"]]
     assert report["run"]["status"] == "completed"
-    bad = geobench("run", "lion", "beta1=2", *FAST, cwd=tmp_path)
+    bad = geobench("run", "lion-example", "beta1=2", *FAST, cwd=tmp_path)
     assert bad.returncode == 2 and "beta1='2' is out of range" in bad.stderr
