@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_.add_argument("--published", metavar="NAME[,NAME]",
                           help="published series to draw and tabulate beside the runs: mini_gpt-s42, mini_gpt-s271, "
                                "mini_gpt-beta2-0.99 ... -0.0, or the groups mini_gpt, mini_gpt-beta2")
-    compare_.add_argument("--table", default=None, choices=["main", "beta2", "sgd", "reheat", "ep"],
+    compare_.add_argument("--table", default=None, choices=["main", "beta2", "sgd", "reheat", "ep", "leaderboard"],
                           help="paper-style table (default: the suite's, else main)")
     compare_.add_argument("--out", help="directory for comparison.{json,md,html} (default: the suite's, else runs/comparison)")
     compare_.set_defaults(handler=cmd_report)

@@ -25,7 +25,9 @@ from geobench.trajectory import atomic_write_json, atomic_write_text
 # the columns of every run; metric plugins add theirs (MetricPlugin.columns)
 CORE_COLUMNS = {"val_loss": (("final", "val_loss"), "val loss"), "best_p_ood": (("final", "best_p_ood"), "best p_ood")}
 # a table's kind says what its first column shows for each configuration
-TABLES = {"main": "configuration", "beta2": "β₂", "sgd": "run", "reheat": "configuration", "ep": "configuration"}
+TABLES = {"main": "configuration", "beta2": "β₂", "sgd": "run", "reheat": "configuration", "ep": "configuration",
+          "leaderboard": "optimizer"}
+ORDERED_BY = {"leaderboard": "val_loss"}  # tables whose rows are ranked by a column (ascending, missing last)
 
 
 def columns(reg: Registry) -> dict[str, tuple[tuple[str, ...], str]]:
@@ -156,7 +158,11 @@ def write(directory: Path, doc: dict, docs: list[dict], reg: Registry) -> None:
 def _table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     header = [TABLES[doc["table"]], "runs"] + [doc["headings"][c] for c in doc["columns"]]
     body = []
-    for agg in doc["groups"]:
+    groups = doc["groups"]
+    if doc["table"] in ORDERED_BY:
+        key = ORDERED_BY[doc["table"]]
+        groups = sorted(groups, key=lambda g: (g.get(key) is None, g.get(key) or 0.0))
+    for agg in groups:
         name = str(agg["params"].get("beta2")) if doc["table"] == "beta2" and "beta2" in agg["params"] else agg["group"]
         status = "" if agg["statuses"] == ["completed"] else f" ({'/'.join(agg['statuses'])})"
         body.append([name + status, str(agg["runs"])] + [_cell(agg, c, doc["published"]) for c in doc["columns"]])

@@ -31,7 +31,7 @@ def test_list_shows_the_builtin_suites():
     result = run_cli("bench", "--list")
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["ep-vs-bptt", "paper-beta2", "paper-main", "paper-reheat", "paper-sgd"]
+    assert names == ["ep-vs-bptt", "optimizer-zoo", "paper-beta2", "paper-main", "paper-reheat", "paper-sgd"]
 
 
 def test_a_suite_runs_every_cell_skips_done_ones_and_compares(tmp_path):
@@ -119,7 +119,7 @@ def test_builtin_tiny_suite_paper_reheat(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["paper-main", "paper-beta2", "paper-sgd", "ep-vs-bptt"])
+@pytest.mark.parametrize("suite", ["paper-main", "paper-beta2", "paper-sgd", "ep-vs-bptt", "optimizer-zoo"])
 def test_builtin_tiny_suites(tmp_path, suite):
     result = run_cli("bench", suite, "scale=tiny", "--out", "out", cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, result.stderr
@@ -139,6 +139,12 @@ def test_builtin_tiny_suites(tmp_path, suite):
         assert b99["best_p_ood"] > b95["best_p_ood"] > b90["best_p_ood"] and zero["best_p_ood"] < 0.1
         assert b99["best_p_ood"] > b80["best_p_ood"] + 0.3
         assert [r["name"] for r in doc["references"]][:1] == ["mini_gpt-beta2-0.99"]
+    if suite == "optimizer-zoo":  # every optimizer ranked, its geometry measured, the energy along AdamW's drift
+        assert doc["table"] == "leaderboard" and len(doc["groups"]) == 14
+        assert all(g["runs"] == 2 for g in doc["groups"])
+        assert runs["adamw-seed=42"]["cos_eff"] == pytest.approx(1.0)  # φ̂ is this run's own drift
+        assert 0 < runs["adamw-seed=271"]["cos_eff"] < 1
+        assert (tmp_path / "out" / "figures" / "pc1_vs_val_loss.png").exists()
     if suite == "paper-sgd":  # AdamW leaves the line, plain SGD and SGD + momentum stay on it
         assert runs["A-adamw"]["pc1"] < 0.98 and runs["A-adamw"]["k95"] > 1
         for label in ("B-sgd", "C-sgd-momentum"):

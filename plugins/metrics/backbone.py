@@ -164,12 +164,14 @@ def plots(ctx, bb, steps, a, r, rho_steps, rho, k) -> list[str]:
 
 
 COLUMNS = {"pc1": ("pc1", "PC1 (row-norm.)"), "pc1_top10": ("pc1_top10", "PC1 (row-norm., top-10 denom.)"),
-           "pc1_raw": ("pc1_raw", "PC1 (raw)"), "k95": ("k95", "k95"), "drift": ("drift", "drift")}
+           "pc1_raw": ("pc1_raw", "PC1 (raw)"), "k95": ("k95", "k95"), "drift": ("drift", "drift"),
+           "rotation": ("rotation_mean", "rotation ρ (mean)")}
 
 
 def comparison_figures(*, runs, groups, references, plt, save) -> None:
-    """The backbone planes and |a(t)|, ‖r(t)‖ of every run (the published series beside them) and,
-    where the configurations differ in β₂, trunk PC1 against β₂."""
+    """The backbone planes and |a(t)|, ‖r(t)‖ of every run (the published series beside them);
+    where the configurations differ in β₂, trunk PC1 against β₂; where they use different
+    optimizers, trunk PC1 against the final val_loss, a marker per configuration."""
     from geobench.compare import plot_references
 
     if runs:
@@ -202,6 +204,20 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
         ax.set_ylabel("trunk PC1")
         ax.legend()
         save(fig, "pc1_vs_beta2")
+    scored = [g for g in groups if g.get("pc1") is not None and g.get("val_loss") is not None]
+    if len({g["optimizer"] for g in scored}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for g in scored:
+            err = [[g["val_loss"] - lo, hi - g["val_loss"]] for lo, hi in [g.get("val_loss_interval") or
+                                                                           (g["val_loss"], g["val_loss"])]]
+            yerr = [[g["pc1"] - lo, hi - g["pc1"]] for lo, hi in [g.get("pc1_interval") or (g["pc1"], g["pc1"])]]
+            ax.errorbar([g["val_loss"]], [g["pc1"]], xerr=np.transpose(err), yerr=np.transpose(yerr), marker="o",
+                        capsize=2, label=g["group"])
+            ax.annotate(g["group"], (g["val_loss"], g["pc1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("final val_loss (nats)")
+        ax.set_ylabel("trunk PC1 (row-normalized)")
+        ax.set_title("one marker per configuration; bars: 95% bootstrap interval over seeds", fontsize=8)
+        save(fig, "pc1_vs_val_loss")
 
 
 @hookimpl

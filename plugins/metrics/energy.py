@@ -21,20 +21,38 @@ if TYPE_CHECKING:
 
 OPTIONS = {
     "scope": SCOPE,
-    "reference": Param(None, "run directory whose unit final drift is φ̂ (none: this run itself)", kind=str,
-                       nullable=True),
+    "reference": Param(None, "run directory whose unit final drift is φ̂, or sibling:NAME, the run NAME beside this "
+                       "one (a suite's cell, trained first); none: this run itself", kind=str, nullable=True),
 }
+SIBLING = "sibling:"
+
+
+def reference_run(reference: str | None, run: RunDir) -> RunDir:
+    if reference is None:
+        return run
+    if reference.startswith(SIBLING):
+        return RunDir(run.path.parent / reference.removeprefix(SIBLING))
+    return RunDir(reference)
 
 
 def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
-    if options["reference"] is not None and not RunDir(options["reference"]).config.exists():
-        raise UsageError(f"energy.reference={options['reference']!r} is not a geobench run directory (no config.yaml)")
+    reference = options["reference"]
+    if reference is None:
+        return
+    if reference.startswith(SIBLING):  # trained by the time this run ends, or the metric fails then
+        name = reference.removeprefix(SIBLING)
+        if not name or "/" in name or name in (".", ".."):
+            raise UsageError(f"energy.reference={reference!r}: sibling:NAME names a run directory beside this one")
+    elif not RunDir(reference).config.exists():
+        raise UsageError(f"energy.reference={reference!r} is not a geobench run directory (no config.yaml)")
 
 
 def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     steps = ctx.window([], minimum=2)
     names = ctx.scope(options["scope"])
-    reference = RunDir(options["reference"]) if options["reference"] else ctx.run
+    reference = reference_run(options["reference"], ctx.run)
+    if not reference.config.exists():
+        raise UsageError(f"reference run {str(reference)!r} does not exist (yet)")
     ref_steps = reference.checkpoint_steps()
     if len(ref_steps) < 2:
         raise UsageError(f"reference run {str(reference)!r} has {len(ref_steps)} checkpoints; 2 are needed")

@@ -125,7 +125,7 @@ def build_sam(*, parameters: Parameters, hp: Mapping[str, Any], device: torch.de
 
 LBFGS = {
     "lr": lr(0.1, "peak step length (the line search's first trial)"),
-    "max_iter": Param(4, "iterations (each a loss and gradient of the step's batches) per step", low=1),
+    "max_iter": Param(2, "iterations (each a loss and gradient of the step's batches) per step", low=1),
     "history_size": Param(10, "curvature pairs kept", low=1),
     "line_search": Param("strong_wolfe", "line search: strong_wolfe or none", choices=("strong_wolfe", "none")),
 }
