@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+NOISE = 1e-3  # relative margin of the divergence criterion
 SYNC_EVERY_CUDA = 8  # on CUDA the host reads the step losses this often (and at every eval, checkpoint, state save)
 
 
@@ -46,7 +47,9 @@ class DivergenceMonitor:
     """The declared divergence criterion: a non-finite loss, or an evaluated val_loss above
     `factor` × `baseline`, the val_loss of the model before its first update (for a derived run,
     its source run's). Anchored where nothing has been learned yet, a run broken from its first
-    update is diverged too; the paper's β₂ = 0 run read 1.5e3 at step 200 against 10.8 at start."""
+    update is diverged too; the paper's β₂ = 0 run read 1.5e3 at step 200 against 10.8 at start.
+    A val_loss within NOISE of the anchor is not judged above it: after a first step at a warmup's
+    tiny lr it can sit a hair above the untrained model's by chance."""
 
     factor: float
     baseline: float | None
@@ -63,7 +66,7 @@ class DivergenceMonitor:
         value = record.get("val_loss")
         if self.diverged or self.factor <= 0 or self.baseline is None or value is None:
             return False
-        if math.isfinite(value) and value <= self.factor * self.baseline:
+        if math.isfinite(value) and value <= self.factor * self.baseline * (1 + NOISE):
             return False
         self.diverged_at = record["step"]
         self.divergence = (f"val_loss {value:.4g} > {self.factor:g} × the val_loss before the first update "

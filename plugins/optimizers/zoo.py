@@ -56,6 +56,11 @@ def standard(path: str, kwargs: Callable[[Mapping[str, Any], TrainingSchedule], 
 
 # --- Muon: orthogonalized momentum for the hidden matrices, AdamW for embeddings, head and norms
 
+ADAMW = {  # the AdamW inside a hybrid (Muon's) or a wrapper (SAM's)
+    "beta1": beta(0.9, "AdamW's first-moment decay"),
+    "beta2": beta(0.95, "AdamW's second-moment decay"),
+    "wd": wd(0.1),
+}
 MUON = {
     "lr": lr(0.02, "Muon's peak learning rate (hidden matrices)"),
     "momentum": beta(0.95, "Muon's momentum"),
@@ -64,9 +69,7 @@ MUON = {
     "adjust_lr": Param("original", "Muon's per-matrix lr scale: original (sqrt(max(1, rows/cols))) or "
                        "match_rms_adamw (0.2·sqrt(max(rows, cols)))", choices=("original", "match_rms_adamw")),
     "adamw_lr": lr(3e-3, "AdamW's peak learning rate (embeddings, head, norms)"),
-    "beta1": beta(0.9, "AdamW's first-moment decay"),
-    "beta2": beta(0.95, "AdamW's second-moment decay"),
-    "wd": wd(0.1),
+    **ADAMW,
 }
 
 
@@ -108,9 +111,7 @@ SAM = {
     "rho": Param(0.05, "radius of the perturbation", low=0, low_open=True),
     "adaptive": Param(False, "ASAM: the perturbation scaled by |θ|"),
     "lr": lr(1e-3, "AdamW's peak learning rate"),
-    "beta1": beta(0.9, "AdamW's first-moment decay"),
-    "beta2": beta(0.95, "AdamW's second-moment decay"),
-    "wd": wd(0.1),
+    **ADAMW,
 }
 
 
