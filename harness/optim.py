@@ -141,7 +141,7 @@ def check_lr_zero_moves_nothing(plugin: OptimizerPlugin, model: torch.nn.Module,
         with torch.enable_grad():
             loss = torch.stack([((p.tensor - t) ** 2).sum() for p, t in zip(parameters, targets)]).sum() / 2
             loss.backward(create_graph=plugin.second_order)
-        return float(loss)
+        return float(loss.detach())
 
     for factor in (1.0, 0.0):
         set_lr(optimizer, factor)

@@ -4,8 +4,9 @@ them `geobench plugins` lists these plugins as unavailable.
 
 Each plugin states how the harness drives it (docs/writing-an-optimizer-plugin.md): who owns the
 schedule, whether its step needs a closure or a per-step hook, which roles go to which optimizer.
-The learning rates are the tiny-scale sweep's best (docs/optimizer-zoo.md); the other defaults are
-the libraries' own unless a comment says why not.
+The defaults are the libraries' (or their authors' recommended) values unless a comment says why
+not; the `optimizer-zoo` suite carries the learning rates its tiny-scale sweep found best
+(docs/optimizer-zoo.md).
 """
 
 from __future__ import annotations
