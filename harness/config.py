@@ -97,8 +97,8 @@ class TrainConfig:
     val_batches: int = p(20, "validation batches per evaluation", low=1)
     val_batch_size: int = p(64, "sequences per validation batch", low=1)
     diverge_factor: float = p(
-        1.0, "mark the run diverged when an evaluated val_loss exceeds this multiple of the step-1 val_loss "
-        "(0: only a non-finite loss counts)", low=0)
+        1.0, "mark the run diverged when an evaluated val_loss exceeds this multiple of the val_loss before the "
+        "first update (0: only a non-finite loss counts)", low=0)
     stop_on_diverge: bool = p(False, "stop training at that evaluation (the source trained on to the last step)")
     early_stop: bool = p(False, "stop once p_ood >= early_stop_p_ood at early_stop_evals consecutive evaluations")
     early_stop_p_ood: float = p(0.8, "p_ood threshold of the early stop", low=0, high=1)
