@@ -98,7 +98,7 @@ def build_model_and_optimizer(cfg: Config, vocab_size: int, device: torch.device
     optimizer_plugin = reg.optimizer(cfg.optimizer.name)
     model_plugin = reg.model(cfg.model.family)
     check_trainable(cfg, optimizer_plugin, reg)
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     model = model_plugin.build(config=cfg.model, vocab_size=vocab_size).to(device)
     hp, schedule = cfg.optimizer.params, training_schedule(cfg)
     if optimizer_plugin.schedule == "harness":
@@ -218,6 +218,14 @@ def _write_state(out: RunDir, step: int, weights: dict[str, torch.Tensor], train
                  meta: dict) -> tuple[str, int, object]:
     out.save_state(step, weights, training, meta)
     return "state", step, None
+
+
+def seed_everything(seed: int) -> None:
+    """The global generators a model or an optimizer may draw from: torch's, and numpy's and
+    Python's (PSGD Kron decides by numpy's when to rebalance its preconditioner)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def random_states() -> dict[str, Any]:

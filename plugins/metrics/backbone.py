@@ -3,6 +3,7 @@ per-block table."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +62,11 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
 
     rho_steps, rho = rotation(gram, options["rotation_window"])
     series.update(rotation_steps=rho_steps, rotation_rho=rho)
-    if rho:
-        scalars.update(rotation_mean=float(np.mean(rho)), rotation_min=float(np.min(rho)))
+    defined = [v for v in rho if math.isfinite(v)]
+    if defined:
+        scalars.update(rotation_mean=float(np.mean(defined)), rotation_min=float(np.min(defined)))
+    if len(defined) < len(rho):
+        scalars["rotation_undefined"] = len(rho) - len(defined)  # pairs with a window that did not move
     scalars["phase_overlap"] = phase_overlap(gram, options["phase_split"], ctx)
     every = options["per_block_every"]
     if options["per_block"]:
@@ -88,14 +92,19 @@ def rotation(gram, size: int) -> tuple[list[float], list[float]]:
     windows (the mean of their centres) and ρ."""
     T = len(gram.steps)
     starts = list(range(1, T - size + 1))
-    backbones, centres = [], []
+    backbones: list[np.ndarray | None] = []
+    centres = []
+    scale = float(np.max(np.diag(gram.gram)))
     for s in starts:
         rows = np.zeros((size - 1, T))
         rows[:, s + 1:s + size] = np.eye(size - 1)
         rows[:, s] = -1.0  # Δ_t − Δ_s
-        backbones.append(pca(gram, rows, normalize_rows=True).directions[0])
+        # a window in which some checkpoint did not move from its first has no direction to normalize
+        moved = np.einsum("ij,jk,ik->i", rows, gram.gram, rows) > 1e-12 * scale
+        backbones.append(pca(gram, rows, normalize_rows=True).directions[0] if moved.all() else None)
         centres.append((gram.steps[s] + gram.steps[s + size - 1]) / 2)
-    rho = [abs(gram.inner(u, v)) for u, v in zip(backbones, backbones[1:])]
+    rho = [abs(gram.inner(u, v)) if u is not None and v is not None else math.nan
+           for u, v in zip(backbones, backbones[1:])]
     return [(a + b) / 2 for a, b in zip(centres, centres[1:])], rho
 
 
@@ -195,7 +204,7 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
     save(fig, "backbone_curves")
     points = sorted((g["params"]["beta2"], g["pc1"], g["pc1_raw"]) for g in groups
                     if "beta2" in g["params"] and g.get("pc1") is not None)
-    if len({b for b, _, _ in points}) > 1:
+    if len({b for b, _, _ in points}) > 1 and len({g["optimizer"] for g in groups}) == 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         b, pc1, raw = zip(*points)
         ax.plot(b, pc1, marker="o", label="row-normalized")

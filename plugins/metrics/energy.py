@@ -22,16 +22,17 @@ if TYPE_CHECKING:
 OPTIONS = {
     "scope": SCOPE,
     "reference": Param(None, "run directory whose unit final drift is φ̂, or sibling:NAME, the run NAME beside this "
-                       "one (a suite's cell, trained first); none: this run itself", kind=str, nullable=True),
+                       "one (a suite's cell, trained first; {seed} in NAME becomes this run's seed); none: this run "
+                       "itself", kind=str, nullable=True),
 }
 SIBLING = "sibling:"
 
 
-def reference_run(reference: str | None, run: RunDir) -> RunDir:
+def reference_run(reference: str | None, run: RunDir, seed: int) -> RunDir:
     if reference is None:
         return run
-    if reference.startswith(SIBLING):
-        return RunDir(run.path.parent / reference.removeprefix(SIBLING))
+    if reference.startswith(SIBLING):  # the same seed: the same initialization, so the directions compare
+        return RunDir(run.path.parent / reference.removeprefix(SIBLING).replace("{seed}", str(seed)))
     return RunDir(reference)
 
 
@@ -50,7 +51,7 @@ def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
 def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     steps = ctx.window([], minimum=2)
     names = ctx.scope(options["scope"])
-    reference = reference_run(options["reference"], ctx.run)
+    reference = reference_run(options["reference"], ctx.run, ctx.trained.train.seed)
     if not reference.config.exists():
         raise UsageError(f"reference run {str(reference)!r} does not exist (yet)")
     ref_steps = reference.checkpoint_steps()
