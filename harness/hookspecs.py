@@ -28,7 +28,8 @@ def geobench_register_models(register):
 
 @hookspec
 def geobench_on_step(run, step, loss, lr):
-    """After every optimizer step: `run` is the live `RunDir`, `loss` the step's composite loss."""
+    """For every step, once the host has read its composite loss `loss` (before the step's update is
+    applied; on CUDA the losses are read in batches of up to 8 steps); `run` is the live `RunDir`."""
 
 
 @hookspec
