@@ -201,7 +201,8 @@ def markdown(doc: dict) -> str:
     if doc["runs"]:
         header, body = _table_rows(doc)
         lines += ["Values are the mean over a configuration's runs; ± is half the 95% bootstrap interval over seeds; "
-                  "(pub. X, Δ d) is the published figure of SPEC §5 and our difference.", "",
+                  "(pub. X, Δ d) is the source study's published figure (the suite file's `published`; sources in "
+                  "docs/FIDELITY.md) and our difference.", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines += ["", "## Runs", "", "| run | status | steps | " + " | ".join(doc["columns"]) + " |",
