@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import yaml
 
 from geobench import config as config_mod
 from geobench import report
@@ -20,8 +19,9 @@ from geobench.checkpoints import CheckpointReader, load_weights
 from geobench.device import pick_device
 from geobench.errors import UsageError, did_you_mean
 from geobench.linalg import PCA, TrajectoryGram, pca
-from geobench.params import Param
-from geobench.registry import Batch, ParameterLayout, Registry
+from geobench.params import Param, read_yaml_file
+from geobench.registry import Batch, MetricPlugin, ParameterLayout, Registry
+from geobench.schedule import first_scheduled
 from geobench.trajectory import LOCK_NAME, RunDir, atomic_write_text
 
 if TYPE_CHECKING:
@@ -48,6 +48,9 @@ class Backbone:
         return self.pca.directions[0]
 
 
+BACKBONE_CHECKPOINTS = 3  # Θ₀ and two more: a trajectory PCA of fewer has no second direction
+
+
 @dataclasses.dataclass
 class AnalysisContext:
     """A trajectory of checkpoints and what metrics may ask of it. `run` is where results go: a
@@ -67,7 +70,7 @@ class AnalysisContext:
         run = RunDir(path)
         if not run.config.exists():
             raise UsageError(f"{str(path)!r} is not a geobench run directory (no config.yaml)")
-        return cls(run, config_mod.build(yaml.safe_load(run.config.read_text()), reg), reg)
+        return cls(run, config_mod.build(read_yaml_file(run.config, "run configuration"), reg), reg)
 
     @classmethod
     def of_manifest(cls, manifest, opt: str, pattern: str, out, reg: Registry) -> AnalysisContext:
@@ -164,7 +167,7 @@ class AnalysisContext:
     def backbone(self, scope: str = "trunk", window: tuple = (), every: int = 0) -> Backbone:
         """The trajectory PCA of `scope` over the checkpoints of `window` (with `every`, only those at
         multiples of `every` steps, plus the window's first and last)."""
-        steps = tuple(self.window(list(window), minimum=3))
+        steps = tuple(self.window(list(window), minimum=BACKBONE_CHECKPOINTS))
         if every:
             steps = tuple(s for i, s in enumerate(steps) if s % every == 0 or i in (0, len(steps) - 1))
         gram = self.gram(scope, steps, steps[0])
@@ -320,15 +323,31 @@ def plan_metrics(cfg: config_mod.Config, reg: Registry) -> tuple[list[str], dict
     in `cfg.metrics` must all apply (a UsageError names the one that cannot); the default set
     (config.DEFAULT_METRICS plus those the optimizer plugin adds) keeps those that apply and
     skips the others."""
+    def unmet(name: str) -> str | None:
+        return reg.unmet_need(name, cfg) or too_short(reg.metric(name), cfg)
+
     if cfg.metrics is not None:
         for name in cfg.metrics:
-            reason = reg.unmet_need(name, cfg)
+            reason = unmet(name)
             if reason:
                 raise UsageError(f"metric {name!r} cannot apply to this run: {reason}")
         return list(cfg.metrics), {}
     defaults = list(dict.fromkeys([*config_mod.DEFAULT_METRICS, *reg.optimizer(cfg.optimizer.name).metrics]))
-    skipped = {name: reason for name in defaults if (reason := reg.unmet_need(name, cfg))}
+    skipped = {name: reason for name in defaults if (reason := unmet(name))}
     return [name for name in defaults if name not in skipped], skipped
+
+
+def too_short(plugin: MetricPlugin, cfg: config_mod.Config) -> str | None:
+    """Why the schedule of `cfg` leaves `plugin` too few checkpoints or evaluations, or None."""
+    t = cfg.train
+    for kind, needed, settings in (("checkpoint", plugin.min_checkpoints, f"train.checkpoint_every={t.checkpoint_every}"),
+                                   ("eval", plugin.min_evals, f"train.eval_every={t.eval_every}")):
+        planned = len(first_scheduled(cfg, kind, needed)) if needed else 0
+        if planned < needed:
+            what = "checkpoints" if kind == "checkpoint" else "evaluations"
+            return (f"it needs at least {needed} {what}, and the schedule writes {planned} "
+                    f"(train.steps={t.steps}, {settings}); lower the interval or train longer")
+    return None
 
 
 def run_metrics(ctx: AnalysisContext, names: list[str], options: dict[str, dict] | None = None, *,

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"unrecognized arguments: {' '.join(unknown or pairs)}")
         if pairs:
             args.pairs += pairs
+        if getattr(args, "out", None) == "":
+            raise UsageError("--out must name a path, not an empty string")
         return args.handler(args)
     except UsageError as exc:
         print(f"geobench: error: {exc}", file=sys.stderr)
@@ -195,8 +198,6 @@ def run_as_rank(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, 
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import json as json_mod
-
     from geobench.analysis import AnalysisContext, metric_options, plan_metrics, run_metrics
 
     reg = plugin_registry.installed()
@@ -207,9 +208,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return analyze_manifest(args, reg)
     if not args.run:
         raise UsageError("name a run directory, or --manifest M.json --opt NAME --out DIR")
+    holder = lock_holder(args.run)
+    if holder:
+        raise in_use(args.run, holder)
     ctx = AnalysisContext.open(args.run, reg)
     if not ctx.run.report_json.exists():
         raise UsageError(f"run {args.run!r} has no report.json (was it killed? finish it with resume=true)")
+    previous = ctx.run.read_report()
     asked = dataclasses.replace(ctx.trained, metrics=args.metrics) if args.metrics else ctx.trained
     names, skipped = plan_metrics(asked, reg)
     if not names:
@@ -217,9 +222,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     options = metric_options(names, config.parse_pairs(args.pairs), reg)
     with ctx.run.lock("analyze"):
         results = run_metrics(ctx, names, options, strict=True, skipped=skipped)
-        doc = json_mod.loads(ctx.run.report_json.read_text())
-        doc["metrics"].update(results)
-        report.write(ctx.run, doc, reg.hooks)
+        kept = [name for name, result in results.items() if result["status"] != "ok"
+                and previous["metrics"].get(name, {}).get("status") == "ok"]
+        previous["metrics"].update({name: result for name, result in results.items() if name not in kept})
+        report.write(ctx.run, previous, reg.hooks)
+    code = print_results(results, kept)
+    print(f"geobench: report {ctx.run.report_md}")
+    return code
+
+
+def print_results(results: dict[str, dict], kept: Sequence[str] = ()) -> int:
+    """One line per metric (its headline scalars, or why it failed or was skipped); the exit code:
+    1 when a metric failed, else 0."""
     for name, result in results.items():
         line = f"geobench: {name}: {result['status']}"
         if result["status"] == "failed":
@@ -228,8 +242,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             line += f" ({result['reason']})"
         else:
             line += "; " + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6])
+        if name in kept:
+            line += "; the report keeps its earlier result"
         print(line)
-    print(f"geobench: report {ctx.run.report_md}")
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0
 
 
@@ -260,14 +275,15 @@ def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) ->
         ctx = AnalysisContext.of_manifest(args.manifest, args.opt, args.params, args.out, reg)
         started = report.now()
         results = run_metrics(ctx, names, options, strict=True)
-        doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params, ctx.checkpoint_steps(),
-                                         ctx.parameter_shapes, results, started)
-        report.write(out, doc, reg.hooks)
-    for name, result in results.items():
-        print(f"geobench: {name}: {result['status']}; "
-              + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6]))
-    print(f"geobench: report {out.report_md}")
-    return 0
+        failed = [name for name, result in results.items() if result["status"] == "failed"]
+        if not failed:  # a report with a failed metric would only block the rerun into --out
+            doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params, ctx.checkpoint_steps(),
+                                             ctx.parameter_shapes, results, started)
+            report.write(out, doc, reg.hooks)
+    code = print_results(results)
+    print(f"geobench: nothing written to {str(out)!r}: {', '.join(failed)} failed" if failed
+          else f"geobench: report {out.report_md}")
+    return code
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from geobench.errors import UsageError, did_you_mean
-from geobench.params import Param, load_yaml
+from geobench.errors import UsageError, did_you_mean, shown
+from geobench.params import SEED_HIGH, Param, read_yaml_file
 
 if TYPE_CHECKING:
     from geobench.registry import Registry
 
+MAX_STEPS = 10**8  # a thousand times the paper's run; far beyond what any budget trains
 DEFAULT_METRICS = ("backbone", "alignment", "switching", "fisher", "interference", "energy", "grad_structure")
 
 
@@ -72,14 +74,14 @@ class ProbeConfig:
     ood_gap: list = p([80, 200], "filler tokens between KEY and QUERY in the OOD set [min, max]")
     eval_prefix: list = p([2, 10], "filler tokens before KEY in the eval sets [min, max]")
     filler_ids: list = p([100, 5000], "token ids the eval filler is drawn from [min, max]")
-    codeword_seed: int = p(0, "seed of the codeword shuffle and of the fixed eval sets")
+    codeword_seed: int = p(0, "seed of the codeword shuffle and of the fixed eval sets", low=0, high=SEED_HIGH)
     lm_ood: str = p("clean", "lm_ood over the OOD examples' filler and template tokens ('clean') or also over the "
                     "EOS padding after the query, as the source counted it ('source')", choices=("clean", "source"))
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = p(10_000, "optimizer steps", low=1)
+    steps: int = p(10_000, "optimizer steps", low=1, high=MAX_STEPS)
     batch_size: int = p(64, "sequences per micro-batch", low=1)
     grad_accum: int = p(2, "micro-batches per step", low=1)
     warmup: int = p(1500, "linear warmup steps", low=0)
@@ -103,7 +105,7 @@ class TrainConfig:
     early_stop: bool = p(False, "stop once p_ood >= early_stop_p_ood at early_stop_evals consecutive evaluations")
     early_stop_p_ood: float = p(0.8, "p_ood threshold of the early stop", low=0, high=1)
     early_stop_evals: int = p(5, "consecutive evaluations at or above the threshold", low=1)
-    seed: int = p(42, "seed of the initialization and the data order")
+    seed: int = p(42, "seed of the initialization and the data order", low=0, high=SEED_HIGH)
     device: str = p("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = p(False, "continue the run in the output directory from its saved state")
 
@@ -235,16 +237,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file as dotted keys; unreadable or malformed files are a UsageError."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"malformed YAML in {str(path)!r}{where}") from None
+    data = read_yaml_file(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -278,6 +271,8 @@ def _plugin_params(section: str, declared: Mapping[str, Param], given: Mapping[s
 def build(tree: Mapping[str, Any], reg: Registry) -> Config:
     """Validate a nested dict of raw values into a Config (all values typed and in range), the
     optimizer's and the model family's own parameters against their plugins' declarations."""
+    if not isinstance(tree, Mapping):
+        raise UsageError(f"a configuration must be a mapping of sections, not {shown(tree)}")
     declared = declared_fields()
     unknown = [path for path in flatten(tree) if path not in declared and path != "optimizer.name"
                and not path.startswith(("optimizer.params.", "model.params."))]
@@ -322,15 +317,19 @@ def check_consistency(cfg: Config) -> None:
     sched = cfg.train.lambda_schedule
     ok = bool(sched) and all(
         isinstance(item, (list, tuple)) and len(item) == 2
-        and isinstance(item[0], int) and isinstance(item[1], (int, float)) and item[1] >= 0
+        and isinstance(item[0], int) and not isinstance(item[0], bool)
+        and isinstance(item[1], (int, float)) and not isinstance(item[1], bool) and 0 <= item[1] < math.inf
         for item in sched
     )
     if not ok or sched[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(sched, sched[1:])):
         raise UsageError(
             f"train.lambda_schedule={sched!r} must be [[0, lambda], [step, lambda], ...] "
-            "with increasing steps and lambda >= 0"
+            "with increasing steps and finite lambda >= 0"
         )
-    checkpoint_windows(cfg.train.checkpoint_window)
+    for start, _, _ in checkpoint_windows(cfg.train.checkpoint_window):
+        if start > cfg.train.steps:
+            raise UsageError(f"train.checkpoint_window={shown(cfg.train.checkpoint_window)} has a window starting at "
+                             f"step {start}, after the last step train.steps={cfg.train.steps}")
 
 
 def checkpoint_windows(value: list) -> list[list[int]]:

@@ -61,6 +61,7 @@ def measure(trajectories: Mapping[str, Sequence[tuple[int, Source]]], origin: So
     e_phi = {o: [0.0] * len(trajectories[o]) for o in opts}
     e_step = {o: [0.0] * len(trajectories[o]) for o in opts}
     dots = np.zeros((len(opts), len(opts)))
+    zero: list[str] = []  # parameters whose direction is zero
     for name in names:
         theta0 = origin.get(name)
         phi = direction(name)
@@ -68,8 +69,11 @@ def measure(trajectories: Mapping[str, Sequence[tuple[int, Source]]], origin: So
             raise UsageError(f"parameter {name!r}: the direction has shape {tuple(phi.shape)}, "
                              f"θ₀ {tuple(theta0.shape)} ({str(origin.where(name))!r})")
         norm = float(phi.norm())
+        if norm == 0:
+            zero.append(name)
         if notice is not None and abs(norm - 1) > UNIT_TOLERANCE:
-            notice(f"φ̂ of {name!r} has norm {norm:.6g}; normalized to 1")
+            notice(f"φ̂ of {name!r} has norm {norm:.6g}; " + ("normalized to 1" if norm > 0 else
+                                                            "no direction: it adds nothing to E_phi"))
         phi_hat = phi / norm if norm > 0 else torch.zeros_like(phi)
         finals = []
         for o in opts:
@@ -87,6 +91,9 @@ def measure(trajectories: Mapping[str, Sequence[tuple[int, Source]]], origin: So
             finals.append(tau.reshape(-1))
         stacked = torch.stack(finals)
         dots += (stacked @ stacked.T).numpy()
+    if len(zero) == len(names):
+        raise UsageError(f"φ̂ is zero for every one of the {len(names)} parameters: there is no direction to "
+                         "measure the energy along")
     rows = [row(o, step, len(names), tau2, phi2) for o in opts
             for (step, _), tau2, phi2 in zip(trajectories[o], e_tau[o], e_phi[o])]
     return Measurement(rows, e_step, dots, opts)
@@ -122,13 +129,18 @@ def read_manifest(path: str | Path) -> dict[str, list[tuple[int, Path]]]:
         raise UsageError(f"cannot read manifest {str(path)!r}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"manifest {str(path)!r} is not valid JSON (line {exc.lineno})") from None
+    form = '{"optimizers": {NAME: {"checkpoints": [{"iter": N, "hf_path": DIR}]}}}'
+    optimizers = data.get("optimizers") if isinstance(data, dict) else None
+    if not isinstance(optimizers, dict):
+        raise UsageError(f"manifest {str(path)!r} does not have the form {form}: 'optimizers' must map names to entries")
+    if not optimizers:
+        raise UsageError(f"manifest {str(path)!r} lists no optimizers")
     try:
-        runs = {name: sorted((int(c["iter"]), (path.parent / c["hf_path"]).resolve()) for c in entry["checkpoints"])
-                for name, entry in data["optimizers"].items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"manifest {str(path)!r} does not have the form "
-                         '{"optimizers": {NAME: {"checkpoints": [{"iter": N, "hf_path": DIR}]}}} '
-                         f"({type(exc).__name__}: {exc})") from None
+        runs = {str(name): sorted((_iter(c["iter"]), (path.parent / str(c["hf_path"])).resolve())
+                                  for c in entry["checkpoints"])
+                for name, entry in optimizers.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"manifest {str(path)!r} does not have the form {form} ({type(exc).__name__}: {exc})") from None
     for name, checkpoints in runs.items():
         iters = [it for it, _ in checkpoints]
         repeated = sorted({it for it in iters if iters.count(it) > 1})
@@ -137,6 +149,14 @@ def read_manifest(path: str | Path) -> dict[str, list[tuple[int, Path]]]:
         if not checkpoints:
             raise UsageError(f"manifest {str(path)!r} lists no checkpoints for optimizer {name!r}")
     return runs
+
+
+def _iter(value: object) -> int:
+    """A manifest's iter: a non-negative integer (10.0 is 10; 10.5, true and -1 are refused)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value) or value < 0):
+        raise ValueError(f"iter {value!r} is not a non-negative integer")
+    return int(value)
 
 
 def select(names: Sequence[str], pattern: str) -> list[str]:

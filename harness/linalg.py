@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from geobench.checkpoints import CheckpointReader
+from geobench.errors import UsageError
 
 CHUNK_ELEMENTS = 2**22
 
@@ -37,10 +38,6 @@ def _row_chunks(shape: Sequence[int], chunk_elements: int, n_rows_out: int) -> l
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _read(handle, name: str, rows: slice, scalar: bool) -> torch.Tensor:
-    tensor = handle.get_slice(name)
-    part = tensor[:] if scalar else tensor[rows]
-    return part.reshape(-1).to(torch.float64)
 
 
 class _Handles:
@@ -59,9 +56,28 @@ class _Handles:
             self.open[path] = self.stack.enter_context(safe_open(str(path), framework="pt"))
         return self.open[path]
 
+    def shape(self, name: str) -> list[int]:
+        """The shape of parameter `name`, the same in every checkpoint (else a UsageError naming the file)."""
+        shapes = [self(i, name).get_slice(name).get_shape() for i in range(len(self.readers))]
+        for i, shape in enumerate(shapes):
+            if shape != shapes[-1]:
+                raise UsageError(f"{str(self.readers[i].where(name))!r}: parameter {name!r} has shape {tuple(shape)}, "
+                                 f"{tuple(shapes[-1])} in {str(self.readers[-1].where(name))!r}")
+        return shapes[-1]
+
+    def _read(self, i: int, name: str, rows: slice, scalar: bool, device: torch.device) -> torch.Tensor:
+        try:
+            tensor = self(i, name).get_slice(name)
+            part = (tensor[:] if scalar else tensor[rows]).reshape(-1).to(device=device, dtype=torch.float64)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise UsageError(f"cannot read parameter {name!r} from {str(self.readers[i].where(name))!r}: {exc}") from None
+        if not bool(torch.isfinite(part).all()):
+            raise UsageError(f"{str(self.readers[i].where(name))!r}: parameter {name!r} holds non-finite values")
+        return part
+
     def rows(self, name: str, rows: slice, scalar: bool, device: torch.device) -> torch.Tensor:
         """Rows `rows` of parameter `name` of every checkpoint minus those of the last one (the anchor)."""
-        *others, anchor = (_read(self(i, name), name, rows, scalar).to(device) for i in range(len(self.readers)))
+        *others, anchor = (self._read(i, name, rows, scalar, device) for i in range(len(self.readers)))
         return torch.stack(others) - anchor
 
 
@@ -83,7 +99,7 @@ class TrajectoryGram:
         with contextlib.ExitStack() as stack:
             handles = _Handles(stack, [*paths, anchor_path])
             for name in names:
-                shape = handles(len(paths), name).get_slice(name).get_shape()
+                shape = handles.shape(name)
                 for rows in _row_chunks(shape, chunk_elements, len(paths) + 1):
                     block = handles.rows(name, rows, not shape, device)
                     gram += block @ block.T
@@ -113,7 +129,7 @@ class TrajectoryGram:
         with contextlib.ExitStack() as stack:
             handles = _Handles(stack, [*paths, anchor_path])
             for name in self.names:
-                shape = handles(len(paths), name).get_slice(name).get_shape()
+                shape = handles.shape(name)
                 parts = [c @ handles.rows(name, rows, not shape, torch.device("cpu"))
                          for rows in _row_chunks(shape, chunk_elements, len(paths) + 1)]
                 out[name] = torch.cat(parts).reshape(shape).to(torch.float32)

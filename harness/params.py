@@ -12,11 +12,16 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from geobench.errors import UsageError
+from geobench.errors import UsageError, shown
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e16 else f"{bound:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,7 @@ class Param:
     choices: tuple[Any, ...] | None = None
     nullable: bool = False  # None is allowed (written `null` or `none`): "not set", with the meaning `help` gives
     pattern: str | None = None  # a string value must match this regular expression entirely
+    items: type | None = None  # a list's values (at any depth of nesting) must be of this type
 
     @property
     def value_type(self) -> type:
@@ -43,24 +49,28 @@ class Param:
             return "one of " + ", ".join(str(c) for c in self.choices) + either
         if self.pattern is not None:
             return f"a string matching {self.pattern}" + either
-        parts = [self.value_type.__name__]
+        if self.items is not None:
+            return f"a list of {self.items.__name__} values" + either
+        bounds = []
         if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            bounds.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
         if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-        return " ".join(parts) + either
+            bounds.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
+        return " ".join([self.value_type.__name__, " and ".join(bounds)]).strip() + either
 
     def check(self, key: str, raw: Any) -> Any:
         if self.nullable and (raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "~"))):
             return None
         value = coerce(key, raw, self.value_type)
         if self.choices is not None and value not in self.choices:
-            raise UsageError(f"{key}={raw!r} is not allowed: expected {self.allowed()}")
+            raise UsageError(f"{key}={shown(raw)} is not allowed: expected {self.allowed()}")
         if self.pattern is not None and not re.fullmatch(self.pattern, str(value)):
-            raise UsageError(f"{key}={raw!r} is not allowed: expected {self.allowed()}")
+            raise UsageError(f"{key}={shown(raw)} is not allowed: expected {self.allowed()}")
+        if self.items is not None and isinstance(value, (list, tuple)):
+            value = type(value)(_typed_items(key, raw, value, self.items))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if isinstance(value, float) and not math.isfinite(value):
-                raise UsageError(f"{key}={raw!r} is not a finite number")
+                raise UsageError(f"{key}={shown(raw)} is not a finite number")
             too_low = self.low is not None and (
                 value < self.low or (self.low_open and value == self.low)
             )
@@ -68,8 +78,16 @@ class Param:
                 value > self.high or (self.high_open and value == self.high)
             )
             if too_low or too_high:
-                raise UsageError(f"{key}={raw!r} is out of range: expected {self.allowed()}")
+                raise UsageError(f"{key}={shown(raw)} is out of range: expected {self.allowed()}")
         return value
+
+
+SEED_HIGH = 2**32 - 1  # numpy's generators take seeds in [0, 2**32)
+
+
+def seed_param(default: int, help: str) -> Param:
+    """A seed: an integer every generator geobench seeds accepts."""
+    return Param(default, help, low=0, high=SEED_HIGH)
 
 
 class _Loader(yaml.SafeLoader):
@@ -90,9 +108,66 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+MAX_YAML_VALUES = 100_000  # a document that expands (through aliases) to more values is refused
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if key_node.value in seen:  # YAML's last-wins would silently drop the first value
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key_node.value!r}",
+                                                        key_node.start_mark)
+            seen.add(key_node.value)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values in the document once every alias is expanded (a shared node counts at each use)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a recursive alias counts once
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
+
 def load_yaml(text: str) -> Any:
-    """Parse user YAML (configs, suites, command-line values) the way geobench reads it everywhere."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """Parse user YAML (configs, suites, command-line values) the way geobench reads it everywhere:
+    no duplicate keys, no document that aliases expand beyond MAX_YAML_VALUES values."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.YAMLError(f"the document expands to more than {MAX_YAML_VALUES:,} values through its aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """A YAML file (`what`: "config file", "suite", ...) parsed by `load_yaml`; an unreadable or
+    malformed one is a UsageError naming the file, the line and the problem."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {what} {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_yaml_text(text, f"{what} {str(path)!r}")
+
+
+def parse_yaml_text(text: str, where: str) -> Any:
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
+        raise UsageError(f"malformed YAML in {where}{at}" + (f": {problem}" if problem else "")) from None
 
 
 def parse_scalar(text: str) -> Any:
@@ -120,10 +195,24 @@ def _items(values: Sequence) -> list:
     return [_items(v) if isinstance(v, list) else parse_scalar(v) if isinstance(v, str) else v for v in values]
 
 
+def _typed_items(key: str, raw: Any, values: Sequence, kind: type) -> list:
+    """`values` with every value (nested lists descended) coerced to `kind`."""
+    out = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            out.append(_typed_items(key, raw, value, kind))
+            continue
+        try:
+            out.append(coerce(key, value, kind))
+        except UsageError:
+            raise UsageError(f"{key}={shown(raw)} holds {shown(value)}, which is not a valid {kind.__name__}") from None
+    return out
+
+
 def coerce(key: str, raw: Any, kind: type) -> Any:
     """Convert `raw` to `kind` or raise a UsageError naming the key and the value."""
     value = parse_scalar(raw) if isinstance(raw, str) and kind is not str else raw
-    bad = UsageError(f"{key}={raw!r} is not a valid {kind.__name__}")
+    bad = UsageError(f"{key}={shown(raw)} is not a valid {kind.__name__}")
     if kind is bool:
         if isinstance(value, bool):
             return value

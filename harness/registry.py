@@ -248,6 +248,8 @@ class MetricPlugin:
     check: CheckMetric | None = None
     columns: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # id → (scalar, heading)
     comparison_figures: ComparisonFigures | None = None
+    min_checkpoints: int = 0  # a run whose schedule writes fewer cannot be measured (known before training)
+    min_evals: int = 0
     source: str = ""
 
     def __post_init__(self) -> None:

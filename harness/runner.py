@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import yaml
-
 from geobench import config, distributed, report, series
 from geobench.errors import UsageError
+from geobench.params import read_yaml_file
 from geobench.registry import Registry
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
 
@@ -54,7 +53,7 @@ def check(cfg: config.Config, out: RunDir, reg: Registry, metric_pairs: dict | N
         raise UsageError(f"run directory {str(out)!r} exists and is not empty; "
                          "continue it with resume=true or choose another with --out")
     if out.config.exists():
-        changed = _differences(yaml.safe_load(out.config.read_text()), config.to_dict(cfg))
+        changed = _differences(read_yaml_file(out.config, "run configuration"), config.to_dict(cfg))
         if changed:
             raise UsageError(f"resume=true but the config differs from {str(out.config)!r} in: {', '.join(changed)}")
     return plan

@@ -36,3 +36,17 @@ def is_state_step(step: int, cfg: Config) -> bool:
 def is_boundary(step: int, cfg: Config) -> bool:
     """A step after which the run writes something (the host must have read every loss by then)."""
     return is_eval_step(step, cfg) or is_checkpoint_step(step, cfg) or is_state_step(step, cfg)
+
+
+def first_scheduled(cfg: Config, kind: str, limit: int) -> list[int]:
+    """The first `limit` steps (all, when fewer) at which a run of `cfg` writes a `kind`
+    ("checkpoint" or "eval"), without walking every step of a long run: each source of such steps
+    (step 1, the last step, multiples of the interval, the extra windows) contributes at most its
+    first `limit`, which is enough to find the first `limit` of their union."""
+    t = cfg.train
+    every = t.checkpoint_every if kind == "checkpoint" else t.eval_every
+    found = {1, t.steps, *range(every, min(t.steps, every * limit) + 1, every)}
+    if kind == "checkpoint":
+        for start, end, step in checkpoint_windows(t.checkpoint_window):
+            found.update(range(start, min(end, t.steps, start + step * limit) + 1, step))
+    return sorted(s for s in found if 1 <= s <= t.steps)[:limit]

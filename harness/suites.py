@@ -16,18 +16,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
+import re
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from geobench import compare, config, executors, runner
 from geobench import published as published_series
 from geobench.analysis import plan_metrics
-from geobench.errors import UsageError, did_you_mean
-from geobench.params import load_yaml
+from geobench.errors import UsageError, did_you_mean, shown
+from geobench.params import load_yaml, parse_yaml_text, read_yaml_file
 from geobench.registry import Registry
 from geobench.trajectory import RunDir, atomic_write_json, writer_lock
 
@@ -74,17 +74,14 @@ def _read(name_or_path: str) -> tuple[dict, str]:
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
             raise UsageError(f"suite file {name_or_path!r} does not exist")
-        text, where = path.read_text(), name_or_path
+        text, where = None, name_or_path
     else:
         shipped = builtin()
         if name_or_path not in shipped:
             raise UsageError(f"unknown suite {name_or_path!r}{did_you_mean(name_or_path, shipped)}; "
                              f"built-in: {', '.join(shipped)} (or a path to a .yaml file)")
         text, where = resources.files("geobench.suite_files").joinpath(f"{name_or_path}.yaml").read_text(), name_or_path
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError:
-        raise UsageError(f"malformed YAML in suite {where!r}") from None
+    data = read_yaml_file(path, "suite") if text is None else parse_yaml_text(text, f"suite {where!r}")
     if not isinstance(data, dict):
         raise UsageError(f"suite {where!r} must be a mapping")
     unknown = [k for k in data if k not in SUITE_KEYS]
@@ -98,20 +95,36 @@ def load_published(name: str) -> dict:
     return _read(name)[0].get("published") or {}
 
 
+MAX_CELLS = 10_000  # a grid whose product is larger is a typo, not a benchmark
+
+
 def _cells(grid: Any, where: str) -> list[dict]:
     if isinstance(grid, dict):
         if not grid or any(not isinstance(v, list) or not v for v in grid.values()):
             raise UsageError(f"suite {where!r}: the grid is empty (every grid key needs a non-empty list)")
         keys = list(grid)
+        count = math.prod(len(grid[k]) for k in keys)
+        if count > MAX_CELLS:
+            raise UsageError(f"suite {where!r}: the grid makes {count:,} cells; at most {MAX_CELLS:,} are allowed")
         return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     if isinstance(grid, list) and grid and all(isinstance(c, dict) for c in grid):
         return [dict(c) for c in grid]
     raise UsageError(f"suite {where!r}: the grid is empty (give a mapping of lists or a list of cells)")
 
 
-def _merge_options(*layers: dict | None) -> dict:
+def path_component(text: str, what: str) -> str:
+    """`text` if it can name one directory inside another (no separator, not `.` or `..`), else a UsageError."""
+    if not re.fullmatch(r"[A-Za-z0-9_=,+-][A-Za-z0-9_.=,+-]*", text):
+        raise UsageError(f"{what} {shown(text)} cannot name a directory: use letters, digits and _ . = , + - "
+                         "(not starting with a dot)")
+    return text
+
+
+def _merge_options(where: str, *layers: Any) -> dict:
     merged: dict = {}
     for layer in layers:
+        if not isinstance(layer or {}, dict) or not all(isinstance(v or {}, dict) for v in (layer or {}).values()):
+            raise UsageError(f"suite {where!r}: metric_options must map metric names to {{option: value}} mappings")
         for metric, values in (layer or {}).items():
             merged.setdefault(metric, {}).update(values or {})
     return merged
@@ -128,23 +141,33 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
         raise UsageError(f"suite {where!r}: {exc}") from None
     if scale not in SCALES:
         raise UsageError(f"scale={scale!r} is not one of {', '.join(SCALES)}")
-    scaled = (data.get("scales") or {}).get(scale, {}) or {}
-    base = {**(data.get("base") or {}), **(scaled.get("base") or {})}
-    options = _merge_options(data.get("metric_options"), scaled.get("metric_options"))
+    def mapping(value: Any, what: str) -> dict:
+        if not isinstance(value or {}, dict):
+            raise UsageError(f"suite {where!r}: {what} must be a mapping, not {shown(value)}")
+        return value or {}
+
+    scaled = mapping(mapping(data.get("scales"), "scales").get(scale), f"scales.{scale}")
+    base = {**mapping(data.get("base"), "base"), **mapping(scaled.get("base"), f"scales.{scale}.base")}
+    options = _merge_options(where, data.get("metric_options"), scaled.get("metric_options"))
     metrics = data.get("metrics")  # absent: each run's default metrics
     table = data.get("table", "main")
     if table not in compare.TABLES:
         raise UsageError(f"suite {where!r}: table {table!r} is not one of {', '.join(compare.TABLES)}")
-    name = data.get("name") or Path(where).stem
+    name = path_component(str(data.get("name") or Path(where).stem), f"suite {where!r}: name")
     root = Path(directory) if directory else Path("runs") / "suites" / f"{name}-{scale}"
-    cells = []
+    cells: list[Cell] = []
     raw_cells = _cells(data.get("grid"), where)
     varying = [k for k in dict.fromkeys(k for c in raw_cells for k in c) if k != "label"
                and len({json.dumps(c.get(k)) for c in raw_cells}) > 1]
     for raw in raw_cells:
         values = {**base, **raw, **overrides}
-        label = str(values.pop("label", "") or "-".join(
-            [str(values.get("optimizer", ""))] + [f"{k}={raw[k]}" for k in varying if k in raw and k != "optimizer"]))
+        given = values.pop("label", "")
+        label = path_component(str(given), f"suite {where!r}: label") if given else re.sub(
+            r"[^A-Za-z0-9_.=,+-]", "_", "-".join([str(values.get("optimizer", ""))]
+                                                 + [f"{k}={raw[k]}" for k in varying if k in raw and k != "optimizer"]))
+        if any(cell.label == label for cell in cells):
+            raise UsageError(f"suite {where!r}: two cells have the label {label!r}; each cell needs its own "
+                             "(it names the cell's run directory)")
         group = "-".join(part for part in label.split("-") if not part.startswith("seed="))
         optimizer = values.pop("optimizer", None)
         if not optimizer:
@@ -162,6 +185,11 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
         except UsageError as exc:
             raise UsageError(f"suite {where!r}, cell {label!r}: {exc}") from None
         cells.append(Cell(label, group, cfg, checked, out))
+    computed = {name for cell in cells for name in cell.plan.names}
+    for metric in options:
+        if metric not in computed:
+            raise UsageError(f"suite {where!r}: metric_options names metric {metric!r}, which no cell computes"
+                             f"{did_you_mean(str(metric), computed)} (computed: {', '.join(sorted(computed)) or 'none'})")
     published = data.get("published") or {}
     try:
         references = published_series.resolve(",".join(data.get("references") or [])) if data.get("references") else []

@@ -261,11 +261,28 @@ def resume(setup: Setup, out: RunDir, here: distributed.World) -> Progress:
         setup.optimizer.load_state_dict(training["optimizer"])
         set_random_states(training)
         progress = Progress(**{f.name: meta[f.name] for f in dataclasses.fields(Progress) if f.name in meta})
+        if here.writer:
+            check_complete(setup.cfg, out, progress.step)
     if t.resume and here.writer:
         out.truncate_evals(progress.step)
         out.drop_checkpoints_after(progress.step)
     distributed.barrier(here)
     return progress
+
+
+def check_complete(cfg: Config, out: RunDir, step: int) -> None:
+    """A state at `step` continues a run only if everything the run wrote up to it is there: the
+    evaluation before the first update, and every scheduled checkpoint and evaluation (Θ₀, the
+    divergence anchor and the trajectory the metrics read). Otherwise a UsageError says what is missing."""
+    checkpoints, evals = set(out.checkpoint_steps()), {record["step"] for record in out.read_evals()}
+    missing = [f"checkpoint {s}" for s in range(1, step + 1) if is_checkpoint_step(s, cfg) and s not in checkpoints]
+    missing += [f"evaluation {s}" for s in range(1, step + 1) if is_eval_step(s, cfg) and s not in evals]
+    if out.read_baseline() is None and 1 not in evals:
+        missing.insert(0, "the evaluation before the first update (baseline.json)")
+    if missing:
+        raise UsageError(f"cannot resume {str(out)!r}: its training state is at step {step} but "
+                         f"{', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''} "
+                         "of the steps before it are missing; train it again into a new directory")
 
 
 def baseline(setup: Setup, out: RunDir, here: distributed.World, progress: Progress) -> float | None:
@@ -389,9 +406,9 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
                             stopped_early_at, stop = step, True
                             bar.write(f"geobench: early stop at step {step}: p_ood >= {t.early_stop_p_ood:g} "
                                       f"at {t.early_stop_evals} evaluations in a row")
-                    progress.step = step
                     if is_checkpoint_step(step, cfg) or stop:
                         writer.checkpoint(step, model)
+                    progress.step = step  # the step's evaluation and checkpoint are in: a state here is complete
                     if is_state_step(step, cfg) or stop:
                         writer.state(progress, model, optimizer)
             else:
@@ -404,6 +421,9 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
     except KeyboardInterrupt:
         status = "interrupted"
         if moved_to == progress.step:  # at the end of a step: the state is consistent
+            bad = read_losses()  # the losses not yet read belong to the next evaluation's train_loss
+            if bad is not None:
+                monitor.non_finite(bad[0])
             with optim.eval_mode(optimizer):
                 writer.state(progress, model, optimizer)
             bar.write(f"geobench: interrupted; state saved at step {progress.step}, continue with resume=true")

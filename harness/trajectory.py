@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import queue
@@ -30,15 +31,31 @@ from geobench.errors import UsageError
 LOCK_NAME = ".lock"
 
 
+@contextlib.contextmanager
+def writing(path: str | Path, *partial: Path) -> Iterator[None]:
+    """Turn a failed write of `path` (disk full, read-only, a file in the way) into a UsageError
+    naming the file and the cause, after removing the `partial` files the write left behind."""
+    try:
+        yield
+    except (OSError, UsageError) as exc:
+        for leftover in partial:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        if isinstance(exc, UsageError):  # an inner write already named its file
+            raise
+        raise UsageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -47,6 +64,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file geobench reads back (a report, an index, a state's counters); an unreadable,
+    truncated or malformed one is a UsageError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what} {str(path)!r} is not valid JSON ({exc}); was it truncated?") from None
+
+
+def check_directory_path(directory: str | Path) -> None:
+    """A UsageError unless `directory` is, or can become, a directory: not a file, not under a file,
+    not a broken symbolic link."""
+    directory = Path(directory)
+    if not str(directory):
+        raise UsageError("the output directory must not be an empty path")
+    if directory.is_symlink() and not directory.exists():
+        raise UsageError(f"{str(directory)!r} is a broken symbolic link (to {os.readlink(directory)!r})")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{str(directory)!r} is a file, not a directory")
+    above = next((d for d in directory.parents if d.exists() or d.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"{str(directory)!r} lies under {str(above)!r}, which is not a directory")
 
 
 @contextlib.contextmanager
@@ -60,10 +103,17 @@ def writer_lock(directory: str | Path, role: str) -> Iterator[None]:
     lock file (if this call made it) and the directories this call made and nothing was written
     into are removed again."""
     directory = Path(directory)
+    check_directory_path(directory)
     created = [d for d in [directory, *directory.parents] if not d.exists()]  # innermost first
-    directory.mkdir(parents=True, exist_ok=True)
     lock_created = not (directory / LOCK_NAME).exists()
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            for made in created:
+                made.rmdir()
+        raise UsageError(f"cannot write in {str(directory)!r}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -129,11 +179,17 @@ class RunDir:
     def is_empty(self) -> bool:
         return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
 
+    def read_report(self) -> dict:
+        return read_json(self.report_json, "report")
+
     def status(self) -> str | None:
         """The status its report records (completed | diverged | interrupted), None without a report."""
         if not self.report_json.exists():
             return None
-        return json.loads(self.report_json.read_text())["run"]["status"]
+        status = self.read_report().get("run", {}).get("status")
+        if not isinstance(status, str):
+            raise UsageError(f"report {str(self.report_json)!r} records no run status")
+        return status
 
     def lock(self, role: str) -> contextlib.AbstractContextManager:
         """The one-writer lock of this run directory (`writer_lock`)."""
@@ -141,21 +197,38 @@ class RunDir:
 
     # evals.jsonl: one JSON object per evaluation
     def append_eval(self, record: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.evals, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        with writing(self.evals):
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.evals, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def read_evals(self) -> list[dict]:
+        """The evaluations in order. A crash can tear only the last line (the file is appended to
+        and synced line by line): such a line is left out. A bad line before the last one is
+        damage, not a crash, and a UsageError naming the line."""
         if not self.evals.exists():
             return []
+        try:
+            text = self.evals.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read {str(self.evals)!r}: {exc}") from None
+        lines = text.split("\n")  # a complete file ends with "\n": its last piece is empty
         records = []
-        for line in self.evals.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a crash
+        for number, line in enumerate(lines, 1):
+            if not line and number == len(lines):
                 break
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("not an evaluation record with a step")
+            except ValueError as exc:
+                if number == len(lines):  # the unterminated last line: torn by a crash
+                    break
+                raise UsageError(f"{str(self.evals)!r} line {number} is not an evaluation record ({exc}); "
+                                 "the file is damaged") from None
+            records.append(record)
         return records
 
     def truncate_evals(self, max_step: int) -> None:
@@ -167,7 +240,7 @@ class RunDir:
         atomic_write_json(self.baseline, record)
 
     def read_baseline(self) -> dict | None:
-        return json.loads(self.baseline.read_text()) if self.baseline.exists() else None
+        return read_json(self.baseline, "baseline evaluation") if self.baseline.exists() else None
 
     # checkpoints/: weights only
     def checkpoint_path(self, step: int) -> Path:
@@ -177,7 +250,11 @@ class RunDir:
         index = self.checkpoints / "index.json"
         if not index.exists():
             return []
-        return json.loads(index.read_text())["steps"]
+        steps = read_json(index, "checkpoint index")
+        steps = steps.get("steps") if isinstance(steps, dict) else None
+        if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+            raise UsageError(f"checkpoint index {str(index)!r} does not list integer steps")
+        return steps
 
     def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor]) -> Path:
         path = self.checkpoint_path(step)
@@ -201,10 +278,13 @@ class RunDir:
     def save_state(self, step: int, model: dict[str, torch.Tensor], training: dict, meta: dict) -> None:
         new, old = self.path / "state.new", self.path / "state.old"
         shutil.rmtree(new, ignore_errors=True)
-        new.mkdir(parents=True)
-        atomic_write_bytes(new / "model.safetensors", save_tensors(_cpu_contiguous(model)))
-        torch.save(training, new / "training.pt")
-        atomic_write_json(new / "meta.json", {**meta, "step": step})
+        with writing(new, new):
+            new.mkdir(parents=True)
+            atomic_write_bytes(new / "model.safetensors", save_tensors(_cpu_contiguous(model)))
+            buffer = io.BytesIO()  # serialized in memory: torch.save reports a full disk as a RuntimeError
+            torch.save(training, buffer)
+            atomic_write_bytes(new / "training.pt", buffer.getvalue())
+            atomic_write_json(new / "meta.json", {**meta, "step": step})
         shutil.rmtree(old, ignore_errors=True)
         if self.state.exists():
             os.replace(self.state, old)
@@ -217,7 +297,7 @@ class RunDir:
     def load_state(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
         """(meta, model tensors, training dict); loads no pickled objects."""
         where = self.state if (self.state / "meta.json").exists() else self.path / "state.old"
-        meta = json.loads((where / "meta.json").read_text())
+        meta = read_json(where / "meta.json", "training state")
         model = CheckpointReader(where / "model.safetensors").tensors()
         training = torch.load(where / "training.pt", weights_only=True, map_location="cpu")
         return meta, model, training

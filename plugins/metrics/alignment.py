@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from geobench import Param, hookimpl
-from geobench.analysis import SCOPE
+from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
 from geobench.registry import MetricPlugin
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 OPTIONS = {
     "scope": SCOPE,
-    "window": Param([], "checkpoint steps [start, end] (empty: the whole run)"),
+    "window": Param([], "checkpoint steps [start, end] (empty: the whole run)", items=int),
     "backbone": Param("rownorm", "v_b of the row-normalized or the raw PCA (the source: raw)", choices=("rownorm", "raw")),
     "per_block": Param(False, "also C(t) per transformer block against that block's own v_b (the source's "
                               "published 0.15-0.32)"),
@@ -116,6 +116,7 @@ def plot(ctx, series) -> str:
 def geobench_register_metrics(register):
     register(MetricPlugin("alignment", "update-backbone alignment C(t) and the per-batch gradient control",
                           OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients"),
+                          min_checkpoints=BACKBONE_CHECKPOINTS,
                           columns={"mean_abs_cos": ("mean_abs_cos", "mean abs cos(u, v_b)"),
                                    "block_mean_abs_cos": ("block_mean_abs_cos", "mean abs cos(u, v_b), per block"),
                                    "control_mean_abs_cos": ("control_mean_abs_cos", "gradient control")}))

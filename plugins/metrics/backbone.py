@@ -11,7 +11,7 @@ import numpy as np
 
 from geobench import Param, hookimpl
 from geobench import series as series_math
-from geobench.analysis import SCOPE
+from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
 from geobench.linalg import pca
 from geobench.registry import MetricPlugin
 
@@ -21,13 +21,13 @@ if TYPE_CHECKING:
 
 OPTIONS = {
     "scope": SCOPE,
-    "window": Param([], "checkpoint steps [start, end] (empty: the whole run), anchored at the first"),
+    "window": Param([], "checkpoint steps [start, end] (empty: the whole run), anchored at the first", items=int),
     "top_k": Param(10, "explained-variance ratios reported", low=1),
     "rotation_window": Param(10, "checkpoints W per sliding rotation window (stride one checkpoint)", low=3),
     "phase_split": Param(None, "step splitting v_E and v_L (none: the λ switch of the run's schedule)", kind=int,
                          nullable=True, low=1),
     "fit_windows": Param([], "[[lo, hi], ...] half-open (lo, hi] windows for power laws and corr(p_ood, |r|) "
-                             "(empty: the source's six, scaled to the run's length)"),
+                             "(empty: the source's six, scaled to the run's length)", items=int),
     "per_block": Param(True, "also the PC1 of every block"),
     "per_block_every": Param(0, "per-block PCA on checkpoints every N steps plus the first and last "
                                 "(0: every checkpoint; the source's Table 2 used 400)", low=0),
@@ -233,6 +233,7 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
 def geobench_register_metrics(register):
     register(MetricPlugin("backbone", "uncentered trajectory PCA: PC1, k95, drift, decomposition, rotation",
                           OPTIONS, compute, needs=("checkpoints", "evals"), columns=COLUMNS,
+                          min_checkpoints=BACKBONE_CHECKPOINTS,
                           comparison_figures=comparison_figures))
 
 

@@ -26,12 +26,12 @@ if TYPE_CHECKING:
 
 
 OPTIONS = {
-    "recovery_from": Param([], "checkpoints for B1 (empty: the best-p_ood checkpoint and the lowest after it)"),
+    "recovery_from": Param([], "checkpoints for B1 (empty: the best-p_ood checkpoint and the lowest after it)", items=int),
     "recovery_steps": Param(1000, "B1 training steps", low=1),
     "recovery_lr": Param(1e-3, "B1 AdamW learning rate", low=0, low_open=True),
     "recovery_lam": Param(8.0, "B1 probe-loss weight λ", low=0),
     "depth_from": Param(None, "checkpoint for B6 (none: the last)", kind=int, nullable=True, low=1),
-    "sigmas": Param([0.0, 0.01, 0.03, 0.1, 0.3], "B6 perturbation scales σ"),
+    "sigmas": Param([0.0, 0.01, 0.03, 0.1, 0.3], "B6 perturbation scales σ", items=float),
     "relax_steps": Param(300, "B6 relaxation steps", low=1),
     "relax_lr": Param(6e-4, "B6 AdamW learning rate", low=0, low_open=True),
     "relax_lam": Param(4.0, "B6 probe-loss weight λ", low=0),

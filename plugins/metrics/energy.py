@@ -93,5 +93,5 @@ def plot(ctx, rows) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("energy", "shared-direction energy E_tau, E_phi, E_perp, p_phi, cos_eff (energy.csv)",
-                          OPTIONS, compute, needs=("checkpoints",), check=check,
+                          OPTIONS, compute, needs=("checkpoints",), check=check, min_checkpoints=2,
                           columns={"cos_eff": ("cos_eff_final", "cos_eff (final)")}))

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 OPTIONS = {
-    "steps": Param([], "checkpoints (empty: up to `count` spread over the run)"),
+    "steps": Param([], "checkpoints (empty: up to `count` spread over the run)", items=int),
     "count": Param(4, "checkpoints when `steps` is empty", low=1),
     "batches": Param(3, "batches per checkpoint", low=2),
     "estimator": Param(None, "EP estimator to check (none: the run's, or symmetric)", kind=str, nullable=True,

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from geobench import Param, hookimpl
-from geobench.analysis import SCOPE
+from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
+from geobench.params import seed_param
 from geobench.registry import MetricPlugin
 
 if TYPE_CHECKING:
@@ -20,14 +21,14 @@ if TYPE_CHECKING:
 
 OPTIONS = {
     "scope": SCOPE,
-    "steps": Param([], "checkpoints to measure at (empty: up to `count` spread over the run)"),
+    "steps": Param([], "checkpoints to measure at (empty: up to `count` spread over the run)", items=int),
     "count": Param(5, "checkpoints when `steps` is empty", low=1),
     "batches": Param(32, "per-batch gradients M", low=2),
     "backbone": Param("rownorm", "v_b of the row-normalized or the raw PCA (the source: raw)", choices=("rownorm", "raw")),
     "lam": Param(None, "λ of the composite loss (none: the schedule's λ at each checkpoint; the source: 2)",
                  kind=float, nullable=True, low=0),
     "random_directions": Param(10, "random unit directions orthogonal to v_b", low=1),
-    "seed": Param(0, "seed of the random directions"),
+    "seed": seed_param(0, "seed of the random directions"),
 }
 
 
@@ -95,4 +96,5 @@ def plot(ctx, rows) -> str:
 def geobench_register_metrics(register):
     register(MetricPlugin("fisher", "Rayleigh quotients along v_b, anisotropy, top Fisher eigenvector",
                           OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients"),
+                          min_checkpoints=BACKBONE_CHECKPOINTS,
                           columns={"fisher_anisotropy": ("max_anisotropy", "max Fisher anisotropy α")}))

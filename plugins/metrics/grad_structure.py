@@ -22,6 +22,7 @@ import torch
 from geobench import Param, hookimpl
 from geobench.errors import UsageError
 from geobench.objective import token_losses
+from geobench.params import seed_param
 from geobench.registry import MetricPlugin
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ OPTIONS = {
     "tokens": Param(4096, "validation tokens to collect", low=10),
     "buckets": Param(5, "entropy-quantile buckets", low=2),
     "resamples": Param(20, "random half-splits for the control band", low=1),
-    "seed": Param(0, "seed of the half-splits"),
+    "seed": seed_param(0, "seed of the half-splits"),
 }
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 OPTIONS = {
     "scope": SCOPE,
-    "steps": Param([], "checkpoints (empty: up to `count` spread over the run; the source used 1600, 3000)"),
+    "steps": Param([], "checkpoints (empty: up to `count` spread over the run; the source used 1600, 3000)", items=int),
     "count": Param(5, "checkpoints when `steps` is empty", low=1),
     "batches": Param(8, "batches with probe targets to average over", low=1),
 }

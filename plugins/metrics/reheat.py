@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 
 OPTIONS = {
-    "from_steps": Param([], "checkpoints to reheat (empty: the last)"),
-    "lrs": Param([1e-3, 6e-4, 3e-4], "learning-rate grid"),
+    "from_steps": Param([], "checkpoints to reheat (empty: the last)", items=int),
+    "lrs": Param([1e-3, 6e-4, 3e-4], "learning-rate grid", items=float),
     "lam": Param(4.0, "probe-loss weight λ during the reheat", low=0),
     "steps": Param(2000, "reheat steps", low=1),
     "warmup": Param(200, "linear warmup steps", low=0),

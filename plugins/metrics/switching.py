@@ -11,8 +11,9 @@ import numpy as np
 
 from geobench import Param, hookimpl
 from geobench import series as series_math
-from geobench.analysis import SCOPE
+from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
 from geobench.errors import UsageError
+from geobench.params import seed_param
 from geobench.registry import MetricPlugin
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 OPTIONS = {
     "scope": SCOPE,
-    "window": Param([], "checkpoint steps [start, end] (empty: the whole run)"),
+    "window": Param([], "checkpoint steps [start, end] (empty: the whole run)", items=int),
     "prominence": Param(series_math.PROMINENCE, "minimum prominence of a peak or trough", low=0),
     "reach": Param(series_math.REACH, "prominence against the min (max) of this many evaluations each side", low=1),
     "backbone": Param("rownorm", "v_b and PCs 2-6 from the row-normalized or the raw PCA (the source: raw)",
@@ -31,7 +32,7 @@ OPTIONS = {
     "resamples": Param(20, "bootstrap resamples of the OOD set for the noise σ (0: skip)", low=0),
     "sigma": Param("paired", "σ that tiers the pairs: 'paired' (of p_peak − p_trough on shared resamples) or "
                              "'last' (the source: of p_ood at the last checkpoint)", choices=("paired", "last")),
-    "seed": Param(0, "seed of the bootstrap"),
+    "seed": seed_param(0, "seed of the bootstrap"),
 }
 
 SIGMAS = {"paired": "paired bootstrap σ of p_peak − p_trough",
@@ -157,4 +158,5 @@ def plot(ctx, series, rows) -> str:
 def geobench_register_metrics(register):
     register(MetricPlugin("switching", "p_ood peaks/troughs, bootstrap tiers, switch directions vs the backbone",
                           OPTIONS, compute, needs=("checkpoints", "evals", "model", "data"),
+                          min_checkpoints=BACKBONE_CHECKPOINTS, min_evals=3,
                           columns={"switches": ("n_switches", "switch pairs"), "tier_a": ("tier_a", "tier A")}))

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 OPTIONS = {
     "relative": Param(True, "divide each update's length by the norm of the weights after it"),
-    "window": Param([], "checkpoints inside [start, end] only (empty: the whole run)"),
+    "window": Param([], "checkpoints inside [start, end] only (empty: the whole run)", items=int),
 }
 
 
