@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    distributed.join_launch()
+    return distributed.handled_exit(_main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args, extra = build_parser().parse_known_args(argv)
         # key=value pairs (and bench's word `status`) may also follow the options (`run adamw --out d steps=5`)
@@ -116,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--out must name a path, not an empty string")
         return args.handler(args)
     except UsageError as exc:
-        print(f"geobench: error: {exc}", file=sys.stderr)
+        if distributed.world().writer:  # the processes of a launch fail alike: rank 0 says it once
+            print(f"geobench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("geobench: interrupted", file=sys.stderr)
+        if distributed.world().writer:
+            print("geobench: interrupted", file=sys.stderr)
         return 130
 
 
@@ -151,6 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         distributed.check_trainable(optimizer)
         distributed.World(0, devices).micro_batches(cfg.train.grad_accum)
         runner.check(cfg, out, reg, metric_pairs)
+        from geobench.data.corpus import load_corpus
+
+        load_corpus(cfg.data)  # a data source that cannot load is one line here, not one per process
         holder = lock_holder(out.path)
         if holder:
             raise in_use(out.path, holder)

@@ -13,10 +13,14 @@ agree to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,9 +124,47 @@ def check_trainable(plugin: Any) -> None:
                          "does not provide; train it in one process (devices=1)")
 
 
+LAUNCH_DIR = "GEOBENCH_LAUNCH_DIR"  # a launch's scratch folder: each process's PID, and geobench's exit code
+
+
 def launch(argv: list[str], n: int) -> int:
-    """Run `geobench <argv>` as n processes under torchrun on this machine; its exit code."""
+    """Run `geobench <argv>` as n processes under torchrun on this machine; geobench's exit code.
+
+    torchrun runs in a session of its own and the processes tell the launcher their PIDs, so that a
+    Ctrl-C reaches the processes alone, all at once (they stop together and save their state), and
+    not torchrun's agent, whose answer to a signal is a traceback. The processes end with exit code
+    0 once geobench has handled what happened (a bad input, an interrupt, a failed metric) and rank 0
+    leaves the code in the scratch folder: torchrun reports only a process that crashed."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                "-m", "geobench", *argv]
     print(f"geobench: {n} processes: {' '.join(command)}", flush=True)
-    return subprocess.call(command)
+    with tempfile.TemporaryDirectory(prefix="geobench-launch-") as scratch:
+        process = subprocess.Popen(command, env={**os.environ, LAUNCH_DIR: scratch}, start_new_session=True)
+        while True:
+            try:
+                code = process.wait()
+                break
+            except KeyboardInterrupt:
+                for pid in Path(scratch).glob("pid.*"):
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid.read_text()), signal.SIGINT)
+        exit_file = Path(scratch) / "exit"
+        return int(exit_file.read_text()) if exit_file.exists() else code
+
+
+def join_launch() -> None:
+    """In a process of a `launch`: leave this process's PID for the launcher."""
+    scratch = os.environ.get(LAUNCH_DIR)
+    if scratch and world().active:
+        (Path(scratch) / f"pid.{world().rank}").write_text(str(os.getpid()))
+
+
+def handled_exit(code: int) -> int:
+    """The exit code a process of a `launch` returns for geobench's `code`: rank 0 records it for
+    the launcher, and every process returns 0 so that torchrun has no failure to report."""
+    scratch = os.environ.get(LAUNCH_DIR)
+    if not scratch or not world().active:
+        return code
+    if world().writer:
+        (Path(scratch) / "exit").write_text(str(code))
+    return 0

@@ -329,6 +329,10 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
     stream = iter(prefetch)
     bar = tqdm(total=t.steps, initial=progress.step, desc=out.path.name, unit="step", file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0, disable=not here.writer)
+
+    def say(line: str) -> None:  # rank 0 speaks for all
+        if here.writer:
+            bar.write(line)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
     status, stopped_early_at, compile_seconds = "completed", None, None
     moved_to = progress.step  # the step the weights are at (ahead of progress.step while a step's writes are pending)
@@ -363,7 +367,7 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
                     status = "diverged"
                     monitor.non_finite(bad[0])
                     late = f" (read {step - bad[0]} steps later; the weights after step {bad[0] - 1} are not kept)"
-                    bar.write(f"geobench: loss is {bad[1]} at step {bad[0]}: the run diverged; stopping"
+                    say(f"geobench: loss is {bad[1]} at step {bad[0]}: the run diverged; stopping"
                               + (late if bad[0] < step else ""))
                     writer.flush()
                     if bad[0] == step and progress.step and progress.step not in out.checkpoint_steps():
@@ -398,13 +402,13 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
                             hooks.geobench_on_eval(run=out, step=step, record=record)
                         if monitor.observe(record):
                             status = "diverged"
-                            bar.write(f"geobench: the run diverged at step {step}: {monitor.divergence}"
+                            say(f"geobench: the run diverged at step {step}: {monitor.divergence}"
                                       + ("; stopping" if t.stop_on_diverge else
                                          "; training on (train.stop_on_diverge=false)"))
                             stop = t.stop_on_diverge
                         if t.early_stop and early_stop_reached(history, t.early_stop_p_ood, t.early_stop_evals):
                             stopped_early_at, stop = step, True
-                            bar.write(f"geobench: early stop at step {step}: p_ood >= {t.early_stop_p_ood:g} "
+                            say(f"geobench: early stop at step {step}: p_ood >= {t.early_stop_p_ood:g} "
                                       f"at {t.early_stop_evals} evaluations in a row")
                     if is_checkpoint_step(step, cfg) or stop:
                         writer.checkpoint(step, model)
@@ -426,9 +430,9 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
                 monitor.non_finite(bad[0])
             with optim.eval_mode(optimizer):
                 writer.state(progress, model, optimizer)
-            bar.write(f"geobench: interrupted; state saved at step {progress.step}, continue with resume=true")
+            say(f"geobench: interrupted; state saved at step {progress.step}, continue with resume=true")
         else:  # inside a step's evaluation or writes: its evaluation or checkpoint may be missing
-            bar.write(f"geobench: interrupted during step {moved_to}; no state saved there (resume=true continues "
+            say(f"geobench: interrupted during step {progress.step + 1}; no state saved there (resume=true continues "
                       "from the last saved state)")
     finally:
         held.close()

@@ -21,7 +21,7 @@ def test_plugins_lists_builtins_with_source_and_hyperparameters():
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
     assert "adamw" in result.stdout and "[geobench 0.1.0]" in result.stdout
-    assert "beta2 = 0.95  (float >= 0 < 1)" in result.stdout
+    assert "beta2 = 0.95  (float >= 0 and < 1)" in result.stdout
     listing = json.loads(run_cli("plugins", "--json").stdout)
     assert set(listing["optimizers"]) >= {"adamw", "sgd", "torch"}
     assert listing["optimizers"]["sgd"]["params"]["wd_mode"]["allowed"] == "one of l2, decoupled"

@@ -60,7 +60,7 @@ def test_every_preset_resolves_and_the_report_schema_admits_it():
 
 
 @pytest.mark.parametrize("pair, message", [
-    ("beta2=1.5", r"beta2='1.5' is out of range: expected float >= 0 < 1"),
+    ("beta2=1.5", r"beta2='1.5' is out of range: expected float >= 0 and < 1"),
     ("lr=-1", r"lr='-1' is out of range: expected float > 0"),
     ("steps=ten", r"train.steps='ten' is not a valid int"),
     ("steps=2.5", r"train.steps='2.5' is not a valid int"),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -72,3 +73,25 @@ def test_an_optimizer_with_its_own_gradient_rule_is_refused_under_ddp(tmp_path):
     result = run_cli("run", "ep", *FAST, "devices=2", "train.device=cpu", "--out", "out", cwd=tmp_path)
     assert result.returncode == 2 and "brings its own gradient rule" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_data_source_is_one_line_before_any_process_starts(tmp_path):
+    result = run_cli("run", "adamw", *PAIRS, "devices=2", "train.device=cpu", "data=no/such/folder", "--out", "out",
+                     cwd=tmp_path)
+    assert result.returncode == 2 and "data path 'no/such/folder' does not exist" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "processes" not in result.stdout
+
+
+def test_ctrl_c_stops_every_process_with_one_line_and_exit_130(tmp_path):
+    # a terminal's Ctrl-C goes to the whole foreground process group: here, the launcher's
+    command = geobench_command() + ["run", "adamw", *PAIRS, "steps=1000000", "devices=2", "train.device=cpu",
+                                    "--out", "run"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for((tmp_path / "run" / "state" / "meta.json").exists, launcher, "the first state save")
+    os.killpg(launcher.pid, signal.SIGINT)
+    stdout, stderr = launcher.communicate(timeout=300)
+    said = "\n".join(line for line in (stdout + stderr).replace("\r", "\n").splitlines() if "step/s" not in line)
+    assert launcher.returncode == 130, said
+    assert "Traceback" not in said and said.count("geobench: interrupted") == 2, said  # during step N; the summary
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["run"]["status"] == "interrupted"

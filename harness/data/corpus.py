@@ -53,7 +53,11 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         return _embedded(cfg)
     path = Path(cfg.source).expanduser()
     if path.exists():
-        return _local(path, cfg)
+        datasets.disable_progress_bars()  # "Generating train split" bars would precede an error's one line
+        try:
+            return _local(path, cfg)
+        finally:
+            datasets.enable_progress_bars()
     if _looks_like_path(cfg.source):
         raise UsageError(f"data path {cfg.source!r} does not exist; {ALTERNATIVES}")
     return _hub(cfg)
