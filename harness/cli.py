@@ -23,7 +23,7 @@ from geobench import __version__, config, distributed, report, runner
 from geobench import registry as plugin_registry
 from geobench.errors import UsageError
 from geobench.params import Param
-from geobench.trajectory import RunDir, in_use, lock_holder
+from geobench.trajectory import RunDir, in_use, lock_holder, read_json
 
 
 class Parser(argparse.ArgumentParser):
@@ -326,11 +326,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "the same command without --no-wait assembles the comparison")
         return 0
     failed = {k: v for k, v in statuses.items() if not v.startswith(("completed", "diverged"))}
+    metric_failures = [f"{cell.label} ({', '.join(names)})" for cell in suite.cells if cell.label not in failed
+                       and cell.out.status() is not None
+                       and (names := [n for n, r in cell.out.read_report()["metrics"].items() if r["status"] == "failed"])]
     print(f"geobench bench: {len(statuses) - len(failed)} of {len(suite.cells)} cells finished"
-          + (f"; not finished: {', '.join(failed)}" if failed else "") + f"; report {suite.directory / 'comparison.md'}")
+          + (f"; not finished: {', '.join(failed)}" if failed else "")
+          + (f"; metrics failed in {', '.join(metric_failures)}" if metric_failures else "")
+          + f"; report {suite.directory / 'comparison.md'}")
     if any(v == "interrupted" for v in statuses.values()):
         return 130
-    return 1 if failed else 0
+    return 1 if failed or metric_failures else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -344,14 +349,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = Path(given)
         index = path / "suite.json"
         if index.exists():
-            info = json.loads(index.read_text())
-            table = table or info["table"]
+            info = read_json(index, "suite index")
+            if not isinstance(info, dict) or not isinstance(info.get("cells"), list) or not all(
+                    isinstance(c, dict) and {"directory", "label", "group"} <= set(c) for c in info["cells"]):
+                raise UsageError(f"suite index {str(index)!r} does not list its cells (directory, label, group)")
+            table = table or info.get("table")
             for cell in info["cells"]:
-                cell_path = path / cell["directory"]
+                cell_path = path / suites.path_component(str(cell["directory"]), f"suite index {str(index)!r}: cell")
                 if RunDir(cell_path).status() is not None:
                     paths.append(cell_path)
                     labels[str(cell_path)], groups[str(cell_path)] = cell["label"], cell["group"]
-            if info["scale"] == "paper" and info["name"] in suites.builtin():
+            if info.get("scale") == "paper" and info.get("name") in suites.builtin():
                 figures.update(suites.load_published(info["name"]))
             references += [r for r in info.get("references", []) if r not in references]
         elif (path / "report.json").exists():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ from geobench import published
 from geobench.errors import UsageError
 from geobench.registry import Registry
 from geobench.report import SCHEMA_VERSION, finite, fmt, load_schema, now, pyplot, save_figure
-from geobench.trajectory import atomic_write_json, atomic_write_text
+from geobench.trajectory import atomic_write_json, atomic_write_text, read_json
 
 # the columns of every run; metric plugins add theirs (MetricPlugin.columns)
 CORE_COLUMNS = {"val_loss": (("final", "val_loss"), "val loss"), "best_p_ood": (("final", "best_p_ood"), "best p_ood")}
@@ -54,7 +53,11 @@ def load_run(path: Path) -> dict:
     report = path / "report.json"
     if not report.exists():
         raise UsageError(f"{str(path)!r} has no report.json (not a finished geobench run or suite)")
-    return json.loads(report.read_text())
+    doc = read_json(report, "report")
+    if not isinstance(doc, dict) or not isinstance(doc.get("run"), dict) or "evals" not in doc:
+        raise UsageError(f"{str(report)!r} is not the report of a training run (an `analyze --manifest` report has no "
+                         "training to compare)")
+    return doc
 
 
 def run_row(path: Path, doc: dict, known: dict, label: str | None = None, group: str | None = None) -> dict:

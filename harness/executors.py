@@ -16,7 +16,6 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
-import json
 import os
 import socket
 import time
@@ -32,7 +31,7 @@ from geobench.errors import UsageError, did_you_mean
 from geobench.params import Param
 from geobench.registry import Registry
 from geobench.runner import MetricPlan
-from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text, lock_holder
+from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text, lock_holder, read_json
 
 DONE = ("completed", "diverged")
 A_WEEK = 7 * 24 * 60
@@ -224,7 +223,7 @@ def _queued(job: CellJob) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path, "suite record") if path.exists() else {}
 
 
 def check_no_wait(chosen: Settings) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 from geobench import config, distributed, report, series
+from geobench.device import pick_device
 from geobench.errors import UsageError
+from geobench.memory import check_fits
 from geobench.params import read_yaml_file
 from geobench.registry import Registry
 from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
@@ -39,6 +41,7 @@ def check(cfg: config.Config, out: RunDir, reg: Registry, metric_pairs: dict | N
     returns the plan of the end-of-run metrics (`metric_pairs`: {"NAME.option": value})."""
     from geobench.analysis import metric_options, plan_metrics
 
+    check_fits(cfg, pick_device(cfg.train.device))
     names, skipped = plan_metrics(cfg, reg)
     plan = MetricPlan(names, metric_options(names, metric_pairs or {}, reg), skipped)
     for name in names:

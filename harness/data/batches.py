@@ -80,16 +80,19 @@ class Prefetcher:
     def __init__(self, stream: TrainStream, first: int, last: int, depth: int = 4, pin: bool = False,
                  threaded: bool = True, micros: Sequence[int] | None = None):
         self.stream, self.pin, self.threaded = stream, pin, threaded
-        micros = range(stream.grad_accum) if micros is None else micros
-        self.keys = [(step, micro) for step in range(first, last + 1) for micro in micros]
+        self.steps, self.micros = range(first, last + 1), range(stream.grad_accum) if micros is None else micros
         self.ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fill, name="geobench-prefetch", daemon=True)
         if threaded:
             self.thread.start()
 
+    def keys(self) -> Iterator[tuple[int, int]]:
+        """(step, micro-batch) in training order, generated as they are asked for (a run may be long)."""
+        return ((step, micro) for step in self.steps for micro in self.micros)
+
     def _fill(self) -> None:
-        for key in self.keys:
+        for key in self.keys():
             try:
                 batch = self.stream.batch(*key)
                 item: tuple = (key, tuple(x.pin_memory() for x in batch) if self.pin else batch)
@@ -106,9 +109,9 @@ class Prefetcher:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if not self.threaded:
-            yield from (self.stream.batch(*key) for key in self.keys)
+            yield from (self.stream.batch(*key) for key in self.keys())
             return
-        for key in self.keys:
+        for key in self.keys():
             got, batch = self.ready.get()
             if isinstance(batch, BaseException):
                 raise batch
