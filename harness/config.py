@@ -60,7 +60,8 @@ class DataConfig:
     train_stories: int = p(200_000, "first N training stories (with at least min_chars)", low=1)
     val_stories: int = p(5_000, "first N validation stories", low=1)
     min_chars: int = p(40, "drop stories shorter than this many characters", low=0)
-    tokenizer: str = p("bpe", "'bpe' (byte-level BPE trained on the corpus) or a hub tokenizer id")
+    tokenizer: str = p("bpe", "'bpe' (byte-level BPE trained on the corpus), 'gpt2' (the GPT-2 / GPT-Neo BPE of the "
+                              "source, shipped with the install) or a hub tokenizer id")
     vocab_size: int = p(50257, "vocabulary size of the trained BPE", low=1024)
     cache_dir: str = p("", "cache for tokenizers and token arrays (default $GEOBENCH_CACHE)")
 
@@ -74,7 +75,13 @@ class ProbeConfig:
     ood_gap: list = p([80, 200], "filler tokens between KEY and QUERY in the OOD set [min, max]")
     eval_prefix: list = p([2, 10], "filler tokens before KEY in the eval sets [min, max]")
     filler_ids: list = p([100, 5000], "token ids the eval filler is drawn from [min, max]")
-    codeword_seed: int = p(0, "seed of the codeword shuffle and of the fixed eval sets", low=0, high=SEED_HIGH)
+    codewords: str = p("clean", "codeword rule: 'clean' (uppercase words that are one token after a space; the mask "
+                       "is that token) or 'source' (the source's list and mask, see docs/FIDELITY.md)",
+                       choices=("clean", "source"))
+    codeword_min_chars: int = p(4, "shortest codeword of the clean rule (GPT-2's vocabulary has 373 of >= 4 letters, "
+                                   "1028 of >= 3)", low=1)
+    codeword_seed: int = p(0, "seed of the codeword shuffle and of the fixed eval sets (the source's shuffle: 42)",
+                           low=0, high=SEED_HIGH)
     lm_ood: str = p("clean", "lm_ood over the OOD examples' filler and template tokens ('clean') or also over the "
                     "EOS padding after the query, as the source counted it ('source')", choices=("clean", "source"))
 
@@ -143,7 +150,7 @@ CPU_MODEL = {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256, "context": 1
 CPU_DATA = {"source": "embedded", "train_stories": 6000, "val_stories": 300, "vocab_size": 2048}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {"model": {"compile": True}},
+    "paper": {"model": {"compile": True}, "data": {"tokenizer": "gpt2"}, "probe": {"codeword_min_chars": 3}},
     "tiny": {
         "model": CPU_MODEL,
         "data": CPU_DATA,

@@ -133,7 +133,8 @@ def assemble(setup: Setup, out: RunDir, outcome: Outcome, metrics: dict, started
                 "preset": cfg.preset, "preset_reason": preset_reason},
         "environment": {**environment(setup.device), "processes": processes},
         "corpus": setup.corpus.summary(),
-        "tokenizer": {**setup.tokenizer.summary(), "codewords": len(setup.probe.codewords)},
+        "tokenizer": {**setup.tokenizer.summary(), "codewords": len(setup.probe.codewords),
+                      "probe": setup.probe.describe()},
         "model": {"family": cfg.model.family, "parameters": setup.parameter_counts()},
         "optimizer": {"name": cfg.optimizer.name, "source": setup.optimizer_plugin.source,
                       "params": cfg.optimizer.params,
@@ -242,6 +243,7 @@ def render_markdown(report: dict, figures: list[str]) -> str:
         f"| optimizer | `{report['optimizer']['name']}` {report['optimizer']['params']} ({report['optimizer']['source']}) |",
         f"| corpus | {report['corpus']['description']} |",
         f"| tokenizer | {report['tokenizer']['description']}, vocab {report['tokenizer']['vocab_size']} |",
+        f"| probe | {report['tokenizer'].get('probe', 'clean codewords')} |",
         f"| model | {report['model']['family']}: {report['model']['parameters']['total']:,} parameters "
         f"(trunk {report['model']['parameters']['trunk']:,}) |",
         f"| device | {env['device']}, torch {env['torch']}, {env['threads']} threads |",

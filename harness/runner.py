@@ -82,6 +82,7 @@ def execute(cfg: config.Config, out: RunDir, reg: Registry, preset_reason: str, 
     say(f"geobench: corpus {setup.corpus.description}", flush=True)
     say(f"geobench: tokenizer {setup.tokenizer.summary()['description']} (vocab {setup.tokenizer.vocab_size}); "
         f"model {counts['total']:,} parameters (trunk {counts['trunk']:,})", flush=True)
+    say(f"geobench: probe {setup.probe.describe()}", flush=True)
     say(f"geobench: run directory {out}", flush=True)
 
     if here.writer:

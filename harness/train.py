@@ -114,7 +114,7 @@ def prepare(cfg: Config, reg: Registry) -> Setup:
 
     corpus = load_corpus(cfg.data)
     tokenizer = load_tokenizer(cfg.data, corpus, codeword_pool(cfg.probe.n_codewords))
-    probe = ProbeTask(cfg.probe, tokenizer, select_codewords(tokenizer, cfg.probe.n_codewords, cfg.probe.codeword_seed))
+    probe = ProbeTask(cfg.probe, tokenizer, select_codewords(tokenizer, cfg.probe))
     context = cfg.model.context
     val = tokenize_stories(cfg.data, tokenizer, corpus, "val")
     model, optimizer, optimizer_plugin = build_model_and_optimizer(cfg, tokenizer.vocab_size, device, reg)

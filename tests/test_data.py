@@ -10,7 +10,7 @@ from geobench.config import DataConfig, ProbeConfig
 from geobench.data import synthetic
 from geobench.data.batches import TrainStream, validation_batches
 from geobench.data.corpus import load_corpus
-from geobench.data.probe import IGNORE, TEMPLATES, ProbeTask, codeword_pool, select_codewords
+from geobench.data.probe import IGNORE, TEMPLATES, ProbeTask, clean_codewords, codeword_pool
 from geobench.data.tokenizer import load_tokenizer, tokenize_stories
 from geobench.errors import UsageError
 
@@ -96,7 +96,7 @@ def real_text(shared_data):
     cfg = DataConfig(source=str(shared_data), train_stories=400, val_stories=40, vocab_size=3000)
     corpus = load_corpus(cfg)
     tok = load_tokenizer(cfg, corpus, codeword_pool(48))
-    probe = ProbeTask(ProbeConfig(p_probe=1.0, n_codewords=48), tok, select_codewords(tok, 48, seed=0))
+    probe = ProbeTask(ProbeConfig(p_probe=1.0, n_codewords=48), tok, clean_codewords(tok, 48, seed=0))
     return cfg, corpus, tok, probe
 
 
@@ -108,10 +108,10 @@ def test_bpe_is_cached_and_codewords_are_single_tokens(real_text):
     for word in probe.codewords:
         assert word.isupper() and word.isalpha() and len(word) >= 4
         assert len(tok.encode(" " + word)) == 1
-    assert probe.codewords == select_codewords(tok, 48, seed=0)
+    assert probe.codewords == clean_codewords(tok, 48, seed=0)
     assert sorted(probe.codewords) != probe.codewords  # shuffled after sorting
     with pytest.raises(UsageError, match="single-token codewords"):
-        select_codewords(tok, 5000, seed=0)
+        clean_codewords(tok, 5000, seed=0)
 
 
 def test_training_sequences_on_real_text(real_text):
@@ -135,8 +135,8 @@ def test_training_sequences_on_real_text(real_text):
         code = int(y[j])
         assert code in code_ids
         seq = np.append(x[: j + 1], code)
-        templates = [probe.pair(t, code) for t in range(len(TEMPLATES))]
-        key, query = next((k, q) for k, q in templates if list(seq[-len(q):]) == q)
+        templates = [probe.pair(t, probe.code_ids.tolist().index(code)) for t in range(len(TEMPLATES))]
+        key, query = next((k, q) for k, q, masked in templates if list(seq[-len(q):]) == q and masked == 1)
         start = next(i for i in range(len(seq)) if list(seq[i:i + len(key)]) == key)
         gap = len(seq) - len(query) - (start + len(key))
         assert 5 <= gap <= 30
@@ -178,7 +178,8 @@ def test_eval_sets_follow_spec(real_text, ood):
         assert x[j + 1] == y[j] and (x[j + 2:] == tok.eos_id).all()  # the codeword, then EOS padding
         assert not pad[:j + 1].any() and pad[j + 1:].all()  # the source counted these targets in lm_ood
         seq = np.append(x[: j + 1], y[j])
-        key, query = next((k, q) for k, q in (probe.pair(t, int(y[j])) for t in range(5)) if list(seq[-len(q):]) == q)
+        code = probe.code_ids.tolist().index(int(y[j]))
+        key, query = next((k, q) for k, q, _ in (probe.pair(t, code) for t in range(5)) if list(seq[-len(q):]) == q)
         start = next(i for i in range(len(seq)) if list(seq[i:i + len(key)]) == key)
         assert 2 <= start <= 10
         filler = np.concatenate([seq[:start], seq[start + len(key):len(seq) - len(query)]])

@@ -19,10 +19,11 @@ from geobench.data.probe import IGNORE, ProbeTask
 from geobench.data.tokenizer import TokenizedStories
 
 
-def _to_sample(seq: np.ndarray, length: int, eos: int, probe_at: int = -1,
+def _to_sample(seq: np.ndarray, length: int, eos: int, probe_at: int = -1, masked: int = 1,
                pad: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """A token sequence of at most length+1 → (inputs, targets, probe mask), EOS padded; targets at
-    padding (past the sequence, or where `pad` marks it) are ignored."""
+    padding (past the sequence, or where `pad` marks it) are ignored. The mask covers the targets
+    of the `masked` tokens ending at `probe_at`."""
     inputs = np.full(length, eos, dtype=np.int64)
     targets = np.full(length, IGNORE, dtype=np.int64)
     mask = np.zeros(length, dtype=bool)
@@ -31,7 +32,7 @@ def _to_sample(seq: np.ndarray, length: int, eos: int, probe_at: int = -1,
     if pad is not None:
         targets[:n][pad[1:n + 1]] = IGNORE
     if probe_at > 0:
-        mask[probe_at - 1] = True
+        mask[max(probe_at - masked, 0):probe_at] = True
     return inputs, targets, mask
 
 
@@ -58,8 +59,8 @@ class TrainStream:
         if rng.random() < self.p_probe:
             probe = self.probe.inject(story, length, rng)
             if probe is not None:
-                seq, pad, probe_at = probe
-                return _to_sample(seq, self.context, self.eos, probe_at, pad)
+                seq, pad, probe_at, masked = probe
+                return _to_sample(seq, self.context, self.eos, probe_at, masked, pad)
         start = int(rng.integers(0, len(story) - length + 1)) if len(story) > length else 0
         return _to_sample(story[start:start + length], self.context, self.eos)
 

