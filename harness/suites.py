@@ -186,8 +186,8 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
             raise UsageError(f"suite {where!r}, cell {label!r}: {exc}") from None
         cells.append(Cell(label, group, cfg, checked, out))
     computed = {name for cell in cells for name in cell.plan.names}
-    for metric in options:
-        if metric not in computed:
+    for metric in options:  # options of a metric that `metrics=` on the command line left out are moot
+        if metric not in reg.metrics or (metric not in computed and "metrics" not in overrides):
             raise UsageError(f"suite {where!r}: metric_options names metric {metric!r}, which no cell computes"
                              f"{did_you_mean(str(metric), computed)} (computed: {', '.join(sorted(computed)) or 'none'})")
     published = data.get("published") or {}

@@ -11,6 +11,7 @@ state for resume, and the lifecycle hooks. Its parts: `schedule` (which step doe
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
@@ -146,6 +147,23 @@ def derive(setup: Setup, cfg: Config, weights: dict[str, torch.Tensor]) -> Setup
     return dataclasses.replace(setup, cfg=cfg, stream=stream, model=model, optimizer=optimizer, optimizer_plugin=plugin)
 
 
+
+
+def seconds_per_step(setup: Setup) -> float:
+    """Wall seconds of one training step of `setup` on this machine: the second of two steps (the
+    first warms the kernels up), taken eagerly on copies of the model and the optimizer, so that
+    the run itself is untouched and torch.compile's gains are not counted."""
+    model, optimizer = copy.deepcopy((setup.model, setup.optimizer))
+    cfg = dataclasses.replace(setup.cfg, model=dataclasses.replace(setup.cfg.model, compile=False))
+    stepper = Stepper(cfg=cfg, model=model, optimizer=optimizer, plugin=setup.optimizer_plugin, device=setup.device,
+                      autocast=setup.autocast, here=distributed.World())
+    batches = [Batch(*(x.to(setup.device) for x in setup.stream.batch(1, m))) for m in range(cfg.train.grad_accum)]
+    lam = lambda_at(cfg.train.lambda_schedule, 1)
+    for _ in range(2):
+        start = time.perf_counter()
+        stepper.gradient(batches, lam)
+        stepper.update(batches, lam)
+    return time.perf_counter() - start
 
 
 @dataclasses.dataclass

@@ -125,3 +125,7 @@ def test_the_paper_path_trains_on_cpu_with_compile_and_the_chunked_head(tmp_path
     assert doc["model"]["parameters"]["total"] == 51_045_888 and doc["config"]["model"]["compile"] is True
     assert doc["throughput"]["compile_seconds"] > 0 and doc["run"]["status"] == "completed"
     assert "clean codewords (512" in doc["tokenizer"]["probe"]
+    # said before training: how long the run takes at the speed measured here
+    estimate = next(line for line in result.stdout.splitlines() if "preset=paper on a CPU" in line)
+    assert "2 steps take about" in estimate
+    assert result.stdout.index(estimate) < result.stdout.index("geobench: run directory")

@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import math
 import resource
 import tempfile
 import time
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +170,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=0, help="model vocabulary (default: the tokenizer's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: the preset's, on for paper)")
+    parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args()
     if args.compile is None:
         args.compile = args.preset == "paper"
@@ -197,14 +200,22 @@ def main() -> None:
     print(f"ratio harness/plain: {best_harness / best_plain:.3f}  (goal >= 0.97)")
     print(f"ratio harness/seed-style: {best_harness / best_seed:.2f}x  (goal >= 9x on a GPU)")
     where = "allocated on the GPU" if run.device.type == "cuda" else "resident"
-    print(f"peak memory: {peak_memory_gib(run.device):.2f} GiB ({where})")
+    measured = {"device": str(run.device), "preset": args.preset, "tokens_per_second": best_harness,
+                "plain_tokens_per_second": best_plain, "seed_style_tokens_per_second": best_seed,
+                "ratio_plain": best_harness / best_plain, "ratio_seed_style": best_harness / best_seed,
+                "peak_memory_gib": peak_memory_gib(run.device), "peak_memory_is": where,
+                "compile_seconds": min(COMPILE_SECONDS) if COMPILE_SECONDS else None}
+    print(f"peak memory: {measured['peak_memory_gib']:.2f} GiB ({where})")
     if COMPILE_SECONDS:
         print(f"compile (the harness's first step): {min(COMPILE_SECONDS):.1f} s, not counted in its tokens/s")
     if run.device.type == "cuda":
         peak = measured_bf16_tflops(run.device)
         achieved = best_harness * flops_per_token(run) / 1e12
-        print(f"{torch.cuda.get_device_name(run.device)}: measured dense bf16 matmul {peak:.0f} TFLOP/s; harness "
+        measured.update(gpu=torch.cuda.get_device_name(run.device), matmul_tflops=peak, mfu=achieved / peak)
+        print(f"{measured['gpu']}: measured dense bf16 matmul {peak:.0f} TFLOP/s; harness "
               f"{achieved:.1f} TFLOP/s of model FLOPs, MFU {100 * achieved / peak:.1f}% (goal >= 45%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(measured, indent=2) + "\n")
 
 
 if __name__ == "__main__":
