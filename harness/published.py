@@ -118,12 +118,19 @@ def fit_windows(series: PublishedSeries) -> list[list[int]]:
     return BETA2_FIT_WINDOWS if series.beta2 is not None else series_math.default_fit_windows(series.steps[-1])
 
 
+def corr_points(series: PublishedSeries) -> str:
+    """Which points the source's corr(p_ood, ‖r‖) took: the β₂ script kept Θ₀'s (‖r‖ = 0), the regime
+    script of the 10k runs left it out (series_math.window_fits)."""
+    return "all" if series.beta2 is not None else "moved"
+
+
 def analyze(series: PublishedSeries) -> dict:
     """The published series through geobench's own series code: one comparison row."""
     steps, p = series.evaluated()
     peaks, troughs = series_math.detect_switches(p)
     pairs = series_math.pair_switches(peaks, troughs)
-    fits = series_math.window_fits(series.steps, series.a, series.r_norm, series.p_ood, fit_windows(series))
+    fits = series_math.window_fits(series.steps, series.a, series.r_norm, series.p_ood, fit_windows(series),
+                                   corr_points(series))
     evaluated_loss = [v for v in series.val_loss if v is not None]
     return {
         "name": series.name, "description": series.description, "beta2": series.beta2,

@@ -104,17 +104,22 @@ def default_fit_windows(last_step: int) -> list[list[int]]:
     return [[round(lo * last_step), round(hi * last_step)] for lo, hi in FIT_FRACTIONS]
 
 
+CORR_POINTS = ("moved", "all")
+
+
 def window_fits(steps: Sequence[int], a: Sequence[float], r: Sequence[float], p_ood: Sequence[float | None],
-                windows: Sequence[Sequence[float]]) -> list[dict]:
+                windows: Sequence[Sequence[float]], corr_points: str = "moved") -> list[dict]:
     """Per half-open window (lo, hi]: power laws of |a(t)| and ‖r(t)‖ and the Pearson correlation of
-    p_ood with ‖r‖ (over the points where both exist and ‖r‖ > 0; None below three points)."""
+    p_ood with ‖r‖ over the points where both exist — with `corr_points="moved"` only those with
+    ‖r‖ > 0 (the regime script's), with "all" also Θ₀'s own point, ‖r‖ = 0 (the β₂ script's);
+    None below three points."""
     rows = []
     for lo, hi in windows:
         idx = in_window(steps, lo, hi)
         t = [steps[i] for i in idx]
         fa = power_law_fit(t, [abs(a[i]) for i in idx])
         fr = power_law_fit(t, [r[i] for i in idx])
-        pairs = [(p_ood[i], r[i]) for i in idx if p_ood[i] is not None and r[i] > 0]
+        pairs = [(p_ood[i], r[i]) for i in idx if p_ood[i] is not None and (r[i] > 0 or corr_points == "all")]
         corr = None
         if len(pairs) >= 3:
             p, rr = np.array(pairs, dtype=float).T

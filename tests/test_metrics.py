@@ -110,6 +110,20 @@ def test_alignment_against_numpy(ctx, trajectory):
         assert cos == pytest.approx(g @ v_b / np.linalg.norm(g), abs=1e-5)
 
 
+def test_alignment_over_a_fixed_step_interval_against_numpy(ctx, trajectory):
+    """The source's β₂ table: u_s = θ_s − θ_(s−N) at the checkpoints that have one N steps earlier."""
+    steps, _, thetas = trajectory
+    result = run_metrics(ctx, ["alignment"], options={"alignment": options("alignment", interval=4,
+                                                                           control_batches=0)})["alignment"]
+    assert result["status"] == "ok", result.get("error")
+    _, v_b = numpy_pca(thetas[1:] - thetas[0], normalize=True)
+    later = [s for s in steps if s - 4 in steps]
+    updates = np.stack([thetas[steps.index(s)] - thetas[steps.index(s - 4)] for s in later])
+    assert result["series"]["steps"] == later and len(later) < len(steps) - 1
+    np.testing.assert_allclose(result["series"]["cos"], updates @ v_b / np.linalg.norm(updates, axis=1), atol=1e-6)
+    assert "θ_(s−4)" in result["variant"]
+
+
 def test_alignment_source_variant_against_numpy(ctx, trajectory):
     """SPEC §6: per block against the block's RAW v_b; the control on block 0 at several checkpoints."""
     steps, _, _ = trajectory
@@ -182,11 +196,12 @@ def planted_evals(steps):
     return [{"step": s, "p_ood": level.get(i, 0.3)} for i, s in enumerate(steps)]
 
 
-@pytest.mark.parametrize("variant", ["rownorm", "raw"])
-def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant):
+@pytest.mark.parametrize("variant, e2_6", [("rownorm", "residual"), ("raw", "residual"), ("rownorm", "whole")])
+def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, e2_6):
     steps, names, thetas = trajectory
     monkeypatch.setattr(type(ctx), "evals", property(lambda self: planted_evals(steps)))
-    result = switching.compute(ctx=ctx, options=options("switching", resamples=5, backbone=variant, per_block=True, sigma="last"))
+    result = switching.compute(ctx=ctx, options=options("switching", resamples=5, backbone=variant, per_block=True,
+                                                        sigma="last", e2_6=e2_6))
     delta = thetas[1:] - thetas[0]
     rows = delta / np.linalg.norm(delta, axis=1, keepdims=True) if variant == "rownorm" else delta
     _, _, vt = np.linalg.svd(rows, full_matrices=False)
@@ -199,7 +214,10 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant):
         assert r["abs_cos_vb"] == pytest.approx(abs(v @ v_b), abs=1e-6)
         perp = v - (v @ v_b) * v_b
         perp /= np.linalg.norm(perp)
-        assert r["e2_6"] == pytest.approx(sum((perp @ vt[k]) ** 2 for k in range(1, 6)), abs=1e-6)
+        whole = sum((v @ vt[k]) ** 2 for k in range(1, 6))  # residual_decomposition.py's
+        residual = sum((perp @ vt[k]) ** 2 for k in range(1, 6))  # update_alignment.py's
+        assert r["e2_6"] == pytest.approx(whole if e2_6 == "whole" else residual, abs=1e-6)
+        assert whole == pytest.approx(residual * (1 - (v @ v_b) ** 2), abs=1e-9)  # the two differ by 1 − cos²
         assert r["tier"] == series.tier(r["delta_p"], r["sigma_last"]) and r["sigma_paired"] >= 0
     # per block: each block's own trajectory PCA, LayerNorms included
     offsets = np.cumsum([0] + [int(np.prod(ctx.parameter_shapes[n])) for n in ctx.scope("all")])

@@ -118,6 +118,21 @@ def test_power_laws_recover_the_published_beta2_fits():
             want = entry["fit_results"][f"{row['start']}-{row['end']}"]
             for key in ("gamma_a", "R2_a", "gamma_r", "R2_r"):
                 assert row[key] == pytest.approx(want[key], abs=1e-6)
+            # the β₂ script's correlation keeps Θ₀'s point (‖r‖ = 0): corr_points="all" gives its summary's
+            corr = entry["corr_results"][f"{row['start']}-{row['end']}"]
+            assert row["corr_p_ood_r"] == (None if corr is None else pytest.approx(corr, abs=1e-9))
+
+
+def test_the_two_correlation_rules_differ_by_the_origin_point():
+    series_ = published.load("mini_gpt-beta2-0.99")
+    args = (series_.steps, series_.a, series_.r_norm, series_.p_ood, [[0, 2000]])
+    moved, every = series.window_fits(*args, "moved")[0], series.window_fits(*args, "all")[0]
+    assert every["corr_p_ood_r"] == pytest.approx(0.8616860640914311, abs=1e-9)  # the β₂ summary's
+    assert moved["corr_p_ood_r"] == pytest.approx(0.806, abs=5e-4)  # the regime script's rule
+    idx = [i for i, s in enumerate(series_.steps) if 0 < s <= 2000 and series_.p_ood[i] is not None]
+    p, r = np.array([series_.p_ood[i] for i in idx]), np.array([series_.r_norm[i] for i in idx])
+    assert every["corr_p_ood_r"] == pytest.approx(np.corrcoef(p, r)[0, 1])
+    assert moved["corr_p_ood_r"] == pytest.approx(np.corrcoef(p[r > 0], r[r > 0])[0, 1])
 
 
 def test_probe_not_learned_says_why_in_words():

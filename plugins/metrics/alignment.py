@@ -11,6 +11,7 @@ import torch
 
 from geobench import Param, hookimpl
 from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
+from geobench.errors import UsageError
 from geobench.registry import MetricPlugin
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ OPTIONS = {
     "backbone": Param("rownorm", "v_b of the row-normalized or the raw PCA (the source: raw)", choices=("rownorm", "raw")),
     "per_block": Param(False, "also C(t) per transformer block against that block's own v_b (the source's "
                               "published 0.15-0.32)"),
+    "interval": Param(0, "steps of the update u_s = θ_s − θ_(s−interval), at every checkpoint s that has one that "
+                         "many steps earlier (0: each consecutive checkpoint interval; the source's β₂ table: 200)", low=0),
     "control_batches": Param(16, "per-batch gradients for the control at each control checkpoint (0: skip it)", low=0),
     "control_step": Param(None, "checkpoint of the gradient control (none: see control_checkpoints)", kind=int,
                           nullable=True, low=1),
@@ -33,16 +36,28 @@ OPTIONS = {
 }
 
 
-def update_cosines(bb, v_b: np.ndarray) -> np.ndarray:
-    """C(t) = ⟨u_t, v_b⟩/‖u_t‖ for the update u_t = θ_t − θ_(t−1) over each checkpoint interval."""
+def update_pairs(steps: list[int], interval: int) -> list[tuple[int, int]]:
+    """(earlier, later) checkpoint indices of the updates: consecutive checkpoints (interval 0), or
+    every checkpoint s with one exactly `interval` steps before it."""
+    if not interval:
+        return [(i - 1, i) for i in range(1, len(steps))]
+    index = {s: i for i, s in enumerate(steps)}
+    return [(index[s - interval], i) for i, s in enumerate(steps) if s - interval in index]
+
+
+def update_cosines(bb, v_b: np.ndarray, interval: int = 0) -> tuple[list[int], np.ndarray]:
+    """The steps s and C(s) = ⟨u_s, v_b⟩/‖u_s‖ of the updates `update_pairs` gives."""
     gram, T = bb.gram, len(bb.gram.steps)
-    cosines = []
-    for i in range(1, T):
+    steps, cosines = [], []
+    for earlier, later in update_pairs(bb.gram.steps, interval):
         u = np.zeros(T)
-        u[i], u[i - 1] = 1.0, -1.0
+        u[later], u[earlier] = 1.0, -1.0
         norm = gram.norm(u)
+        steps.append(bb.gram.steps[later])
         cosines.append(gram.inner(u, v_b) / norm if norm > 0 else 0.0)
-    return np.array(cosines)
+    if not cosines:
+        raise UsageError(f"no checkpoint of the window has one {interval} steps before it (alignment.interval)")
+    return steps, np.array(cosines)
 
 
 def backbone_direction(bb, variant: str) -> np.ndarray:
@@ -52,17 +67,16 @@ def backbone_direction(bb, variant: str) -> np.ndarray:
 def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     window = tuple(options["window"])
     bb = ctx.backbone(options["scope"], window)
-    steps = bb.gram.steps
-    signed = update_cosines(bb, backbone_direction(bb, options["backbone"]))
+    steps, signed = update_cosines(bb, backbone_direction(bb, options["backbone"]), options["interval"])
     scalars = {"mean_abs_cos": float(np.abs(signed).mean()), "min_abs_cos": float(np.abs(signed).min()),
                "max_abs_cos": float(np.abs(signed).max()), "mean_signed_cos": float(signed.mean())}
-    series = {"steps": steps[1:], "cos": signed.tolist(), "abs_cos": np.abs(signed).tolist()}
+    series = {"steps": steps, "cos": signed.tolist(), "abs_cos": np.abs(signed).tolist()}
     tables = {}
     if options["per_block"]:
         rows = []
         for i in ctx.block_indices():
             block = ctx.backbone(f"block:{i}", window)
-            c = np.abs(update_cosines(block, backbone_direction(block, options["backbone"])))
+            c = np.abs(update_cosines(block, backbone_direction(block, options["backbone"]), options["interval"])[1])
             rows.append({"block": i, "mean_abs_cos": float(c.mean()), "min_abs_cos": float(c.min()),
                          "max_abs_cos": float(c.max())})
         tables["per_block"] = rows
@@ -80,7 +94,9 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
         scalars.update(control_mean_abs_cos=float(np.mean(np.abs(control))),
                        control_max_abs_cos=float(np.max(np.abs(control))),
                        isotropic_floor=float(1 / np.sqrt(dimension)), control_step=at[-1], control_checkpoints=len(at))
-    variant = (f"C(t) against the {'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} v_b of the "
+    variant = (("C(s) of u_s = θ_s − θ_(s−1 checkpoint)" if not options["interval"] else
+                f"C(s) of u_s = θ_s − θ_(s−{options['interval']}) at the {len(steps)} checkpoints that have one")
+               + f" against the {'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} v_b of the "
                f"{options['scope']} PCA" + ("; per_block: each block (LayerNorms included) against its own v_b"
                                             if options["per_block"] else "")
                + (f"; control: {options['control_batches']} per-batch gradients at each of "

@@ -28,6 +28,8 @@ OPTIONS = {
                          nullable=True, low=1),
     "fit_windows": Param([], "[[lo, hi], ...] half-open (lo, hi] windows for power laws and corr(p_ood, |r|) "
                              "(empty: the source's six, scaled to the run's length)", items=int),
+    "corr_points": Param("moved", "points of corr(p_ood, |r|): 'moved' (|r| > 0, the regime script's) or 'all' (Θ₀'s "
+                                  "own point too, |r| = 0, as the β₂ script's summary)", choices=series_math.CORR_POINTS),
     "per_block": Param(True, "also the PC1 of every block"),
     "per_block_every": Param(0, "per-block PCA on checkpoints every N steps plus the first and last "
                                 "(0: every checkpoint; the source's Table 2 used 400)", low=0),
@@ -58,7 +60,8 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
               "a": a.tolist(), "r_norm": r.tolist(), "backbone_fraction": fraction.tolist()}
     p_ood = ctx.p_ood_at(steps)
     windows = options["fit_windows"] or series_math.default_fit_windows(steps[-1])
-    tables = {"fits": series_math.window_fits(steps, a.tolist(), r.tolist(), [p_ood.get(s) for s in steps], windows)}
+    tables = {"fits": series_math.window_fits(steps, a.tolist(), r.tolist(), [p_ood.get(s) for s in steps], windows,
+                                              options["corr_points"])}
 
     rho_steps, rho = rotation(gram, options["rotation_window"])
     series.update(rotation_steps=rho_steps, rotation_rho=rho)

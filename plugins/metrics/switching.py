@@ -33,21 +33,29 @@ OPTIONS = {
     "sigma": Param("paired", "σ that tiers the pairs: 'paired' (of p_peak − p_trough on shared resamples) or "
                              "'last' (the source: of p_ood at the last checkpoint)", choices=("paired", "last")),
     "seed": seed_param(0, "seed of the bootstrap"),
+    "e2_6": Param("residual", "E2:6 of the switch direction v_sw: 'residual' Σ⟨v_sw⊥/‖v_sw⊥‖, PC_k⟩² (v_sw with its "
+                              "backbone part removed, as update_alignment.py) or 'whole' Σ⟨v_sw, PC_k⟩² (unit v_sw, as "
+                              "residual_decomposition.py); they differ by the factor 1 − cos²(v_sw, v_b)",
+                  choices=("residual", "whole")),
 }
 
 SIGMAS = {"paired": "paired bootstrap σ of p_peak − p_trough",
           "last": "bootstrap σ of p_ood at the last checkpoint (the source)"}
 
 
-def direction_shares(ctx, bb, pca, s_peak: int, s_trough: int) -> dict:
-    """|⟨v_sw, v_b⟩|, the backbone share ⟨v_sw, v_b⟩² and E2:6 of v_sw against one trajectory PCA."""
+def direction_shares(ctx, bb, pca, s_peak: int, s_trough: int, e2_6: str = "residual") -> dict:
+    """|⟨v_sw, v_b⟩|, the backbone share ⟨v_sw, v_b⟩² and E2:6 of v_sw (the `e2_6` formula) against
+    one trajectory PCA."""
     gram, v_b = bb.gram, pca.directions[0]
     v = gram.row(s_peak) - gram.row(s_trough)
     v = v / gram.norm(v)
     along = gram.inner(v, v_b)
-    perp = v - along * v_b
-    perp_norm = gram.norm(perp)
-    e26 = sum(gram.inner(perp / perp_norm, d) ** 2 for d in pca.directions[1:6]) if perp_norm > 0 else 0.0
+    if e2_6 == "whole":
+        e26 = sum(gram.inner(v, d) ** 2 for d in pca.directions[1:6])
+    else:
+        perp = v - along * v_b
+        perp_norm = gram.norm(perp)
+        e26 = sum(gram.inner(perp / perp_norm, d) ** 2 for d in pca.directions[1:6]) if perp_norm > 0 else 0.0
     return {"v": v, "backbone_share": along**2, "abs_cos_vb": abs(along), "e2_6": e26}
 
 
@@ -84,11 +92,11 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
         row: dict = {"peak": s_peak, "trough": s_trough, "p_peak": float(p[pk]), "p_trough": float(p[tr]),
                      "delta_p": float(p[pk] - p[tr])}
         if {s_peak, s_trough} <= checkpoints:
-            shares = direction_shares(ctx, bb, pick(bb), s_peak, s_trough)
+            shares = direction_shares(ctx, bb, pick(bb), s_peak, s_trough, options["e2_6"])
             directions.append(shares.pop("v"))
             row.update(shares)
             for i, block in blocks.items():
-                block_shares = direction_shares(ctx, block, pick(block), s_peak, s_trough)
+                block_shares = direction_shares(ctx, block, pick(block), s_peak, s_trough, options["e2_6"])
                 block_shares.pop("v")
                 block_rows.append({"peak": s_peak, "trough": s_trough, "block": i, **block_shares})
         else:
@@ -122,7 +130,9 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
     variant = (f"the source's detector (interior strict extrema, prominence >= {options['prominence']:g} against "
                f"±{options['reach']} evaluations, each peak paired with the first trough after it) on every "
                f"evaluation; v_b and PCs 2-6 from the {options['scope']}-scope "
-               f"{'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} PCA"
+               f"{'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} PCA; E2:6 "
+               + ("Σ⟨v_sw, PC_k⟩² of the unit v_sw" if options["e2_6"] == "whole"
+                  else "Σ⟨v_sw⊥, PC_k⟩² of v_sw's unit part orthogonal to v_b")
                + ("; per_block: each block against its own PCA, LayerNorms included" if options["per_block"] else "")
                + (f"; tiers by the {SIGMAS[options['sigma']]}, {options['resamples']} resamples"
                   if options["resamples"] else "; no tiers (resamples=0)"))
