@@ -176,9 +176,10 @@ class AnalysisContext:
             raise UsageError(f"the weights of scope {scope!r} did not move over steps {steps[0]}..{steps[-1]}")
         return Backbone(gram, pca(gram, rows, normalize_rows=True), pca(gram, rows))
 
-    def spread(self, steps: list[int], count: int) -> list[int]:
-        """Up to `count` checkpoints spread evenly over the run, the last included; or `steps` checked."""
-        available = self.checkpoint_steps()
+    def spread(self, steps: list[int], count: int, first: int = 0) -> list[int]:
+        """Up to `count` checkpoints at or after step `first` spread evenly over the run, the last
+        included; or `steps` checked."""
+        available = [s for s in self.checkpoint_steps() if s >= first] or self.checkpoint_steps()[-1:]
         if steps:
             missing = [s for s in steps if s not in available]
             if missing:

@@ -179,6 +179,19 @@ def test_fisher_with_a_fixed_lambda_and_the_raw_backbone(ctx, trajectory):
     assert "λ = 2" in result["variant"] and "raw v_b" in result["variant"]
 
 
+def test_fisher_checkpoints_from_a_step_on(ctx, trajectory):
+    """The source's set: 50 checkpoints from step 200 on, where count=50 alone takes step 1 in."""
+    steps, _, _ = trajectory
+    later = [s for s in steps if s >= 10]
+    assert ctx.spread([], len(later), first=10) == later
+    assert ctx.spread([], len(later)) != later and ctx.spread([], len(later))[0] == steps[0]
+    result = run_metrics(ctx, ["fisher"], options={"fisher": options(
+        "fisher", count=3, from_step=10, batches=2, random_directions=1)})["fisher"]
+    assert result["status"] == "ok", result.get("error")
+    chosen = [row["step"] for row in result["tables"]["fisher"]]
+    assert len(chosen) == 3 and min(chosen) >= 10 and chosen[-1] == steps[-1]
+
+
 def test_bootstrap_sigma_of_a_rate_and_of_a_paired_difference():
     rng = np.random.default_rng(0)
     same = rng.random(200) < 0.5
@@ -381,3 +394,13 @@ def test_basin_perturbation_and_tests(ctx):
     assert all(r["steps_to_threshold"] == 0 for r in result["tables"]["b1_recovery"])  # threshold 0: at the start
     assert [r["sigma"] for r in result["tables"]["b6_depth"]] == [0.0, 0.3]
     assert all(0 <= r["depth"] <= 1 for r in result["tables"]["b6_depth"])
+
+
+def test_the_gradient_control_at_given_checkpoints(ctx, trajectory):
+    steps, _, _ = trajectory
+    chosen = [steps[0], steps[3], steps[-1]]
+    result = run_metrics(ctx, ["alignment"], options={"alignment": options(
+        "alignment", control_batches=1, control_steps=chosen)})["alignment"]
+    assert result["status"] == "ok", result.get("error")
+    assert result["scalars"]["control_checkpoints"] == 3 and len(result["series"]["control_cos"]) == 3
+    assert f"({', '.join(map(str, chosen))})" in result["variant"]

@@ -129,3 +129,23 @@ def test_the_paper_path_trains_on_cpu_with_compile_and_the_chunked_head(tmp_path
     estimate = next(line for line in result.stdout.splitlines() if "preset=paper on a CPU" in line)
     assert "2 steps take about" in estimate
     assert result.stdout.index(estimate) < result.stdout.index("geobench: run directory")
+
+
+def test_source_lm_ood_pads_every_eval_example_to_the_context(gpt2):
+    words = source_codewords(gpt2, 512, 42)
+    clean = ProbeTask(ProbeConfig(codewords="source", codeword_seed=42, eval_examples=1000), gpt2, words)
+    source = ProbeTask(ProbeConfig(codewords="source", codeword_seed=42, eval_examples=1000, lm_ood="source"), gpt2, words)
+    narrow, full = clean.eval_set(ood=True, context=256), source.eval_set(ood=True, context=256)
+    lengths = (~full.padding).sum(1) + 1  # tokens of each example: its targets and the last token
+    assert full.inputs.shape == (1000, 256) and int(full.padding.sum()) == int((257 - lengths).sum()) == 100_642
+    assert int(narrow.padding.sum()) == 65_642  # padded only to the longest example
+    assert (full.inputs[:, :narrow.inputs.shape[1]] == narrow.inputs).all()  # the same examples
+
+
+def test_the_source_filler_may_hold_codeword_tokens(gpt2):
+    words = source_codewords(gpt2, 512, 42)
+    clean_words = clean_codewords(gpt2, 512, 0, 3)
+    code_tokens = {t for w in words for t in gpt2.encode(w)}
+    assert set(ProbeTask(ProbeConfig(codewords="source"), gpt2, words).filler.tolist()) & code_tokens
+    clean = ProbeTask(ProbeConfig(codeword_min_chars=3), gpt2, clean_words)
+    assert not set(clean.filler.tolist()) & set(clean.code_ids.tolist())

@@ -140,7 +140,9 @@ class ProbeTask:
         self.code_ids = code_ids  # the codewords' tokens (clean: the one token of each, in order)
         lo, hi = cfg.filler_ids
         hi = min(hi, tok.vocab_size - 1)
-        filler = np.setdiff1d(np.arange(lo, hi + 1), np.append(code_ids, self.eos))
+        # the clean probe keeps codeword tokens out of the eval filler; the source drew any id of the range
+        excluded = np.append(code_ids, self.eos) if cfg.codewords == "clean" else np.array([self.eos])
+        filler = np.setdiff1d(np.arange(lo, hi + 1), excluded)
         if filler.size == 0:
             raise UsageError(f"probe.filler_ids={cfg.filler_ids} leaves no filler tokens in a vocabulary of {tok.vocab_size}")
         self.filler = filler
@@ -201,10 +203,12 @@ class ProbeTask:
         if longest > context:
             raise UsageError(f"probe eval examples need {longest} tokens but model.context={context}; "
                              f"lower probe.{'ood_gap' if ood else 'train_gap'} or raise model.context")
-        inputs = np.full((len(seqs), longest), self.eos, dtype=np.int64)
-        targets = np.full((len(seqs), longest), IGNORE, dtype=np.int64)
-        mask = np.zeros((len(seqs), longest), dtype=bool)
-        padding = np.zeros((len(seqs), longest), dtype=bool)
+        # lm_ood=source counts the padding as LM targets: up to the full context, as the source padded
+        width = context if cfg.lm_ood == "source" else longest
+        inputs = np.full((len(seqs), width), self.eos, dtype=np.int64)
+        targets = np.full((len(seqs), width), IGNORE, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=bool)
+        padding = np.zeros((len(seqs), width), dtype=bool)
         for i, (seq, masked) in enumerate(zip(seqs, masks)):
             n = len(seq) - 1
             inputs[i, :n + 1], targets[i, :n] = seq, seq[1:]

@@ -31,6 +31,8 @@ OPTIONS = {
                           nullable=True, low=1),
     "control_checkpoints": Param(1, "with control_step -1: this many checkpoints spread over the run, the last "
                                     "included (the source: 11)", low=1),
+    "control_steps": Param([], "checkpoints of the gradient control, given (empty: control_step / control_checkpoints; "
+                               "the source: 1, 800, 1800, ..., 9800)", items=int),
     "control_scope": Param(None, "parameters of the gradient control and its v_b (none: scope; the source: block:0)",
                            kind=str, nullable=True, pattern=SCOPE.pattern),
 }
@@ -86,7 +88,9 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
     control_scope = options["control_scope"] or options["scope"]
     if options["control_batches"]:
         control_bb = bb if control_scope == options["scope"] else ctx.backbone(control_scope, window)
-        at = [options["control_step"]] if options["control_step"] is not None else ctx.spread([], options["control_checkpoints"])
+        at = (ctx.spread(options["control_steps"], len(options["control_steps"])) if options["control_steps"]
+              else [options["control_step"]] if options["control_step"] is not None
+              else ctx.spread([], options["control_checkpoints"]))
         control = [c for step in at for c in gradient_control(ctx, control_bb, step, options["control_batches"],
                                                               backbone_direction(control_bb, options["backbone"]))]
         series["control_cos"] = control
@@ -100,7 +104,7 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
                f"{options['scope']} PCA" + ("; per_block: each block (LayerNorms included) against its own v_b"
                                             if options["per_block"] else "")
                + (f"; control: {options['control_batches']} per-batch gradients at each of "
-                  f"{options['control_checkpoints'] if options['control_step'] is None else 1} checkpoint(s), "
+                  f"{len(at)} checkpoint(s) ({', '.join(map(str, at))}), "
                   f"{control_scope} scope" if options["control_batches"] else ""))
     return {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series)], "variant": variant}
 

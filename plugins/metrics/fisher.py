@@ -23,6 +23,8 @@ OPTIONS = {
     "scope": SCOPE,
     "steps": Param([], "checkpoints to measure at (empty: up to `count` spread over the run)", items=int),
     "count": Param(5, "checkpoints when `steps` is empty", low=1),
+    "from_step": Param(0, "with `steps` empty: spread the checkpoints over those at or after this step (the source: "
+                          "200, so that its 50 checkpoints are 200, 400, ..., 10000)", low=0),
     "batches": Param(32, "per-batch gradients M", low=2),
     "backbone": Param("rownorm", "v_b of the row-normalized or the raw PCA (the source: raw)", choices=("rownorm", "raw")),
     "lam": Param(None, "λ of the composite loss (none: the schedule's λ at each checkpoint; the source: 2)",
@@ -62,7 +64,7 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
     generator = torch.Generator().manual_seed(options["seed"])
     lam = options["lam"]
     rows = []
-    for step in ctx.spread(options["steps"], options["count"]):
+    for step in ctx.spread(options["steps"], options["count"], options["from_step"]):
         G = torch.stack(list(ctx.batch_gradients(step, names, options["batches"], lam=lam)))
         rows.append({"step": step, **fisher_summary(G, v_b, options["random_directions"], generator)})
         del G
