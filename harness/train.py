@@ -137,9 +137,11 @@ def _stream(cfg: Config, tokenizer: TextTokenizer, corpus: Corpus, probe: ProbeT
 
 def derive(setup: Setup, cfg: Config, weights: dict[str, torch.Tensor]) -> Setup:
     """A setup that starts from `weights` with a fresh optimizer and cfg's training settings, on the
-    data, tokenizer, probe and evaluation sets of `setup` (cfg must keep its model, data and probe)."""
+    data, tokenizer, probe and evaluation sets of `setup` (cfg must keep its model, data and probe;
+    only the probe rate of the training data, `probe.p_probe`, may change)."""
+    kept = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, p_probe=setup.cfg.probe.p_probe))
     for section in ("model", "data", "probe"):
-        if getattr(cfg, section) != getattr(setup.cfg, section):
+        if getattr(kept, section) != getattr(setup.cfg, section):
             raise UsageError(f"a derived run must keep the {section} settings of its source")
     model, optimizer, plugin = build_model_and_optimizer(cfg, setup.tokenizer.vocab_size, setup.device, setup.reg)
     load_weights(model, weights)

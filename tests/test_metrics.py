@@ -349,6 +349,22 @@ def test_reheat_summary_on_a_known_curve():
                                      "first_step_at_threshold": 200, "final_p_ood": 0.7,
                                      "gain": pytest.approx(0.7), "diverged": False}
     assert summarize(evals[:2], 0.6)["gain"] == 0.0 and summarize(evals[:2], 0.6)["first_step_at_threshold"] is None
+    # the source's β₂ table: the peak over the evaluations after the start, so a reheat that only loses is negative
+    falling = [{"step": 0, "p_ood": 0.5}, {"step": 1, "p_ood": 0.3}, {"step": 200, "p_ood": 0.4}]
+    assert summarize(falling, 0.6)["gain"] == 0.0 and summarize(falling, 0.6)["peak_step"] == 0
+    after = summarize(falling, 0.6, "after_start")
+    assert after["peak_step"] == 200 and after["gain"] == pytest.approx(-0.1)
+    assert summarize(evals, 0.6, "after_start") == summarize(evals, 0.6)  # a peak after the start: the same
+
+
+def test_a_reheat_may_train_at_another_probe_rate(ctx):
+    result = run_metrics(ctx, ["reheat"], options={"reheat": options(
+        "reheat", steps=2, warmup=1, eval_every=2, lrs="[1e-3]", p_probe=0.0)})["reheat"]
+    assert result["status"] == "ok", result.get("error")
+    derived = ctx.run.path / "derived" / "reheat-from30-lr0.001"
+    assert "p_probe: 0.0" in (derived / "config.yaml").read_text() and "p_probe 0;" in result["variant"]
+    with pytest.raises(UsageError, match="must keep the probe settings"):
+        ctx.retrain(ctx.checkpoint_steps()[-1], "other-gap", {"probe.train_gap": [1, 2]})
 
 
 def test_reheat_trains_a_fresh_optimizer_and_leaves_the_source_alone(ctx):

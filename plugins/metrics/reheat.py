@@ -1,7 +1,7 @@
 """Reheating (SPEC §4): from a checkpoint, a FRESH optimizer of the run's kind (or a named one)
 trains again with λ raised, warmup and cosine decay, for each learning rate of a grid; how high
-does p_ood climb, when, and what is the re-entry gain G = max p_ood − p_ood at the start (the start
-evaluation is included, so G ≥ 0)."""
+does p_ood climb, when, and what is the re-entry gain G = max p_ood − p_ood at the start (by
+default the start evaluation is included, so G ≥ 0; `peak=after_start` leaves it out)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ OPTIONS = {
                        nullable=True),
     "threshold": Param(0.6, "report the first step with p_ood at or above this", low=0, high=1),
     "grad_accum": Param(0, "micro-batches per reheat step (0: the run's; the source's β₂ reheats used 1)", low=0),
+    "p_probe": Param(None, "probe rate of the reheat's training data (none: the run's; the source's β₂ reheats: 0.10 "
+                           "after training at 0.20)", kind=float, nullable=True, low=0, high=1),
+    "peak": Param("with_start", "the peak p_ood over every evaluation of the reheat, the start included ('with_start': "
+                                "G >= 0), or over those after it ('after_start': G < 0 when the reheat only lowers "
+                                "p_ood, as the source's β₂ table)", choices=("with_start", "after_start")),
 }
 
 
@@ -44,15 +49,17 @@ def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
             raise UsageError(f"reheat.optimizer: {exc}") from None
 
 
-def summarize(evals: list[dict], threshold: float) -> dict:
-    """Peak, its step, the first step reaching the threshold, the final value and G of a p_ood curve
-    whose first point is the start."""
+def summarize(evals: list[dict], threshold: float, peak_over: str = "with_start") -> dict:
+    """Peak, its step, the first step reaching the threshold, the final value and G = peak − start of
+    a p_ood curve whose first point is the start; the peak over the whole curve ("with_start") or
+    over the points after the start ("after_start")."""
     curve = [(e["step"], e["p_ood"]) for e in evals if e.get("p_ood") is not None and np.isfinite(e["p_ood"])]
     steps, p = zip(*curve)
-    peak = int(np.argmax(p))
+    first = 1 if peak_over == "after_start" and len(p) > 1 else 0
+    peak = first + int(np.argmax(p[first:]))
     reached = next((s for s, v in curve if v >= threshold), None)
     return {"start_p_ood": p[0], "peak_p_ood": p[peak], "peak_step": steps[peak], "first_step_at_threshold": reached,
-            "final_p_ood": p[-1], "gain": max(p) - p[0], "diverged": any(e.get("diverged") for e in evals)}
+            "final_p_ood": p[-1], "gain": p[peak] - p[0], "diverged": any(e.get("diverged") for e in evals)}
 
 
 def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,8 +74,11 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
     t = ctx.trained.train
     variant = (f"a fresh {options['optimizer'] or ctx.trained.optimizer.name} per lr, λ = {options['lam']:g}, "
                f"{options['steps']} steps, warmup {options['warmup']} then the cosine clamped at "
-               f"{t.lr_floor:g} of the peak, {t.batch_size} × {options['grad_accum'] or t.grad_accum} sequences per step; "
-               "G = max p_ood − p_ood at the start (the start evaluation included)")
+               f"{t.lr_floor:g} of the peak, {t.batch_size} × {options['grad_accum'] or t.grad_accum} sequences per step, "
+               f"p_probe {options['p_probe'] if options['p_probe'] is not None else ctx.trained.probe.p_probe:g}; "
+               "G = max p_ood − p_ood at the start ("
+               + ("the start evaluation included)" if options["peak"] == "with_start" else "the max over the evaluations "
+                  "after the start)"))
     result = {"scalars": scalars, "tables": {"reheat": rows, "curves": curves}, "figures": [plot(ctx, curves)],
               "variant": variant}
     if best["peak_p_ood"] < series_math.PROBE_LEARNED:
@@ -88,9 +98,11 @@ def reheat_from(ctx: AnalysisContext, step: int, options: Mapping[str, Any]) -> 
             overrides["optimizer.name"] = options["optimizer"]
         if options["grad_accum"]:
             overrides["train.grad_accum"] = options["grad_accum"]
+        if options["p_probe"] is not None:
+            overrides["probe.p_probe"] = options["p_probe"]
         evals = ctx.retrain(step, f"reheat-from{step}-lr{lr:g}", overrides)
         curves += [{"from_step": step, "lr": lr, "step": e["step"], "p_ood": e["p_ood"]} for e in evals if "p_ood" in e]
-        rows.append({"from_step": step, "lr": lr, **summarize(evals, options["threshold"])})
+        rows.append({"from_step": step, "lr": lr, **summarize(evals, options["threshold"], options["peak"])})
     return rows, curves
 
 
