@@ -405,8 +405,11 @@ def test_basin_perturbation_and_tests(ctx):
     assert abs(float(noise.std()) - 1) < 0.05 and abs(float(noise.mean())) < 0.05
 
     result = run_metrics(ctx, ["basin"], options={"basin": options(
-        "basin", recovery_steps=2, relax_steps=2, relax_batch=4, sigmas="[0, 0.3]", eval_every=1, threshold=0.0)})["basin"]
+        "basin", recovery_steps=2, relax_steps=2, relax_batch=4, sigmas="[0, 0.3]", eval_every=1, threshold=0.0,
+        recovery_grad_accum=2)})["basin"]
     assert result["status"] == "ok", result.get("error")
+    b1 = sorted((ctx.run.path / "derived").glob("b1-from*"))
+    assert b1 and all("grad_accum: 2\n" in (d / "config.yaml").read_text() for d in b1)  # the B1 batch, as asked
     assert all(r["steps_to_threshold"] == 0 for r in result["tables"]["b1_recovery"])  # threshold 0: at the start
     assert [r["sigma"] for r in result["tables"]["b6_depth"]] == [0.0, 0.3]
     assert all(0 <= r["depth"] <= 1 for r in result["tables"]["b6_depth"])

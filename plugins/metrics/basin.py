@@ -30,6 +30,7 @@ OPTIONS = {
     "recovery_steps": Param(1000, "B1 training steps", low=1),
     "recovery_lr": Param(1e-3, "B1 AdamW learning rate", low=0, low_open=True),
     "recovery_lam": Param(8.0, "B1 probe-loss weight λ", low=0),
+    "recovery_grad_accum": Param(0, "micro-batches per B1 step (0: the run's; the source's B1: 1, 64 sequences)", low=0),
     "depth_from": Param(None, "checkpoint for B6 (none: the last)", kind=int, nullable=True, low=1),
     "sigmas": Param([0.0, 0.01, 0.03, 0.1, 0.3], "B6 perturbation scales σ", items=float),
     "relax_steps": Param(300, "B6 relaxation steps", low=1),
@@ -78,9 +79,11 @@ def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
 def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
     t = options["threshold"]
     recovery = []
+    b1 = constant_adamw(options["recovery_steps"], options["recovery_lr"], options["recovery_lam"], options["eval_every"])
+    if options["recovery_grad_accum"]:
+        b1["train.grad_accum"] = options["recovery_grad_accum"]
     for step in options["recovery_from"] or default_recovery_points(ctx):
-        evals = ctx.retrain(step, f"b1-from{step}", constant_adamw(options["recovery_steps"], options["recovery_lr"],
-                                                                   options["recovery_lam"], options["eval_every"]))
+        evals = ctx.retrain(step, f"b1-from{step}", b1)
         reached = next((e["step"] for e in evals if e.get("p_ood", -1) >= t), None)
         recovery.append({"from_step": step, "start_p_ood": evals[0]["p_ood"], "steps_to_threshold": reached,
                          "best_p_ood": max(e.get("p_ood", 0.0) for e in evals)})
