@@ -149,3 +149,27 @@ def test_the_source_filler_may_hold_codeword_tokens(gpt2):
     assert set(ProbeTask(ProbeConfig(codewords="source"), gpt2, words).filler.tolist()) & code_tokens
     clean = ProbeTask(ProbeConfig(codeword_min_chars=3), gpt2, clean_words)
     assert not set(clean.filler.tolist()) & set(clean.code_ids.tolist())
+
+
+def test_training_sequences_carry_the_source_mask(gpt2):
+    from geobench.data.batches import TrainStream
+    from geobench.data.tokenizer import TokenizedStories
+
+    words = source_codewords(gpt2, 512, 42)
+    task = ProbeTask(ProbeConfig(codewords="source", codeword_seed=42), gpt2, words)
+    story = gpt2.encode(" Once upon a time there was a little dog who liked to run in the park with his friends." * 6)
+    stories = TokenizedStories(np.array(story * 4, dtype=np.int64), np.arange(5, dtype=np.int64) * len(story))
+    stream = TrainStream(stories, task, context=256, batch_size=2, grad_accum=1, p_probe=1.0, seed=3, eos=gpt2.eos_id)
+    by_query = {tuple(gpt2.encode(q.format(c=w))): len(gpt2.encode(w)) for _, q in TEMPLATES for w in words}
+    checked = 0
+    for index in range(40):
+        x, y, mask = stream.sequence(index)
+        where = np.flatnonzero(mask)
+        if not len(where):
+            continue
+        end = where[-1] + 1
+        sequence = np.append(x[:end], y[end - 1]).tolist()
+        query, masked = next((q, k) for q, k in by_query.items() if sequence[-len(q):] == list(q))
+        assert where.tolist() == list(range(end - masked, end)) and y[where].tolist() == list(query[-masked:])
+        checked += 1
+    assert checked > 30
