@@ -186,7 +186,9 @@ class RunDir:
         """The status its report records (completed | diverged | interrupted), None without a report."""
         if not self.report_json.exists():
             return None
-        status = self.read_report().get("run", {}).get("status")
+        doc = self.read_report()
+        run = doc.get("run") if isinstance(doc, dict) else None
+        status = run.get("status") if isinstance(run, dict) else None
         if not isinstance(status, str):
             raise UsageError(f"report {str(self.report_json)!r} records no run status")
         return status
