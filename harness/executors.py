@@ -26,7 +26,7 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable
 
-from geobench import config
+from geobench import config, report
 from geobench.errors import UsageError, did_you_mean
 from geobench.params import Param
 from geobench.registry import Registry
@@ -258,7 +258,7 @@ def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry, say: Callab
     statuses: dict[str, str] = {}
     durations: list[float] = []
     for i, job in enumerate(jobs, 1):
-        eta = f"; ETA {duration(sum(durations) / len(durations) * (len(jobs) - i + 1))}" if durations else ""
+        eta = f"; ETA {report.duration(sum(durations) / len(durations) * (len(jobs) - i + 1))}" if durations else ""
         say(f"[{i}/{len(jobs)}] {job.label}: running{eta}")
         start = time.monotonic()
         try:
@@ -268,7 +268,7 @@ def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry, say: Callab
         except Exception as exc:  # one broken cell must not cost the suite the others
             statuses[job.label] = f"failed: {type(exc).__name__}: {exc}"
         durations.append(time.monotonic() - start)
-        say(f"[{i}/{len(jobs)}] {job.label}: {statuses[job.label]} in {duration(durations[-1])}")
+        say(f"[{i}/{len(jobs)}] {job.label}: {statuses[job.label]} in {report.duration(durations[-1])}")
         if statuses[job.label] == "interrupted" or (chosen.fail_fast and statuses[job.label].startswith("failed")):
             break
     return statuses
@@ -299,7 +299,7 @@ def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
                 del running[label]
                 free += gpu
                 statuses[label] = _collect(job, handle)
-                say(f"{label}: {statuses[label]} in {duration(time.monotonic() - started)}")
+                say(f"{label}: {statuses[label]} in {report.duration(time.monotonic() - started)}")
                 if chosen.fail_fast and statuses[label].startswith("failed"):
                     for other_job, other, _, _ in running.values():
                         other.cancel()
@@ -415,11 +415,6 @@ def _reachable(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
         raise UsageError(f"executor.address={address!r}: no Ray cluster answers there ({exc.strerror or exc})") from None
-
-
-def duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class CellTask(Checkpointable):

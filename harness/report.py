@@ -216,6 +216,14 @@ def save_figure(fig, directory: Path, name: str) -> str:
     return f"figures/{name}.png"
 
 
+def duration(seconds: float) -> str:
+    """`seconds` in the largest unit that keeps the number readable: 40 s, 12.5 min, 5.3 h, 2.1 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def fmt(value: Any) -> str:
     """A value as a table cell: 4 significant digits, — for missing."""
     if value is None:

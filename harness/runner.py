@@ -86,7 +86,7 @@ def execute(cfg: config.Config, out: RunDir, reg: Registry, preset_reason: str, 
     if cfg.preset == "paper" and setup.device.type == "cpu" and here.writer:
         step = seconds_per_step(setup)
         say(f"geobench: warning: preset=paper on a CPU: one step takes {step:.1f} s here (measured, eager), so "
-            f"{cfg.train.steps} steps take about {duration(step * cfg.train.steps)} before evaluations and checkpoints; "
+            f"{cfg.train.steps} steps take about {report.duration(step * cfg.train.steps)} before evaluations and checkpoints; "
             "the preset is meant for a CUDA GPU", flush=True)
     say(f"geobench: run directory {out}", flush=True)
 
@@ -127,11 +127,3 @@ def execute(cfg: config.Config, out: RunDir, reg: Registry, preset_reason: str, 
         print(f"geobench: warning: {not_learned}; switching, re-entry and basin depth have nothing to measure "
               "(more steps or a higher probe.p_probe help)")
     return doc
-
-
-def duration(seconds: float) -> str:
-    """`seconds` in the largest unit that keeps the number readable: 40 s, 12 min, 5.3 h, 2.1 days."""
-    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"

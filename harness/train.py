@@ -281,8 +281,15 @@ def resume(setup: Setup, out: RunDir, here: distributed.World) -> Progress:
         setup.optimizer.load_state_dict(training["optimizer"])
         set_random_states(training)
         progress = Progress(**{f.name: meta[f.name] for f in dataclasses.fields(Progress) if f.name in meta})
+        problem = None
         if here.writer:
-            check_complete(setup.cfg, out, progress.step)
+            try:
+                check_complete(setup.cfg, out, progress.step)
+            except UsageError as exc:
+                problem = str(exc)
+        problem = distributed.agree(here, problem)  # every rank stops, not only the one that checked
+        if problem is not None:
+            raise UsageError(problem)
     if t.resume and here.writer:
         out.truncate_evals(progress.step)
         out.drop_checkpoints_after(progress.step)
