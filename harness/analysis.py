@@ -1,5 +1,11 @@
-"""The one way metric plugins see a run: the analysis context, and running a set of metrics so
-that one failing metric is recorded as failed while the others still run."""
+"""How metric plugins see a run: the trajectory view of its checkpoints, the context each metric
+receives (built from the needs its plugin declares, `geobench.api.context`), and running a set of
+metrics so that one failing metric is recorded as failed while the others still run.
+
+Data flow: the host opens an `Analysis` of a run — its trajectory, its config and, passed in by
+the caller (never imported from the trainer), how to rebuild its trained setup and how to train a
+derived run — and hands each metric a `Context` that exposes only what the metric declared.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +13,48 @@ import dataclasses
 import functools
 import re
 import traceback
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from geobench import config as config_mod
 from geobench import report
+from geobench.api import (
+    BACKBONE_CHECKPOINTS,
+    Batch,
+    Config,
+    MetricPlugin,
+    ParameterLayout,
+    UndeclaredNeed,
+    UsageError,
+    did_you_mean,
+)
+from geobench.api.params import read_yaml_file
 from geobench.checkpoints import CheckpointReader, load_weights
 from geobench.device import pick_device
-from geobench.errors import UsageError, did_you_mean
+from geobench.figures import save_figure
+from geobench.files import atomic_write_text
 from geobench.linalg import PCA, TrajectoryGram, pca
-from geobench.params import Param, read_yaml_file
-from geobench.registry import Batch, MetricPlugin, ParameterLayout, Registry
+from geobench.objective import composite_loss, flat_gradient, lambda_at
+from geobench.registry import Registry
+from geobench.rundir import RunDir
 from geobench.schedule import first_scheduled
-from geobench.trajectory import LOCK_NAME, RunDir, atomic_write_text
+from geobench.shared_direction import read_manifest, select
 
 if TYPE_CHECKING:
     from geobench.train import Setup
-
-# the option every metric that works on a parameter scope declares
-SCOPE = Param("trunk", "parameters: trunk, all or block:I", pattern=r"trunk|all|block:\d+")
 
 
 @dataclasses.dataclass
 class Backbone:
     """The trajectory PCA of a scope over a window anchored at its first checkpoint.
 
-    `pca` is the row-normalized variant (SPEC's tables), `pca_raw` the raw one; v_b, the backbone, is
-    the first direction of the row-normalized PCA with ⟨Δθ_final, v_b⟩ > 0. Rows exclude the anchor
-    itself (its Δ is zero)."""
+    `pca` is the row-normalized variant (the published tables'), `pca_raw` the raw one; v_b, the
+    backbone, is the first direction of the row-normalized PCA with ⟨Δθ_final, v_b⟩ > 0. Rows
+    exclude the anchor itself (its Δ is zero)."""
 
     gram: TrajectoryGram
     pca: PCA
@@ -48,36 +65,26 @@ class Backbone:
         return self.pca.directions[0]
 
 
-BACKBONE_CHECKPOINTS = 3  # Θ₀ and two more: a trajectory PCA of fewer has no second direction
+class Trajectory:
+    """The checkpoints of one run, read parameter by parameter: a geobench run directory's (with its
+    model family's `layout`, for the trunk and block scopes) or those a manifest lists (`layout`
+    None: only the parameters chosen with --params, scope `all`)."""
 
-
-@dataclasses.dataclass
-class AnalysisContext:
-    """A trajectory of checkpoints and what metrics may ask of it. `run` is where results go: a
-    geobench run directory, or the output directory of an analysis of checkpoints geobench did not
-    write (`external`: iter → checkpoint, from a manifest; `config` is then None: no model, data or
-    evaluations)."""
-
-    run: RunDir
-    config: config_mod.Config | None
-    reg: Registry
-    external: dict[int, CheckpointReader] | None = None
-    chosen: list[str] | None = None  # for an external trajectory: the parameters it is restricted to
-    _grams: dict = dataclasses.field(default_factory=dict, repr=False)
+    def __init__(self, *, name: str, steps: Sequence[int], open_step: Callable[[int], CheckpointReader],
+                 layout: ParameterLayout | None, device: torch.device, chosen: Sequence[str] | None = None):
+        self.name, self.device, self.layout = name, device, layout
+        self._steps, self._open, self._chosen = sorted(steps), open_step, chosen
+        self._grams: dict[tuple, TrajectoryGram] = {}
 
     @classmethod
-    def open(cls, path, reg: Registry) -> AnalysisContext:
-        run = RunDir(path)
-        if not run.config.exists():
-            raise UsageError(f"{str(path)!r} is not a geobench run directory (no config.yaml)")
-        return cls(run, config_mod.build(read_yaml_file(run.config, "run configuration"), reg), reg)
+    def of_run(cls, run: RunDir, layout: ParameterLayout | None, device: torch.device) -> Trajectory:
+        return cls(name=str(run), steps=run.checkpoint_steps(), open_step=lambda s: CheckpointReader(run.checkpoint_path(s)),
+                   layout=layout, device=device)
 
     @classmethod
-    def of_manifest(cls, manifest, opt: str, pattern: str, out, reg: Registry) -> AnalysisContext:
-        """The checkpoints of optimizer `opt` of a manifest (energy's format), restricted to the
-        parameters matching `pattern`; results go to the directory `out`."""
-        from geobench.energy import read_manifest, select
-
+    def of_manifest(cls, manifest: str | Path, opt: str, pattern: str) -> Trajectory:
+        """The checkpoints of optimizer `opt` of a manifest (the energy command's format), restricted
+        to the parameters matching `pattern`."""
         runs = read_manifest(manifest)
         if opt not in runs:
             raise UsageError(f"manifest has no optimizer {opt!r}; it lists {', '.join(runs)}")
@@ -89,70 +96,60 @@ class AnalysisContext:
         for reader in readers.values():
             for name in names:
                 reader.where(name)  # every checkpoint holds every chosen parameter
-        return cls(RunDir(out), None, reg, readers, names)
-
-    @functools.cached_property
-    def evals(self) -> list[dict]:
-        return [] if self.external is not None else self.run.read_evals()
+        return cls(name=f"{manifest} ({opt})", steps=list(readers), open_step=readers.__getitem__, layout=None,
+                   device=pick_device("auto"), chosen=names)
 
     def checkpoint_steps(self) -> list[int]:
-        return sorted(self.external) if self.external is not None else self.run.checkpoint_steps()
+        return list(self._steps)
 
     def reader(self, step: int) -> CheckpointReader:
-        return self.external[step] if self.external is not None else CheckpointReader(self.run.checkpoint_path(step))
+        if step not in self._steps:
+            raise UsageError(f"run {self.name!r} has no checkpoint at step {step}")
+        return self._open(step)
 
-    def load_checkpoint(self, step: int, names=None) -> dict[str, torch.Tensor]:
-        if self.external is not None:
-            reader = self.reader(step)
-            return {n: reader.get(n) for n in (names or self.parameter_shapes)}
-        return self.run.load_checkpoint(step, names)
+    def load_checkpoint(self, step: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        reader = self.reader(step)
+        return {n: reader.get(n) for n in (names or self.parameter_shapes)}
 
     @functools.cached_property
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        steps = self.checkpoint_steps()
-        if not steps:
-            raise UsageError(f"run {str(self.run)!r} has no checkpoints")
-        reader = self.reader(steps[0])
-        return {name: reader.shape(name) for name in self.chosen or reader.names()}
+        if not self._steps:
+            raise UsageError(f"run {self.name!r} has no checkpoints")
+        reader = self.reader(self._steps[0])
+        return {name: reader.shape(name) for name in self._chosen or reader.names()}
 
     def scope(self, scope: str) -> list[str]:
-        """Parameter names of a scope: `trunk`, `all` or `block:I` (SPEC §1)."""
+        """Parameter names of a scope: `trunk`, `all` or `block:I` (docs/science.md#the-model)."""
         names = list(self.parameter_shapes)
         match = re.fullmatch(r"block:(\d+)", scope)
-        if self.external is not None and scope != "all":
+        if self.layout is None and scope != "all":
             raise UsageError(f"scope={scope!r}: a manifest's trajectory has only the parameters chosen with --params "
                              "(scope=all)")
-        if scope == "trunk":
-            chosen = self.layout.trunk_names(names)
-        elif scope == "all":
+        if scope == "all":
             chosen = names
-        elif match:
+        elif self.layout is not None and scope == "trunk":
+            chosen = self.layout.trunk_names(names)
+        elif self.layout is not None and match:
             chosen = self.layout.block_names(names, int(match.group(1)))
         else:
             raise UsageError(f"scope={scope!r} is not one of trunk, all, block:I")
         if not chosen:
-            raise UsageError(f"scope={scope!r} matches no parameter of run {str(self.run)!r}")
+            raise UsageError(f"scope={scope!r} matches no parameter of run {self.name!r}")
         return chosen
 
-    @property
-    def layout(self) -> ParameterLayout:
-        """Where the run's model family keeps its trunk and blocks."""
-        return self.reg.model(self.trained.model.family).layout
-
     def block_indices(self) -> list[int]:
-        """The blocks of the run's model (`block:I` scopes)."""
-        return self.layout.block_indices(list(self.parameter_shapes))
+        """The blocks of the run's model (`block:I` scopes); none for a manifest's trajectory."""
+        return self.layout.block_indices(list(self.parameter_shapes)) if self.layout is not None else []
 
-    def window(self, window: list, minimum: int = 2) -> list[int]:
-        """Checkpoint steps inside [start, end] (all of them for an empty window)."""
+    def window(self, window: Sequence[int], minimum: int = 2) -> list[int]:
         steps = self.checkpoint_steps()
         if window:
             if len(window) != 2:
-                raise UsageError(f"window={window!r} must be [start, end]")
+                raise UsageError(f"window={list(window)!r} must be [start, end]")
             steps = [s for s in steps if window[0] <= s <= window[1]]
         if len(steps) < minimum:
-            raise UsageError(f"window {window or 'of the whole run'} holds {len(steps)} checkpoints of run "
-                             f"{str(self.run)!r}; at least {minimum} are needed")
+            raise UsageError(f"window {list(window) or 'of the whole run'} holds {len(steps)} checkpoints of run "
+                             f"{self.name!r}; at least {minimum} are needed")
         return steps
 
     def gram(self, scope: str, steps: tuple[int, ...], anchor: int) -> TrajectoryGram:
@@ -164,10 +161,10 @@ class AnalysisContext:
                                                     self.reader(anchor), anchor, device=self.device)
         return self._grams[key]
 
-    def backbone(self, scope: str = "trunk", window: tuple = (), every: int = 0) -> Backbone:
+    def backbone(self, scope: str = "trunk", window: Sequence[int] = (), every: int = 0) -> Backbone:
         """The trajectory PCA of `scope` over the checkpoints of `window` (with `every`, only those at
         multiples of `every` steps, plus the window's first and last)."""
-        steps = tuple(self.window(list(window), minimum=BACKBONE_CHECKPOINTS))
+        steps = tuple(self.window(window, minimum=BACKBONE_CHECKPOINTS))
         if every:
             steps = tuple(s for i, s in enumerate(steps) if s % every == 0 or i in (0, len(steps) - 1))
         gram = self.gram(scope, steps, steps[0])
@@ -176,130 +173,188 @@ class AnalysisContext:
             raise UsageError(f"the weights of scope {scope!r} did not move over steps {steps[0]}..{steps[-1]}")
         return Backbone(gram, pca(gram, rows, normalize_rows=True), pca(gram, rows))
 
-    def spread(self, steps: list[int], count: int, first: int = 0) -> list[int]:
-        """Up to `count` checkpoints at or after step `first` spread evenly over the run, the last
-        included; or `steps` checked."""
+    def spread(self, steps: Sequence[int], count: int, first: int = 0) -> list[int]:
         available = [s for s in self.checkpoint_steps() if s >= first] or self.checkpoint_steps()[-1:]
         if steps:
             missing = [s for s in steps if s not in available]
             if missing:
-                raise UsageError(f"run {str(self.run)!r} has no checkpoint at step(s) {missing}; "
+                raise UsageError(f"run {self.name!r} has no checkpoint at step(s) {missing}; "
                                  f"it has {available[0]}..{available[-1]} ({len(available)} checkpoints)")
             return list(steps)
         picks = np.linspace(len(available) - 1, 0, min(count, len(available))).round().astype(int)
         return [available[i] for i in sorted(set(picks))]
 
+    def materialize(self, gram: TrajectoryGram, coefficients: np.ndarray) -> dict[str, torch.Tensor]:
+        return gram.materialize([self.reader(s) for s in gram.steps], self.reader(gram.anchor), coefficients)
+
+
+class TrainedModel:
+    """The run's model family, data stream and evaluation sets (a `TrainedSetup`): the setup that
+    trained the run, or one rebuilt from its config, with the run's checkpoints to load into it."""
+
+    def __init__(self, setup: Setup, trajectory: Trajectory):
+        self.trained, self._trajectory = setup, trajectory
+        self.device, self.evaluator = setup.device, setup.evaluator
+
+    @property
+    def autocast(self):
+        return self.trained.autocast
+
     def model_at(self, step: int) -> torch.nn.Module:
-        """The run's model with the weights of checkpoint `step`, in eval mode."""
-        return load_weights(self.live.model, self.load_checkpoint(step)).eval()
+        return load_weights(self.trained.model, self._trajectory.load_checkpoint(step)).eval()
 
     def batches(self, n: int, first: int = 0) -> Iterator[Batch]:
-        """`n` training-distribution batches the run never trained on: the data stream continued
-        past its last step."""
-        stream, device = self.live.stream, self.live.device
+        stream, after = self.trained.stream, self.trained.cfg.train.steps + 1
         for i in range(n):
-            yield Batch(*(x.to(device) for x in stream.batch(self.trained.train.steps + 1 + first + i, 0)))
+            yield Batch(*(x.to(self.device) for x in stream.batch(after + first + i, 0)))
 
-    def batch_gradients(self, step: int, names: list[str], n: int, lam: float | None = None):
-        """Gradients of the composite loss (λ given, or the schedule's at that step) at checkpoint
-        `step` for `n` batches (see `batches`), each flattened over the parameters `names`."""
-        from geobench.objective import composite_loss, flat_gradient, lambda_at
-
+    def batch_gradients(self, step: int, names: list[str], n: int, lam: float | None = None) -> Iterator[torch.Tensor]:
         model = self.model_at(step)
         params = dict(model.named_parameters())
         chosen = [params[name] for name in names]
-        lam = lambda_at(self.trained.train.lambda_schedule, step) if lam is None else lam
+        lam = lambda_at(self.trained.cfg.train.lambda_schedule, step) if lam is None else lam
         for inputs, targets, mask in self.batches(n):
-            with self.live.autocast:
+            with self.autocast:
                 logits = model(inputs)
             yield flat_gradient(composite_loss(logits, targets, mask, lam), chosen)
 
     def flatten(self, tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-        return torch.cat([tensors[n].reshape(-1).to(self.live.device, torch.float32) for n in names])
+        return torch.cat([tensors[n].reshape(-1).to(self.device, torch.float32) for n in names])
 
-    def retrain(self, step: int, name: str, overrides: dict, perturb=None) -> list[dict]:
-        """Train from checkpoint `step` with a FRESH optimizer under the run's config changed by
-        `overrides` (dotted keys, e.g. {"train.steps": 2000, "optimizer.params.lr": 6e-4}), in a run
-        directory of its own, `<run>/derived/<name>/`; the source's checkpoints are not touched.
-        `perturb(model)` may change the weights first. Returns the evaluations, the first of them
-        (step 0) taken before any training."""
-        import shutil
 
-        from geobench.train import derive, train
+class TrainDerived(Protocol):
+    def __call__(self, source: Setup, cfg: Config, weights: dict[str, torch.Tensor], out: RunDir, *,
+                 perturb: Callable[[torch.nn.Module], None] | None, baseline: float | None) -> list[dict[str, Any]]:
+        """Train a run of `cfg` from `weights` (on the data of `source`) into `out`, afresh; its
+        evaluations, the first (step 0) before any update, a diverged run's ending with a record
+        marked `diverged`."""
+        ...
 
-        if step not in self.checkpoint_steps():
-            raise UsageError(f"run {str(self.run)!r} has no checkpoint at step {step}")
-        tree = config_mod.to_dict(self.trained)
-        tree["metrics"], tree["train"]["resume"] = [], False
-        if "optimizer.name" in overrides and overrides["optimizer.name"] != tree["optimizer"]["name"]:
-            tree["optimizer"]["params"] = {}
-        for key, value in overrides.items():
-            config_mod.set_path(tree, key, value)
-        cfg = config_mod.build(tree, self.reg)
-        setup = derive(self.live, cfg, self.load_checkpoint(step))
-        if perturb is not None:
-            with torch.no_grad():
-                perturb(setup.model)
-        out = RunDir(self.run.path / "derived" / name)
-        with out.lock("derived run"):
-            for entry in out.path.iterdir():  # a derived run always starts afresh
-                if entry.name != LOCK_NAME:
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            atomic_write_text(out.config, config_mod.save(cfg))
-            out.append_eval({"step": 0, **setup.evaluator(setup.model)})
-            outcome = train(setup, out, source_baseline=self.baseline_val_loss)
-            evals = out.read_evals()
-        if outcome.status == "diverged":
-            evals.append({"step": outcome.diverged_at, "diverged": True})
-        return evals
 
-    @property
+@dataclasses.dataclass
+class Analysis:
+    """What the host knows of one analyzed run. `run` is where results go: a geobench run
+    directory, or the output directory of an analysis of a manifest's checkpoints (`config`
+    None: no model, data or evaluations). `setup` rebuilds the trained setup (called at most
+    once, by the first metric that declared a need of it); `train_derived` trains derived runs."""
+
+    run: RunDir
+    trajectory: Trajectory
+    config: Config | None
+    reg: Registry
+    setup_factory: Callable[[], Setup] | None = None
+    train_derived: TrainDerived | None = None
+
+    @functools.cached_property
+    def evals(self) -> list[dict[str, Any]]:
+        return self.run.read_evals() if self.config is not None else []
+
+    @functools.cached_property
+    def setup(self) -> TrainedModel:
+        if self.setup_factory is None:
+            raise UsageError("this metric needs the model and data of a geobench run; a manifest's trajectory has "
+                             "checkpoints only")
+        return TrainedModel(self.setup_factory(), self.trajectory)
+
     def baseline_val_loss(self) -> float | None:
         """The run's val_loss before its first update (its step-1 evaluation for a run directory of an
         earlier version): the divergence anchor of the runs derived from it."""
         saved = self.run.read_baseline() or next((e for e in self.evals if e["step"] == 1), None)
         return saved.get("val_loss") if saved else None
 
-    def materialize(self, gram: TrajectoryGram, coefficients: np.ndarray) -> dict[str, torch.Tensor]:
-        return gram.materialize([self.reader(s) for s in gram.steps], self.reader(gram.anchor), coefficients)
+    def retrain(self, *, step: int, name: str, overrides: dict[str, Any],
+                perturb: Callable[[torch.nn.Module], None] | None = None) -> list[dict[str, Any]]:
+        if self.config is None or self.train_derived is None:
+            raise UsageError("this metric trains from a checkpoint; it needs a geobench run")
+        weights = self.trajectory.load_checkpoint(step)
+        tree = config_mod.to_dict(self.config)
+        tree["metrics"], tree["train"]["resume"] = [], False
+        if "optimizer.name" in overrides and overrides["optimizer.name"] != tree["optimizer"]["name"]:
+            tree["optimizer"]["params"] = {}
+        for key, value in overrides.items():
+            config_mod.set_path(tree, key, value)
+        cfg = config_mod.build(tree, self.reg)
+        return self.train_derived(self.setup.trained, cfg, weights, RunDir(self.run.path / "derived" / name),
+                                  perturb=perturb, baseline=self.baseline_val_loss())
 
-    @property
-    def device(self) -> torch.device:
-        return pick_device(self.config.train.device if self.config is not None else "auto")
+    def context(self, plugin: MetricPlugin) -> Context:
+        return Context(self, plugin)
 
-    def p_ood_at(self, steps: list[int]) -> dict[int, float]:
-        by_step = {e["step"]: e["p_ood"] for e in self.evals if e.get("p_ood") is not None}
-        return {s: by_step[s] for s in steps if s in by_step}
 
-    def figure(self, fig, name: str) -> str:
-        """Save a matplotlib figure under figures/ (atomically) and return its path in the run."""
-        return report.save_figure(fig, self.run.path, name)
+# which declared needs open which part of the context
+SETUP_NEEDS = ("model", "data", "gradients")
 
-    @functools.cached_property
-    def live(self) -> Setup:
-        """The run's model, data and evaluator rebuilt from its config (for metrics that need
-        gradients or evaluations); load a checkpoint into `live.model` before use."""
-        from geobench.train import prepare
 
-        return prepare(self.trained, self.reg)
+class Context:
+    """The `MetricContext` one metric receives: the trajectory and the config always, the rest
+    only when its plugin declared the need."""
 
-    @property
-    def trained(self) -> config_mod.Config:
-        """The config of the geobench run behind the trajectory; a manifest's trajectory has none."""
+    def __init__(self, analysis: Analysis, plugin: MetricPlugin):
+        self._analysis, self._plugin = analysis, plugin
+        self.trajectory, self.config, self.directory = analysis.trajectory, analysis.config, analysis.run.path
+
+    def _declared(self, part: str, needs: tuple[str, ...]) -> None:
+        if not set(needs) & set(self._plugin.needs):
+            raise UndeclaredNeed(f"metric {self._plugin.name!r} uses {part} but declares needs={self._plugin.needs}; "
+                                 f"add {' or '.join(repr(n) for n in needs)} to its needs")
+
+    def run_config(self) -> Config:
         if self.config is None:
-            raise UsageError("this metric needs the model and data of a geobench run; a manifest's trajectory has "
+            raise UsageError(f"metric {self._plugin.name!r} needs a geobench run; a manifest's trajectory has "
                              "checkpoints only")
         return self.config
 
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        self._declared("the evaluation history (ctx.evals)", ("evals",))
+        return self._analysis.evals
 
-def check_checkpoint_steps(cfg: config_mod.Config, steps, option: str) -> None:
-    """For a metric's `check`: every step in `steps` will be a checkpoint of a run of `cfg`."""
-    from geobench.schedule import is_checkpoint_step
+    @property
+    def setup(self) -> TrainedModel:
+        self._declared("the trained model and data (ctx.setup)", SETUP_NEEDS)
+        return self._analysis.setup
 
-    for step in steps:
-        if not 1 <= step <= cfg.train.steps or not is_checkpoint_step(step, cfg):
-            raise UsageError(f"{option}: the run will have no checkpoint at step {step} "
-                             f"({cfg.train.steps} steps, a checkpoint every {cfg.train.checkpoint_every})")
+    @property
+    def retrain(self) -> Callable[..., list[dict[str, Any]]]:
+        self._declared("training from a checkpoint (ctx.retrain)", ("training",))
+        return self._analysis.retrain
+
+    def figure(self, fig: Any, name: str) -> str:
+        return save_figure(fig, self.directory, name)
+
+    def write_file(self, name: str, text: str) -> str:
+        atomic_write_text(self.directory / name, text)
+        return name
+
+    def open_run(self, path: str | Path) -> Trajectory:
+        self._declared("another geobench run (ctx.open_run)", ("run",))
+        other = RunDir(path)
+        if not other.config.exists():
+            raise UsageError(f"{str(path)!r} is not a geobench run directory (no config.yaml)")
+        return Trajectory.of_run(other, self.trajectory.layout, self.trajectory.device)
+
+
+def open_run(path: str | Path, reg: Registry, *, setup_factory: Callable[[Config], Setup] | None = None,
+             train_derived: TrainDerived | None = None) -> Analysis:
+    """An analysis of the geobench run at `path`; `setup_factory(config)` rebuilds its trained setup."""
+    run = RunDir(path)
+    if not run.config.exists():
+        raise UsageError(f"{str(path)!r} is not a geobench run directory (no config.yaml)")
+    cfg = config_mod.build(read_yaml_file(run.config, "run configuration"), reg)
+    return of_run(run, cfg, reg, setup_factory=(lambda: setup_factory(cfg)) if setup_factory else None,
+                  train_derived=train_derived)
+
+
+def of_run(run: RunDir, cfg: Config, reg: Registry, *, setup_factory: Callable[[], Setup] | None = None,
+           train_derived: TrainDerived | None = None) -> Analysis:
+    layout = reg.model(cfg.model.family).layout
+    return Analysis(run, Trajectory.of_run(run, layout, pick_device(cfg.train.device)), cfg, reg, setup_factory,
+                    train_derived)
+
+
+def of_manifest(manifest: str | Path, opt: str, pattern: str, out: str | Path, reg: Registry) -> Analysis:
+    """An analysis of the checkpoints of optimizer `opt` of a manifest; results go to `out`."""
+    return Analysis(RunDir(out), Trajectory.of_manifest(manifest, opt, pattern), None, reg)
 
 
 def metric_options(names: list[str], given: dict[str, str], reg: Registry) -> dict[str, dict]:
@@ -319,26 +374,48 @@ def metric_options(names: list[str], given: dict[str, str], reg: Registry) -> di
     return options
 
 
-def plan_metrics(cfg: config_mod.Config, reg: Registry) -> tuple[list[str], dict[str, str]]:
-    """The end-of-run metrics of a run of `cfg` and those skipped, with the reason. Metrics named
-    in `cfg.metrics` must all apply (a UsageError names the one that cannot); the default set
-    (config.DEFAULT_METRICS plus those the optimizer plugin adds) keeps those that apply and
-    skips the others."""
+def default_metrics(cfg: Config, reg: Registry) -> list[str]:
+    """The metrics whose plugins mark them default, then those the optimizer plugin adds."""
+    marked = [name for name, plugin in reg.metrics.items() if plugin.default]
+    return list(dict.fromkeys([*marked, *reg.optimizer(cfg.optimizer.name).metrics]))
+
+
+def plan_metrics(cfg: Config, reg: Registry) -> tuple[list[str], dict[str, str]]:
+    """The end-of-run metrics of a run of `cfg` and those skipped, with the reason.
+
+    `cfg.metrics` None: the default set (`default_metrics`), less those that cannot apply (skipped).
+    A list of names: exactly those, and each must apply (a UsageError names the one that cannot).
+    A list of `+NAME` / `-NAME`: the default set with NAME added (it must apply) or removed."""
     def unmet(name: str) -> str | None:
         return reg.unmet_need(name, cfg) or too_short(reg.metric(name), cfg)
 
-    if cfg.metrics is not None:
-        for name in cfg.metrics:
+    def required(names: list[str]) -> None:
+        for name in names:
             reason = unmet(name)
             if reason:
                 raise UsageError(f"metric {name!r} cannot apply to this run: {reason}")
-        return list(cfg.metrics), {}
-    defaults = list(dict.fromkeys([*config_mod.DEFAULT_METRICS, *reg.optimizer(cfg.optimizer.name).metrics]))
+
+    asked = cfg.metrics
+    relative = asked is not None and any(str(m).startswith(("+", "-")) for m in asked)
+    if asked is not None and not relative:
+        required(asked)
+        return list(asked), {}
+    added, removed = [], set()
+    for item in asked or []:
+        name = str(item)[1:]
+        if not str(item).startswith(("+", "-")):
+            raise UsageError(f"metrics={asked!r} mixes names with +NAME/-NAME: list the metrics, or change the "
+                             "defaults with +NAME and -NAME only")
+        reg.metric(name)  # an unknown name is refused, with did-you-mean
+        (added.append(name) if str(item).startswith("+") else removed.add(name))
+    required(added)
+    defaults = [n for n in default_metrics(cfg, reg) if n not in removed]
     skipped = {name: reason for name in defaults if (reason := unmet(name))}
-    return [name for name in defaults if name not in skipped], skipped
+    chosen = [name for name in defaults if name not in skipped]
+    return chosen + [name for name in added if name not in chosen], skipped
 
 
-def too_short(plugin: MetricPlugin, cfg: config_mod.Config) -> str | None:
+def too_short(plugin: MetricPlugin, cfg: Config) -> str | None:
     """Why the schedule of `cfg` leaves `plugin` too few checkpoints or evaluations, or None."""
     t = cfg.train
     for kind, needed, settings in (("checkpoint", plugin.min_checkpoints, f"train.checkpoint_every={t.checkpoint_every}"),
@@ -351,18 +428,20 @@ def too_short(plugin: MetricPlugin, cfg: config_mod.Config) -> str | None:
     return None
 
 
-def run_metrics(ctx: AnalysisContext, names: list[str], options: dict[str, dict] | None = None, *,
+def run_metrics(analysis: Analysis, names: list[str], options: dict[str, dict] | None = None, *,
                 strict: bool = False, skipped: dict[str, str] | None = None) -> dict:
     """Compute each metric; a failure is recorded and the others still run. With `strict`, a metric
     that finds the run lacking what it needs (a UsageError) stops everything instead. `skipped`
-    metrics (name → reason) are recorded as such."""
-    options = options or metric_options(names, {}, ctx.reg)
-    results: dict[str, dict[str, Any]] = {name: {"status": "skipped", "source": ctx.reg.metric(name).source, "reason": reason}
-               for name, reason in (skipped or {}).items()}
+    metrics (name → reason) are recorded as such. A metric that uses an undeclared part of the
+    context fails (a defect of the plugin, found by its conformance test)."""
+    reg = analysis.reg
+    options = options or metric_options(names, {}, reg)
+    results: dict[str, dict[str, Any]] = {name: {"status": "skipped", "source": reg.metric(name).source, "reason": reason}
+                                          for name, reason in (skipped or {}).items()}
     for name in names:
-        plugin = ctx.reg.metric(name)
+        plugin = reg.metric(name)
         try:
-            output = plugin.compute(ctx=ctx, options=options[name])
+            output = plugin.compute(ctx=analysis.context(plugin), options=options[name])
             results[name] = {"status": "ok", "source": plugin.source, "options": options[name], **output}
             problem = report.metric_problem(results[name])
             if problem:

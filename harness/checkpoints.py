@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from geobench.errors import UsageError
+from geobench.api import UsageError
 
 INDEX = "model.safetensors.index.json"
 

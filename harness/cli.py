@@ -21,9 +21,9 @@ import torch
 
 from geobench import __version__, config, distributed, report, runner
 from geobench import registry as plugin_registry
-from geobench.errors import UsageError
-from geobench.params import Param
-from geobench.trajectory import RunDir, in_use, lock_holder, read_json
+from geobench.api import Config, Param, UsageError
+from geobench.files import read_json
+from geobench.rundir import RunDir, in_use, lock_holder
 
 
 class Parser(argparse.ArgumentParser):
@@ -130,7 +130,7 @@ def _main(argv: list[str] | None) -> int:
         return 130
 
 
-def default_name(cfg: config.Config, pairs: dict[str, str], optimizer_params) -> str:
+def default_name(cfg: Config, pairs: dict[str, str], optimizer_params) -> str:
     """The optimizer, the hyperparameters given on the command line and the seed if given:
     `adamw-beta2=0.9`, `sgd-lr=1e-2-momentum=0.9-s271`."""
     shown = [f"{k.removeprefix('optimizer.')}={v}" for k, v in pairs.items()
@@ -181,7 +181,7 @@ def exit_code(doc: dict) -> int:
     return 1 if any(result["status"] == "failed" for result in doc["metrics"].values()) else 0
 
 
-def run_as_rank(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
+def run_as_rank(cfg: Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
                 here: distributed.World, metric_pairs: dict[str, str]) -> int:
     """One process of a torchrun launch: rank 0 takes the lock and checks, every rank trains."""
     from geobench.device import pick_device
@@ -208,7 +208,7 @@ def run_as_rank(cfg: config.Config, out: RunDir, reg: plugin_registry.Registry, 
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from geobench.analysis import AnalysisContext, metric_options, plan_metrics, run_metrics
+    from geobench.analysis import metric_options, plan_metrics, run_metrics
 
     reg = plugin_registry.installed()
     if args.run and "=" in args.run and not Path(args.run).exists():  # a NAME.option=value pair, not a run
@@ -221,23 +221,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     holder = lock_holder(args.run)
     if holder:
         raise in_use(args.run, holder)
-    ctx = AnalysisContext.open(args.run, reg)
-    if not ctx.run.report_json.exists():
+    analysis = runner.open_analysis(args.run, reg)
+    run, cfg = analysis.run, analysis.config
+    assert cfg is not None  # a run directory has its config
+    if not run.report_json.exists():
         raise UsageError(f"run {args.run!r} has no report.json (was it killed? finish it with resume=true)")
-    previous = ctx.run.read_report()
-    asked = dataclasses.replace(ctx.trained, metrics=args.metrics) if args.metrics else ctx.trained
-    names, skipped = plan_metrics(asked, reg)
+    previous = run.read_report()
+    names, skipped = plan_metrics(dataclasses.replace(cfg, metrics=args.metrics) if args.metrics else cfg, reg)
     if not names:
         raise UsageError(f"name a metric with --metric (available: {', '.join(reg.metrics) or 'none installed'})")
     options = metric_options(names, config.parse_pairs(args.pairs), reg)
-    with ctx.run.lock("analyze"):
-        results = run_metrics(ctx, names, options, strict=True, skipped=skipped)
+    with run.lock("analyze"):
+        results = run_metrics(analysis, names, options, strict=True, skipped=skipped)
         kept = [name for name, result in results.items() if result["status"] != "ok"
                 and previous["metrics"].get(name, {}).get("status") == "ok"]
         previous["metrics"].update({name: result for name, result in results.items() if name not in kept})
-        report.write(ctx.run, previous, reg.hooks)
+        report.write(run, previous, reg.hooks)
     code = print_results(results, kept)
-    print(f"geobench: report {ctx.run.report_md}")
+    print(f"geobench: report {run.report_md}")
     return code
 
 
@@ -261,7 +262,7 @@ def print_results(results: dict[str, dict], kept: Sequence[str] = ()) -> int:
 def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) -> int:
     """Checkpoint-only metrics (default: backbone) on a manifest's trajectory, streamed parameter by
     parameter from its shards; a report of the run schema without training sections."""
-    from geobench.analysis import AnalysisContext, metric_options, run_metrics
+    from geobench.analysis import metric_options, of_manifest, run_metrics
 
     if args.run or not args.opt or not args.out:
         raise UsageError("--manifest analyses a manifest's checkpoints: give --opt NAME and --out DIR, and no run")
@@ -282,13 +283,14 @@ def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) ->
     with out.lock("analyze"):
         if not out.is_empty():
             raise UsageError(f"output directory {args.out!r} exists and is not empty; choose another with --out")
-        ctx = AnalysisContext.of_manifest(args.manifest, args.opt, args.params, args.out, reg)
+        analysis = of_manifest(args.manifest, args.opt, args.params, args.out, reg)
         started = report.now()
-        results = run_metrics(ctx, names, options, strict=True)
+        results = run_metrics(analysis, names, options, strict=True)
         failed = [name for name, result in results.items() if result["status"] == "failed"]
         if not failed:  # a report with a failed metric would only block the rerun into --out
-            doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params, ctx.checkpoint_steps(),
-                                             ctx.parameter_shapes, results, started)
+            doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params,
+                                             analysis.trajectory.checkpoint_steps(),
+                                             analysis.trajectory.parameter_shapes, results, started)
             report.write(out, doc, reg.hooks)
     code = print_results(results)
     print(f"geobench: nothing written to {str(out)!r}: {', '.join(failed)} failed" if failed
@@ -339,7 +341,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from geobench import compare, published, suites
+    from geobench import comparison, published, suites
 
     paths, labels, groups, table, figures = [], {}, {}, args.table, {}
     references = published.resolve(args.published) if args.published is not None else []
@@ -372,16 +374,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (Path(args.runs[0]) if single_suite else Path("runs") / "comparison")
     title = "geobench comparison" if paths else "published reference series"
     reg = plugin_registry.installed()
-    doc, docs = compare.build(paths, title, reg, table or "main", figures, labels, groups, references=references)
-    compare.write(out, doc, docs, reg)
+    doc, docs = comparison.build(paths, title, reg, table or "main", figures, labels, groups, references=references)
+    comparison.write(out, doc, docs, reg)
     print(f"geobench: compared {len(paths)} runs" + (f" with {len(references)} published series" if references else "")
           + f"; {out / 'comparison.md'}, {out / 'comparison.html'}")
     return 0
 
 
 def cmd_energy(args: argparse.Namespace) -> int:
-    from geobench.energy import manifest_energy
     from geobench.energy_report import Thresholds, write
+    from geobench.shared_direction import manifest_energy
 
     limits = Thresholds(args.healthy_cos, args.spike_factor, args.decline, args.perp_ratio)
     for flag, value in vars(limits).items():

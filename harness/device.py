@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from geobench import distributed
-from geobench.errors import UsageError
+from geobench.api import UsageError
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from geobench.errors import UsageError
+from geobench.api import UsageError
 
 
 @dataclasses.dataclass(frozen=True)

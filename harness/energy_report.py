@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from geobench.energy import COLUMNS, Measurement, to_csv
+from geobench.files import atomic_write_text
 from geobench.report import fmt, pyplot, save_figure
-from geobench.trajectory import atomic_write_text
+from geobench.shared_direction import COLUMNS, Measurement, to_csv
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Evaluation of SPEC §2: val_loss on held-out stories, and the probe's p_in, p_ood (exact match),
+"""Evaluation of docs/science.md#the-probe-task: val_loss on held-out stories, and the probe's p_in, p_ood (exact match),
 nll_ood, lm_ood and r_ood on the fixed eval sets."""
 
 from __future__ import annotations

@@ -26,12 +26,12 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable
 
-from geobench import config, report
-from geobench.errors import UsageError, did_you_mean
-from geobench.params import Param
+from geobench import report
+from geobench.api import Config, Param, UsageError, did_you_mean
+from geobench.files import atomic_write_json, atomic_write_text, read_json
 from geobench.registry import Registry
+from geobench.rundir import RunDir, lock_holder
 from geobench.runner import MetricPlan
-from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text, lock_holder, read_json
 
 DONE = ("completed", "diverged")
 A_WEEK = 7 * 24 * 60
@@ -137,7 +137,7 @@ class CellJob:
     label: str
     suite_dir: str  # absolute
     run_dir: str  # absolute
-    cfg: config.Config
+    cfg: Config
     plan: MetricPlan
     preset_reason: str
     threads: int = 0  # torch's CPU threads for the cell; 0: torch's default (all cores)

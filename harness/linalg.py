@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from geobench.api import UsageError
 from geobench.checkpoints import CheckpointReader
-from geobench.errors import UsageError
 
 CHUNK_ELEMENTS = 2**22
 
@@ -154,7 +154,7 @@ def pca(gram: TrajectoryGram, combination: np.ndarray, normalize_rows: bool = Fa
         sign_row: int = -1) -> PCA:
     """SVD without centering of the rows combination @ Δ (optionally each row scaled to unit norm).
 
-    The sign of each direction is chosen so that ⟨row `sign_row`, v_k⟩ > 0 (SPEC: the backbone points
+    The sign of each direction is chosen so that ⟨row `sign_row`, v_k⟩ > 0 (the backbone points
     along the final drift)."""
     A = np.asarray(combination, dtype=np.float64)
     M = A @ gram.gram @ A.T

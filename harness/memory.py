@@ -11,8 +11,7 @@ import os
 
 import torch
 
-from geobench.config import Config
-from geobench.errors import UsageError
+from geobench.api import Config, UsageError
 
 FLOAT, TOKEN = 4, 8  # bytes of a float32 value and of an int64 token id
 

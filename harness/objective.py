@@ -1,4 +1,5 @@
-"""The training objective of SPEC §3: LM cross-entropy plus λ times the probe cross-entropy.
+"""The training objective (docs/science.md#training-protocol): LM cross-entropy plus λ times the
+probe cross-entropy.
 
 Two ways to the same numbers: from logits (`composite_loss`, for metrics and small models), and from
 the final hidden states and the output matrix (`head_composite_loss`, `head_token_stats`), which

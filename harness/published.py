@@ -13,7 +13,7 @@ from importlib import resources
 import numpy as np
 
 from geobench import series as series_math
-from geobench.errors import UsageError, did_you_mean
+from geobench.api import UsageError, did_you_mean
 
 ROOT = "mini_gpt/analysis"
 # name → (folder, file suffix, description)

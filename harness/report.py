@@ -24,7 +24,9 @@ import torch
 
 import geobench
 from geobench import config, optim
-from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
+from geobench.figures import pyplot, save_figure
+from geobench.files import atomic_write_json, atomic_write_text
+from geobench.rundir import RunDir
 
 if TYPE_CHECKING:
     from geobench.train import Outcome, Setup
@@ -33,7 +35,7 @@ SCHEMA_VERSION = "1.0"
 EVAL_KEYS = ("val_loss", "p_in", "p_ood", "nll_ood", "lm_ood", "r_ood")
 PACKAGES = ("numpy", "datasets", "tokenizers", "safetensors", "pluggy", "scikit-learn")
 
-# SPEC §5, AdamW seed 42 (paper preset): step → published value, shown beside ours.
+# docs/science.md#published-figures, AdamW seed 42 (paper preset): step → published value, shown beside ours.
 PUBLISHED_VAL_LOSS = {1: 10.81, 200: 4.35, 4000: 2.18, 10000: 1.216}
 PUBLISHED_FINAL = {"p_in": 0.90, "p_ood": 0.166, "best_p_ood": 0.777}
 
@@ -175,16 +177,6 @@ def write(out: RunDir, report: dict, hooks) -> None:
     atomic_write_text(out.report_md, render_markdown(report, figures))
 
 
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (imported on first use: it is slow)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_training(out: RunDir, evals: list[dict]) -> str:
     plt = pyplot()
     steps = [e["step"] for e in evals]
@@ -202,18 +194,6 @@ def plot_training(out: RunDir, evals: list[dict]) -> str:
     right.legend()
     fig.tight_layout()
     return save_figure(fig, out.path, "training")
-
-
-def save_figure(fig, directory: Path, name: str) -> str:
-    """Write a matplotlib figure to directory/figures/NAME.png atomically, close it, and return
-    its path relative to `directory`."""
-    folder = Path(directory) / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    pyplot().close(fig)
-    os.replace(tmp, folder / f"{name}.png")
-    return f"figures/{name}.png"
 
 
 def duration(seconds: float) -> str:
@@ -268,7 +248,7 @@ def render_markdown(report: dict, figures: list[str]) -> str:
     final = report["final"]
     if final:
         paper = run["preset"] == "paper"
-        lines += ["## Final evaluation", "", "| metric | value |" + (" published (SPEC §5) |" if paper else ""),
+        lines += ["## Final evaluation", "", "| metric | value |" + (" published |" if paper else ""),
                   "|---|---|" + ("---|" if paper else "")]
         for key in (*EVAL_KEYS, "best_p_ood", "best_p_ood_step"):
             ref = ""

@@ -5,14 +5,16 @@ suites both go through here."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-from geobench import config, distributed, report, series
+from geobench import analysis, config, distributed, report, series
+from geobench.api import Config, UsageError
+from geobench.api.params import read_yaml_file
 from geobench.device import pick_device
-from geobench.errors import UsageError
+from geobench.files import atomic_write_json, atomic_write_text
 from geobench.memory import check_fits
-from geobench.params import read_yaml_file
 from geobench.registry import Registry
-from geobench.trajectory import RunDir, atomic_write_json, atomic_write_text
+from geobench.rundir import RunDir
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -36,7 +38,7 @@ class MetricPlan:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def check(cfg: config.Config, out: RunDir, reg: Registry, metric_pairs: dict | None = None) -> MetricPlan:
+def check(cfg: Config, out: RunDir, reg: Registry, metric_pairs: dict | None = None) -> MetricPlan:
     """Everything about the config and the run directory that must hold before a file is written;
     returns the plan of the end-of-run metrics (`metric_pairs`: {"NAME.option": value})."""
     from geobench.analysis import metric_options, plan_metrics
@@ -62,14 +64,13 @@ def check(cfg: config.Config, out: RunDir, reg: Registry, metric_pairs: dict | N
     return plan
 
 
-def execute(cfg: config.Config, out: RunDir, reg: Registry, preset_reason: str, plan: MetricPlan, *,
+def execute(cfg: Config, out: RunDir, reg: Registry, preset_reason: str, plan: MetricPlan, *,
             here: distributed.World = distributed.World()) -> dict | None:
     """Train, measure and report; returns the report. Prints what ran, as the command line shows it.
     `plan` is what `check` returned. Under torchrun
     every rank trains and rank 0 alone writes, measures and reports (the others return None)."""
-    from geobench.analysis import AnalysisContext, run_metrics
     from geobench.device import pick_device
-    from geobench.train import prepare, seconds_per_step, train
+    from geobench.train import prepare, seconds_per_step, train, train_derived
 
     say = print if here.writer else (lambda *args, **kwargs: None)
     processes = f"; {here.size} processes (DistributedDataParallel)" if here.active else ""
@@ -99,9 +100,9 @@ def execute(cfg: config.Config, out: RunDir, reg: Registry, preset_reason: str, 
     outcome = train(setup, out, here=here)
     if not here.writer:
         return None
-    ctx = AnalysisContext(out, cfg, reg)
-    ctx.live = setup  # the metrics that need the model and data reuse the trained setup
-    metrics = run_metrics(ctx, plan.names, plan.options, skipped=plan.skipped)
+    # the metrics that need the model and data reuse the setup that trained the run
+    measured = analysis.of_run(out, cfg, reg, setup_factory=lambda: setup, train_derived=train_derived)
+    metrics = analysis.run_metrics(measured, plan.names, plan.options, skipped=plan.skipped)
     doc = report.assemble(setup, out, outcome, metrics, started=started, preset_reason=preset_reason,
                           processes=here.size)
     report.write(out, doc, reg.hooks)
@@ -127,3 +128,11 @@ def execute(cfg: config.Config, out: RunDir, reg: Registry, preset_reason: str, 
         print(f"geobench: warning: {not_learned}; switching, re-entry and basin depth have nothing to measure "
               "(more steps or a higher probe.p_probe help)")
     return doc
+
+
+def open_analysis(path: str | Path, reg: Registry) -> analysis.Analysis:
+    """An analysis of the finished run at `path`: its trained setup is rebuilt from its config when a
+    metric needs it, and derived runs train with the trainer."""
+    from geobench.train import prepare, train_derived
+
+    return analysis.open_run(path, reg, setup_factory=lambda cfg: prepare(cfg, reg), train_derived=train_derived)

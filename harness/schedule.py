@@ -1,11 +1,11 @@
-"""The training schedule (docs/protocol.md): the learning-rate factor of each step and the steps at
-which a run evaluates, checkpoints and saves its state."""
+"""The training schedule (docs/science.md#training-protocol): the learning-rate factor of each step
+and the steps at which a run evaluates, checkpoints and saves its state."""
 
 from __future__ import annotations
 
 import math
 
-from geobench.config import Config, checkpoint_windows
+from geobench.api import Config, UsageError
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -50,3 +50,22 @@ def first_scheduled(cfg: Config, kind: str, limit: int) -> list[int]:
         for start, end, step in checkpoint_windows(t.checkpoint_window):
             found.update(range(start, min(end, t.steps, start + step * limit) + 1, step))
     return sorted(s for s in found if 1 <= s <= t.steps)[:limit]
+
+
+def checkpoint_windows(value: list) -> list[list[int]]:
+    """`train.checkpoint_window` as a list of [start, end, every] triples (one triple is a list of one)."""
+    windows = value if value and all(isinstance(w, (list, tuple)) for w in value) else [value] if value else []
+    for window in windows:
+        if (len(window) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in window)
+                or window[0] > window[1]):
+            raise UsageError(f"train.checkpoint_window={value!r} must be [start, end, every] positive integers "
+                             "with start <= end, or a list of such triples")
+    return [list(w) for w in windows]
+
+
+def check_checkpoint_steps(cfg: Config, steps: list[int], option: str) -> None:
+    """For a metric's `check`: every step in `steps` will be a checkpoint of a run of `cfg`."""
+    for step in steps:
+        if not 1 <= step <= cfg.train.steps or not is_checkpoint_step(step, cfg):
+            raise UsageError(f"{option}: the run will have no checkpoint at step {step} "
+                             f"({cfg.train.steps} steps, a checkpoint every {cfg.train.checkpoint_every})")

@@ -21,7 +21,7 @@ FIT_FRACTIONS = ((0.0, 0.2), (0.2, 0.4), (0.0, 0.4), (0.4, 0.6), (0.4, 1.0), (0.
 
 def detect_switches(values: Values, prominence: float = PROMINENCE,
                     reach: int = REACH) -> tuple[list[int], list[int]]:
-    """Peaks and troughs of a series by the source's detector (SPEC §4): interior points only; a
+    """Peaks and troughs of a series by the source's detector (docs/science.md#switching): interior points only; a
     peak is strictly above both neighbours and its prominence v[i] − max(min of the ≤reach values
     before, min of the ≤reach values after) is at least `prominence`; a trough mirrors it with
     min(max before, max after) − v[i]. Returns (peak indices, trough indices)."""
@@ -61,6 +61,12 @@ def bootstrap_sigma(correct: np.ndarray, resamples: int, rng: np.random.Generato
         idx = rng.integers(0, n, n)
         draws.append(correct[idx].mean() - (paired_with[idx].mean() if paired_with is not None else 0.0))
     return float(np.std(draws, ddof=1))
+
+
+def p_ood_at(evals: Sequence[dict], steps: Sequence[int]) -> dict[int, float]:
+    """p_ood of the evaluations at `steps` (the steps without one left out)."""
+    by_step = {e["step"]: e["p_ood"] for e in evals if e.get("p_ood") is not None}
+    return {s: by_step[s] for s in steps if s in by_step}
 
 
 def probe_not_learned(evals: Sequence[dict]) -> str | None:

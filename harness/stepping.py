@@ -15,9 +15,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from geobench import distributed
-from geobench.config import Config
+from geobench.api import Batch, Config, OptimizerPlugin
 from geobench.objective import composite_loss, has_head, head_composite_loss
-from geobench.registry import Batch, OptimizerPlugin
 
 
 class HiddenStates(torch.nn.Module):

@@ -6,7 +6,7 @@ crossed, or a list of explicit cells, each a mapping that may carry a `label` an
 metrics,
 metric_options ({metric: {option: value}}), table (main | beta2 | sgd | reheat), executor (a name of
 geobench.executors, or a mapping with `name` and its options), fail_fast, published
-({cell group: {column: value}}, SPEC §5, shown beside paper-scale tables), references (published series
+({cell group: {column: value}}, docs/science.md#published-figures, shown beside paper-scale tables), references (published series
 of `geobench.published` drawn and tabulated beside the cells at every scale), scales ({tiny|short|paper:
 {base: ..., metric_options: ...}}).
 """
@@ -23,13 +23,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from geobench import compare, config, executors, runner
+from geobench import comparison, config, executors, runner
 from geobench import published as published_series
 from geobench.analysis import plan_metrics
-from geobench.errors import UsageError, did_you_mean, shown
-from geobench.params import load_yaml, parse_yaml_text, read_yaml_file
+from geobench.api import Config, UsageError, did_you_mean
+from geobench.api.errors import shown
+from geobench.api.params import load_yaml, parse_yaml_text, read_yaml_file
+from geobench.files import atomic_write_json
 from geobench.registry import Registry
-from geobench.trajectory import RunDir, atomic_write_json, writer_lock
+from geobench.rundir import RunDir, writer_lock
 
 SUITE_KEYS = ("name", "description", "base", "grid", "metrics", "metric_options", "table", "published", "references",
               "scales", "executor", "fail_fast")
@@ -40,7 +42,7 @@ SCALES = ("tiny", "short", "paper")
 class Cell:
     label: str
     group: str
-    cfg: config.Config
+    cfg: Config
     plan: runner.MetricPlan
     out: RunDir
 
@@ -151,8 +153,8 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
     options = _merge_options(where, data.get("metric_options"), scaled.get("metric_options"))
     metrics = data.get("metrics")  # absent: each run's default metrics
     table = data.get("table", "main")
-    if table not in compare.TABLES:
-        raise UsageError(f"suite {where!r}: table {table!r} is not one of {', '.join(compare.TABLES)}")
+    if table not in comparison.TABLES:
+        raise UsageError(f"suite {where!r}: table {table!r} is not one of {', '.join(comparison.TABLES)}")
     name = path_component(str(data.get("name") or Path(where).stem), f"suite {where!r}: name")
     root = Path(directory) if directory else Path("runs") / "suites" / f"{name}-{scale}"
     cells: list[Cell] = []
@@ -240,12 +242,12 @@ def run(suite: Suite, *, wait: bool = True, cluster: str = "slurm") -> dict[str,
         _write_index(suite, statuses)
         finished = [c for c in suite.cells if c.out.status() is not None]
         if wait and finished:
-            doc, docs = compare.build([c.out.path for c in finished], f"geobench suite {suite.name} ({suite.scale})",
+            doc, docs = comparison.build([c.out.path for c in finished], f"geobench suite {suite.name} ({suite.scale})",
                                       suite.reg, suite.table, suite.published, {str(c.out.path): c.label for c in finished},
                                       {str(c.out.path): c.group for c in finished},
                                       {"suite": {"name": suite.name, "scale": suite.scale, "cells": statuses}},
                                       suite.references)
-            compare.write(suite.directory, doc, docs, suite.reg)
+            comparison.write(suite.directory, doc, docs, suite.reg)
     return statuses
 
 

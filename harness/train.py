@@ -1,9 +1,9 @@
 """Assembling a run (corpus, tokenizer, probe, model, optimizer) and the training loop.
 
 `prepare` does everything that can fail on bad input before a single file of the run is written;
-`train` runs the loop of docs/protocol.md: λ schedule, warmup + cosine (for optimizers the harness
-schedules), gradient accumulation, clipping, evals, weights-only checkpoints, the full training
-state for resume, and the lifecycle hooks. Its parts: `schedule` (which step does what),
+`train` runs the loop of docs/science.md#training-protocol: λ schedule, warmup + cosine (for
+optimizers the harness schedules), gradient accumulation, clipping, evals, weights-only
+checkpoints, the full training state for resume, and the lifecycle hooks. Its parts: `schedule` (which step does what),
 `stepping.Stepper` (one step's gradient and update), `monitor` (losses, divergence, Ctrl-C) and
 `RunWriter` below (checkpoints and states on a background thread).
 """
@@ -18,28 +18,30 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from geobench import config as config_mod
 from geobench import distributed, optim
+from geobench.api import Batch, Config, OptimizerPlugin, Parameters, TrainingSchedule, UsageError
 from geobench.checkpoints import load_weights
-from geobench.config import Config
 from geobench.data.batches import Prefetcher, TrainStream, validation_batches
 from geobench.data.corpus import Corpus, load_corpus
 from geobench.data.probe import ProbeTask, codeword_pool, select_codewords
 from geobench.data.tokenizer import TextTokenizer, load_tokenizer, tokenize_stories
 from geobench.device import autocast, pick_device
-from geobench.errors import UsageError
 from geobench.evaluate import Evaluator
+from geobench.files import atomic_write_text
 from geobench.monitor import SYNC_EVERY_CUDA, DivergenceMonitor, LossReader, ctrl_c_at_step_end, early_stop_reached
 from geobench.objective import lambda_at
-from geobench.registry import Batch, OptimizerPlugin, Parameters, Registry, TrainingSchedule
+from geobench.registry import Registry
+from geobench.rundir import BackgroundWriter, RunDir, snapshot
 from geobench.schedule import is_boundary, is_checkpoint_step, is_eval_step, is_state_step, lr_factor
 from geobench.stepping import Stepper, rule_summary
-from geobench.trajectory import BackgroundWriter, RunDir, snapshot
 
 
 @dataclasses.dataclass
@@ -470,3 +472,25 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
         status = "diverged"
     return Outcome(status, progress.step, monitor.diverged_at, progress.train_seconds, progress.tokens, resumed_from,
                    monitor.divergence, stopped_early_at, compile_seconds, monitor.baseline)
+
+
+def train_derived(source: Setup, cfg: Config, weights: dict[str, torch.Tensor], out: RunDir, *,
+                  perturb: Callable[[torch.nn.Module], None] | None, baseline: float | None) -> list[dict[str, Any]]:
+    """Train a run of `cfg` from `weights` with a fresh optimizer, on the data of `source`, into the
+    derived run directory `out` (emptied first: a derived run always starts afresh); `perturb(model)`
+    may change the weights first. Its evaluations, the first (step 0) before any update; a
+    diverged run's end with a record marked `diverged`. `baseline` is the source run's val_loss
+    before its first update, the divergence anchor."""
+    setup = derive(source, cfg, weights)
+    if perturb is not None:
+        with torch.no_grad():
+            perturb(setup.model)
+    with out.lock("derived run"):
+        out.clear()
+        atomic_write_text(out.config, config_mod.save(cfg))
+        out.append_eval({"step": 0, **setup.evaluator(setup.model)})
+        outcome = train(setup, out, source_baseline=baseline)
+        evals = out.read_evals()
+    if outcome.status == "diverged":
+        evals.append({"step": outcome.diverged_at, "diverged": True})
+    return evals

@@ -35,7 +35,7 @@ PAUSE_AFTER_STATE = """\
 import os, signal
 with open(os.environ["GEOBENCH_TEST_PIDS"], "a") as fh:
     fh.write(f"{os.getpid()}\\n")
-from geobench.trajectory import RunDir
+from geobench.rundir import RunDir
 _save_state = RunDir.save_state
 _paused = os.path.join(os.path.dirname(os.environ["GEOBENCH_TEST_PIDS"]), "paused")
 def _save_state_then_stop(self, *args, **kwargs):
@@ -96,8 +96,8 @@ def trained_run(tmp_path_factory):
     """A tiny finished run with a checkpoint and an evaluation every 2 steps, for the metric tests."""
     from geobench import config
     from geobench.registry import installed
+    from geobench.rundir import RunDir
     from geobench.train import prepare, train
-    from geobench.trajectory import RunDir
 
     pairs = config.parse_pairs(FAST + ["steps=30", "eval_every=2", "checkpoint_every=2", "state_every=30",
                                        "eval_examples=40", "lr=3e-3"])

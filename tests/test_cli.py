@@ -14,7 +14,7 @@ import yaml
 
 from conftest import FAST, geobench_command, run_cli, stopping_after_first_state
 from geobench import report
-from geobench.trajectory import RunDir
+from geobench.rundir import RunDir
 
 
 def test_plugins_lists_builtins_with_source_and_hyperparameters():

@@ -3,8 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geobench import config
-from geobench.errors import UsageError
-from geobench.params import Param
+from geobench.api import Param, UsageError
 from geobench.registry import installed
 
 

@@ -9,11 +9,12 @@ import torch
 
 from conftest import FAST
 from geobench import cli, config, optim
-from geobench.analysis import AnalysisContext, metric_options, plan_metrics, run_metrics
-from geobench.params import Param
-from geobench.registry import TrainingSchedule, installed
+from geobench.analysis import metric_options, plan_metrics, run_metrics
+from geobench.api import Param, TrainingSchedule
+from geobench.registry import installed
+from geobench.rundir import RunDir
+from geobench.runner import open_analysis
 from geobench.train import prepare, train
-from geobench.trajectory import RunDir
 
 REG = installed()
 
@@ -113,11 +114,11 @@ def tiny_run(request, tmp_path_factory):
     out.path.mkdir(parents=True)
     out.config.write_text(config.save(cfg))
     train(prepare(cfg, REG), out)
-    return AnalysisContext.open(out.path, REG)
+    return open_analysis(out.path, REG)
 
 
 def test_every_metric_gives_a_result_or_a_declared_skip(tiny_run):
-    cfg = tiny_run.trained
+    cfg = tiny_run.config
     skipped = {name: why for name in REG.metrics if (why := REG.unmet_need(name, cfg))}
     names = [name for name in REG.metrics if name not in skipped]
     given = {f"{m}.{k}": str(v) for m, opts in QUICK.items() if m in names for k, v in opts.items()

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from geobench.config import DataConfig, ProbeConfig
+from geobench.api import DataConfig, ProbeConfig, UsageError
 from geobench.data import synthetic
 from geobench.data.batches import TrainStream, validation_batches
 from geobench.data.corpus import load_corpus
 from geobench.data.probe import IGNORE, TEMPLATES, ProbeTask, clean_codewords, codeword_pool
 from geobench.data.tokenizer import load_tokenizer, tokenize_stories
-from geobench.errors import UsageError
 
 
 def parse_txt(path):
@@ -142,7 +141,7 @@ def test_training_sequences_on_real_text(real_text):
         assert 5 <= gap <= 30
         budget = 257 - (len(key) + gap + len(query))
         assert budget >= 10 and 2 <= start <= min(max(3, budget // 3), len(story) - 1)  # KEY near the START
-        # the whole sequence, rebuilt from the story by SPEC §2's recipe, EOS where the story runs out
+        # the whole sequence, rebuilt from the story by the recipe of docs/science.md#the-probe-task, EOS where the story runs out
         padded = story.tolist() + [tok.eos_id] * 600
         real = [True] * len(story) + [False] * 600
         expected = padded[:start] + key + padded[start:start + gap] + query + padded[start + gap:]

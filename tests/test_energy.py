@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import hf_checkpoint, run_cli
+from geobench.api import UsageError
 from geobench.checkpoints import CheckpointReader
-from geobench.energy import COLUMNS, energy_rows, manifest_energy
-from geobench.errors import UsageError
+from geobench.shared_direction import COLUMNS, energy_rows, manifest_energy
 
 
 def test_hand_computed_energy(tmp_path):

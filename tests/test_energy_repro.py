@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import hf_checkpoint, run_cli
-from geobench.energy import COLUMNS, Measurement
 from geobench.energy_report import Thresholds, classify, spike
+from geobench.shared_direction import COLUMNS, Measurement
 
 MEASURED = [f"model.layers.{i}.mlp.down_proj.weight" for i in (7, 14, 21, 28)] + [
     "model.layers.21.self_attn.q_proj.weight", "model.layers.21.self_attn.o_proj.weight"]

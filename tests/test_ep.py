@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from conftest import FAST, run_cli
-from geobench import ep
-from geobench.config import ModelConfig
-from geobench.objective import composite_loss
-from geobench.plugins.models.eqformer import EqFormer, linear
-from geobench.registry import Batch
+from geobench.api import Batch, ModelConfig
+from geobench.objective import composite_loss, composite_weights
+from geobench.plugins.ep import relaxation as ep
+from geobench.plugins.ep.eqformer import EqFormer, linear
 
 
 class Energy(EqFormer):
@@ -99,7 +98,7 @@ def test_the_nudge_is_the_loss_gradient_and_the_complex_path_matches(energy_case
     mask[1, 5] = True
     h = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
     auto = torch.autograd.grad(composite_loss(model.readout(h), targets, mask, 3.0), h)[0]
-    written = ep.loss_gradient_h(model, h.detach(), targets, ep.position_weights(targets, mask, 3.0))
+    written = ep.loss_gradient_h(model, h.detach(), targets, composite_weights(targets, mask, 3.0))
     torch.testing.assert_close(written, auto)
     real = model.step(h.detach(), model.embed(inputs).detach())
     complex_path = model.step(h.detach().to(torch.complex128), model.embed(inputs).detach()).real
@@ -208,13 +207,13 @@ def test_jacobian_penalty_and_controller():
 
 
 def test_the_controller_raises_the_penalty_while_the_residual_is_above_target():
-    from geobench.plugins.optimizers import ep as ep_plugin
+    from geobench.plugins.ep import optimizer as ep_plugin
 
     torch.manual_seed(0)
     model = EqFormer(ModelConfig(n_layer=1, n_head=2, d_model=8, d_ff=16, context=6, params={"relax_steps": 3}), 10)
     hp = {k: spec.default for k, spec in ep_plugin.PARAMS.items()} | {"jac_reg": 0.1, "jac_target": 1e-9, "gate": 10.0}
-    from geobench.plugins.models.eqformer import LAYOUT
-    from geobench.registry import TrainingSchedule
+    from geobench.api import TrainingSchedule
+    from geobench.plugins.ep.eqformer import LAYOUT
 
     optimizer = ep_plugin.build(parameters=LAYOUT.parameters(model), hp=hp, device=torch.device("cpu"),
                                 schedule=TrainingSchedule(steps=3, warmup=0, tokens_per_step=12))

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FAST
-from geobench import analysis, cli, config, energy, hookimpl, params, suites
+from geobench import analysis, cli, config, hookimpl, shared_direction, suites
 from geobench import registry as plugin_registry
-from geobench.errors import UsageError
+from geobench.api import UsageError, params
 from geobench.registry import installed, make_registry
-from geobench.trajectory import RunDir
+from geobench.rundir import RunDir
 
 FIELDS = config.declared_fields()
 EXAMPLES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -415,7 +415,7 @@ def test_a_manifest_is_read_or_refused_in_one_line(tmp_path_factory, manifest):
     path = tmp_path_factory.mktemp("manifest") / "m.json"
     path.write_text(json.dumps(manifest))
     try:
-        runs = energy.read_manifest(path)
+        runs = shared_direction.read_manifest(path)
     except UsageError as exc:
         assert "\n" not in str(exc)
         return
@@ -436,5 +436,5 @@ def test_an_all_zero_direction_is_refused(tmp_path):
     origin, later = CheckpointReader(tmp_path / "origin.safetensors"), CheckpointReader(tmp_path / "later.safetensors")
     notices = []
     with pytest.raises(UsageError, match="φ̂ is zero for every one of the 1 parameters"):
-        energy.measure({"a": [(1, later)]}, origin, lambda name: torch.zeros(3), ["w"], notice=notices.append)
+        shared_direction.measure({"a": [(1, later)]}, origin, lambda name: torch.zeros(3), ["w"], notice=notices.append)
     assert notices == ["φ̂ of 'w' has norm 0; no direction: it adds nothing to E_phi"]

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from geobench import series
-from geobench.analysis import AnalysisContext, metric_options, run_metrics
-from geobench.errors import UsageError
+from geobench.analysis import metric_options, run_metrics
+from geobench.api import UsageError
 from geobench.objective import composite_loss, lambda_at, lm_and_probe_losses
 from geobench.plugins.metrics import fisher, grad_structure, switching
 from geobench.registry import installed
+from geobench.runner import open_analysis
 
 
 def options(name, **given):
@@ -19,15 +20,15 @@ def options(name, **given):
 
 @pytest.fixture(scope="module")
 def ctx(trained_run):
-    return AnalysisContext.open(trained_run.path, installed())
+    return open_analysis(trained_run.path, installed())
 
 
 @pytest.fixture(scope="module")
 def trajectory(ctx):
     """The trunk trajectory materialized: steps, rows θ_t (T × D) in float64."""
-    steps = ctx.checkpoint_steps()
-    names = ctx.scope("trunk")
-    thetas = np.stack([np.concatenate([ctx.load_checkpoint(s)[n].double().numpy().ravel() for n in names])
+    steps = ctx.trajectory.checkpoint_steps()
+    names = ctx.trajectory.scope("trunk")
+    thetas = np.stack([np.concatenate([ctx.trajectory.load_checkpoint(s)[n].double().numpy().ravel() for n in names])
                        for s in steps])
     return steps, names, thetas
 
@@ -84,11 +85,11 @@ def test_backbone_against_numpy(ctx, trajectory):
 
 def test_backbone_window_needs_checkpoints(ctx):
     with pytest.raises(UsageError, match=r"holds 0 checkpoints.*at least 3"):
-        ctx.backbone("trunk", (1000, 2000))
+        ctx.trajectory.backbone("trunk", (1000, 2000))
     with pytest.raises(UsageError, match="scope='heads' is not one of"):
-        ctx.scope("heads")
+        ctx.trajectory.scope("heads")
     with pytest.raises(UsageError, match="matches no parameter"):
-        ctx.scope("block:7")
+        ctx.trajectory.scope("block:7")
 
 
 def test_alignment_against_numpy(ctx, trajectory):
@@ -100,10 +101,10 @@ def test_alignment_against_numpy(ctx, trajectory):
     expected = updates @ v_b / np.linalg.norm(updates, axis=1)
     np.testing.assert_allclose(result["series"]["cos"], expected, atol=1e-6)
     # the control, recomputed with a plain backward pass
-    model = ctx.model_at(steps[-1])
+    model = ctx.setup.model_at(steps[-1])
     lam = lambda_at(ctx.config.train.lambda_schedule, steps[-1])
     params = dict(model.named_parameters())
-    for cos, (inputs, targets, mask) in zip(result["series"]["control_cos"], ctx.batches(3)):
+    for cos, (inputs, targets, mask) in zip(result["series"]["control_cos"], ctx.setup.batches(3)):
         model.zero_grad()
         composite_loss(model(inputs), targets, mask, lam).backward()
         g = np.concatenate([params[n].grad.double().numpy().ravel() for n in names])
@@ -125,7 +126,7 @@ def test_alignment_over_a_fixed_step_interval_against_numpy(ctx, trajectory):
 
 
 def test_alignment_source_variant_against_numpy(ctx, trajectory):
-    """SPEC §6: per block against the block's RAW v_b; the control on block 0 at several checkpoints."""
+    """docs/FIDELITY.md: per block against the block's RAW v_b; the control on block 0 at several checkpoints."""
     steps, _, _ = trajectory
     opts = options("alignment", backbone="raw", per_block=True, control_scope="block:0", control_batches=2,
                    control_checkpoints=2)
@@ -133,8 +134,8 @@ def test_alignment_source_variant_against_numpy(ctx, trajectory):
     assert result["status"] == "ok", result.get("error")
 
     def block_rows(i):
-        names = ctx.scope(f"block:{i}")
-        return names, np.stack([np.concatenate([ctx.load_checkpoint(s)[n].double().numpy().ravel() for n in names])
+        names = ctx.trajectory.scope(f"block:{i}")
+        return names, np.stack([np.concatenate([ctx.trajectory.load_checkpoint(s)[n].double().numpy().ravel() for n in names])
                                 for s in steps])
 
     for row in result["tables"]["per_block"]:
@@ -145,14 +146,14 @@ def test_alignment_source_variant_against_numpy(ctx, trajectory):
         assert row["mean_abs_cos"] == pytest.approx(expected.mean(), abs=1e-6)
     names, thetas = block_rows(0)
     _, v_raw = numpy_pca(thetas[1:] - thetas[0], normalize=False)
-    at = ctx.spread([], 2)
+    at = ctx.trajectory.spread([], 2)
     assert at == [steps[0], steps[-1]] and result["scalars"]["control_checkpoints"] == 2
     expected = []
     for step in at:
-        model = ctx.model_at(step)
+        model = ctx.setup.model_at(step)
         lam = lambda_at(ctx.config.train.lambda_schedule, step)
         params = dict(model.named_parameters())
-        for inputs, targets, mask in ctx.batches(2):
+        for inputs, targets, mask in ctx.setup.batches(2):
             model.zero_grad()
             composite_loss(model(inputs), targets, mask, lam).backward()
             g = np.concatenate([params[n].grad.double().numpy().ravel() for n in names])
@@ -167,10 +168,10 @@ def test_fisher_with_a_fixed_lambda_and_the_raw_backbone(ctx, trajectory):
         "fisher", steps=[steps[-1]], batches=3, random_directions=2, backbone="raw", lam=2.0)})["fisher"]
     assert result["status"] == "ok", result.get("error")
     _, v_raw = numpy_pca(thetas[1:] - thetas[0], normalize=False)
-    model = ctx.model_at(steps[-1])
+    model = ctx.setup.model_at(steps[-1])
     params = dict(model.named_parameters())
     G = []
-    for inputs, targets, mask in ctx.batches(3):
+    for inputs, targets, mask in ctx.setup.batches(3):
         model.zero_grad()
         composite_loss(model(inputs), targets, mask, 2.0).backward()
         G.append(np.concatenate([params[n].grad.double().numpy().ravel() for n in names]))
@@ -183,8 +184,8 @@ def test_fisher_checkpoints_from_a_step_on(ctx, trajectory):
     """The source's set: 50 checkpoints from step 200 on, where count=50 alone takes step 1 in."""
     steps, _, _ = trajectory
     later = [s for s in steps if s >= 10]
-    assert ctx.spread([], len(later), first=10) == later
-    assert ctx.spread([], len(later)) != later and ctx.spread([], len(later))[0] == steps[0]
+    assert ctx.trajectory.spread([], len(later), first=10) == later
+    assert ctx.trajectory.spread([], len(later)) != later and ctx.trajectory.spread([], len(later))[0] == steps[0]
     result = run_metrics(ctx, ["fisher"], options={"fisher": options(
         "fisher", count=3, from_step=10, batches=2, random_directions=1)})["fisher"]
     assert result["status"] == "ok", result.get("error")
@@ -213,8 +214,9 @@ def planted_evals(steps):
 def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, e2_6):
     steps, names, thetas = trajectory
     monkeypatch.setattr(type(ctx), "evals", property(lambda self: planted_evals(steps)))
-    result = switching.compute(ctx=ctx, options=options("switching", resamples=5, backbone=variant, per_block=True,
-                                                        sigma="last", e2_6=e2_6))
+    result = switching.compute(ctx=ctx.context(installed().metric("switching")),
+                               options=options("switching", resamples=5, backbone=variant, per_block=True,
+                                               sigma="last", e2_6=e2_6))
     delta = thetas[1:] - thetas[0]
     rows = delta / np.linalg.norm(delta, axis=1, keepdims=True) if variant == "rownorm" else delta
     _, _, vt = np.linalg.svd(rows, full_matrices=False)
@@ -233,12 +235,12 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, 
         assert whole == pytest.approx(residual * (1 - (v @ v_b) ** 2), abs=1e-9)  # the two differ by 1 − cos²
         assert r["tier"] == series.tier(r["delta_p"], r["sigma_last"]) and r["sigma_paired"] >= 0
     # per block: each block's own trajectory PCA, LayerNorms included
-    offsets = np.cumsum([0] + [int(np.prod(ctx.parameter_shapes[n])) for n in ctx.scope("all")])
-    everything = np.stack([np.concatenate([ctx.load_checkpoint(s)[n].double().numpy().ravel()
-                                           for n in ctx.scope("all")]) for s in steps])
-    index = {n: (offsets[i], offsets[i + 1]) for i, n in enumerate(ctx.scope("all"))}
+    offsets = np.cumsum([0] + [int(np.prod(ctx.trajectory.parameter_shapes[n])) for n in ctx.trajectory.scope("all")])
+    everything = np.stack([np.concatenate([ctx.trajectory.load_checkpoint(s)[n].double().numpy().ravel()
+                                           for n in ctx.trajectory.scope("all")]) for s in steps])
+    index = {n: (offsets[i], offsets[i + 1]) for i, n in enumerate(ctx.trajectory.scope("all"))}
     for r in result["tables"]["per_block"]:
-        cols = np.concatenate([np.arange(*index[n]) for n in ctx.scope(f"block:{r['block']}")])
+        cols = np.concatenate([np.arange(*index[n]) for n in ctx.trajectory.scope(f"block:{r['block']}")])
         block = everything[:, cols]
         d = block[1:] - block[0]
         rows = d / np.linalg.norm(d, axis=1, keepdims=True) if variant == "rownorm" else d
@@ -251,7 +253,7 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, 
 def test_switching_needs_three_evaluations(ctx, monkeypatch):
     monkeypatch.setattr(type(ctx), "evals", property(lambda self: [{"step": 1, "p_ood": 0.0}]))
     with pytest.raises(UsageError, match="has only 1 evaluations of p_ood"):
-        switching.compute(ctx=ctx, options=options("switching"))
+        switching.compute(ctx=ctx.context(installed().metric("switching")), options=options("switching"))
 
 
 def test_fisher_summary_against_an_explicit_fisher_matrix():
@@ -282,10 +284,10 @@ def test_fisher_and_interference_on_the_run(ctx, trajectory):
     assert row["step"] == steps[-1] and row["anisotropy"] > 0 and 0 <= row["top_overlap"] <= 1
     inter = results["interference"]
     assert inter["status"] == "ok", inter.get("error")
-    model = ctx.model_at(steps[-1])
+    model = ctx.setup.model_at(steps[-1])
     params = [dict(model.named_parameters())[n] for n in names]
     cosines = []
-    for inputs, targets, mask in ctx.batches(40):
+    for inputs, targets, mask in ctx.setup.batches(40):
         if not bool((mask & (targets >= 0)).any()):
             continue
         lm, probe = lm_and_probe_losses(model(inputs), targets, mask)
@@ -298,11 +300,11 @@ def test_fisher_and_interference_on_the_run(ctx, trajectory):
 
 
 def test_per_token_gradients_equal_one_backward_per_token(ctx):
-    model = ctx.model_at(ctx.checkpoint_steps()[-1])
+    model = ctx.setup.model_at(ctx.trajectory.checkpoint_steps()[-1])
     module = model.blocks[-1].mlp.down
-    inputs, targets = ctx.live.evaluator.val_batches[0]
+    inputs, targets = ctx.setup.evaluator.val_batches[0]
     inputs, targets = inputs[:2, :20], targets[:2, :20]
-    grads, entropy, _, positions = grad_structure.per_token_gradients(model, module, 3, inputs, targets, ctx.live.autocast)
+    grads, entropy, _, positions = grad_structure.per_token_gradients(model, module, 3, inputs, targets, ctx.setup.autocast)
     flat_targets = targets.flatten()
     for k in (0, 5, len(positions) - 1):
         b, t = divmod(int(positions[k]), targets.shape[1])
@@ -364,7 +366,7 @@ def test_a_reheat_may_train_at_another_probe_rate(ctx):
     derived = ctx.run.path / "derived" / "reheat-from30-lr0.001"
     assert "p_probe: 0.0" in (derived / "config.yaml").read_text() and "p_probe 0;" in result["variant"]
     with pytest.raises(UsageError, match="must keep the probe settings"):
-        ctx.retrain(ctx.checkpoint_steps()[-1], "other-gap", {"probe.train_gap": [1, 2]})
+        ctx.retrain(step=ctx.trajectory.checkpoint_steps()[-1], name="other-gap", overrides={"probe.train_gap": [1, 2]})
 
 
 def test_reheat_trains_a_fresh_optimizer_and_leaves_the_source_alone(ctx):
@@ -387,20 +389,20 @@ def test_reheat_trains_a_fresh_optimizer_and_leaves_the_source_alone(ctx):
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ctx.run.checkpoints.iterdir())}
     assert after == before
     with pytest.raises(UsageError, match="has no checkpoint at step 7"):
-        ctx.retrain(7, "nowhere", {})
+        ctx.retrain(step=7, name="nowhere", overrides={})
 
 
 def test_basin_perturbation_and_tests(ctx):
     from geobench.plugins.metrics.basin import perturbation
 
-    model = ctx.model_at(ctx.checkpoint_steps()[-1])
+    model = ctx.setup.model_at(ctx.trajectory.checkpoint_steps()[-1])
     w = model.blocks[0].mlp.up.weight
     before = w.detach().clone()
     with torch.no_grad():
-        perturbation(0.0, 0, ctx.scope("trunk"))(model)
+        perturbation(0.0, 0, ctx.trajectory.scope("trunk"))(model)
     assert torch.equal(w, before)
     with torch.no_grad():
-        perturbation(0.3, 0, ctx.scope("trunk"))(model)
+        perturbation(0.3, 0, ctx.trajectory.scope("trunk"))(model)
     noise = (w.detach() - before) / (0.3 * before.pow(2).mean().sqrt())
     assert abs(float(noise.std()) - 1) < 0.05 and abs(float(noise.mean())) < 0.05
 

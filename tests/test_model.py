@@ -1,8 +1,7 @@
 import torch
 
-from geobench.config import ModelConfig
-from geobench.model import GPT
-from geobench.plugins.models.gpt import LAYOUT
+from geobench.api import ModelConfig
+from geobench.plugins.models.gpt import GPT, LAYOUT
 
 
 def test_paper_size_is_51m_with_trunk_25m():

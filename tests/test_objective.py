@@ -37,7 +37,8 @@ def test_lambda_schedule():
 
 
 def test_warmup_then_cosine_clamped_at_the_floor():
-    """SPEC §3: lr_t = peak · max(½(1 + cos(π·min(1, (t − W)/(T − W)))), 0.1) after a linear warmup."""
+    """docs/science.md#training-protocol: lr_t = peak · max(½(1 + cos(π·min(1, (t − W)/(T − W)))), 0.1)
+    after a linear warmup."""
     def spec(t, warmup=1500, total=10_000, floor=0.1):
         if t <= warmup:
             return t / warmup
@@ -153,8 +154,8 @@ def test_training_through_the_chunked_head_equals_training_on_the_logits(tmp_pat
     from conftest import FAST
     from geobench import config, objective
     from geobench.registry import installed
+    from geobench.rundir import RunDir
     from geobench.train import prepare, train
-    from geobench.trajectory import RunDir
 
     finals = {}
     for name, threshold in (("logits", 2**62), ("head", 0)):

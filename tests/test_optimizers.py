@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from geobench.errors import UsageError
-from geobench.registry import Parameters, RoledParameter, TrainingSchedule, installed
+from geobench.api import Parameters, RoledParameter, TrainingSchedule, UsageError
+from geobench.registry import installed
 
 CPU = torch.device("cpu")
 SCHEDULE = TrainingSchedule(steps=10, warmup=2, tokens_per_step=64)

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from geobench import config
-from geobench.config import ProbeConfig
+from geobench.api import ProbeConfig, UsageError
 from geobench.data.probe import TEMPLATES, ProbeTask, clean_codewords, source_codewords
 from geobench.data.tokenizer import gpt2_tokenizer
-from geobench.errors import UsageError
 from geobench.registry import installed
 
 

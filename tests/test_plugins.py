@@ -5,11 +5,12 @@ import torch
 
 from conftest import FAST
 from geobench import Param, config, hookimpl, report
-from geobench.analysis import AnalysisContext, run_metrics
-from geobench.errors import UsageError
-from geobench.registry import MetricPlugin, ModelPlugin, OptimizerPlugin, ParameterLayout, make_registry
+from geobench.analysis import of_run, run_metrics
+from geobench.api import MetricPlugin, ModelPlugin, OptimizerPlugin, ParameterLayout, UsageError
+from geobench.registry import make_registry
+from geobench.rundir import RunDir
+from geobench.runner import open_analysis
 from geobench.train import prepare, train
-from geobench.trajectory import RunDir
 
 
 class Watcher:
@@ -61,8 +62,8 @@ def bigram(*, config, vocab_size):
 
 
 def drift(*, ctx, options):
-    steps = ctx.checkpoint_steps()
-    first, last = ctx.load_checkpoint(steps[0]), ctx.load_checkpoint(steps[-1])
+    steps = ctx.trajectory.checkpoint_steps()
+    first, last = ctx.trajectory.load_checkpoint(steps[0]), ctx.trajectory.load_checkpoint(steps[-1])
     total = sum(float(((last[n] - first[n]) ** 2).sum()) for n in first)
     return {"scalars": {"drift": options["scale"] * total ** 0.5}, "series": {"steps": steps},
             "tables": {"checkpoints": [{"step": s} for s in steps]}}
@@ -103,7 +104,7 @@ def test_lifecycle_hooks_see_every_step_eval_and_checkpoint(watched_run):
 
 def test_metrics_run_and_one_failure_does_not_stop_the_others(watched_run):
     watcher, reg, cfg, run, out, outcome = watched_run
-    results = run_metrics(AnalysisContext(out, cfg, reg), ["broken", "drift"])
+    results = run_metrics(of_run(out, cfg, reg), ["broken", "drift"])
     assert results["broken"]["status"] == "failed" and "broken on purpose" in results["broken"]["error"]
     first, last = out.load_checkpoint(1), out.load_checkpoint(12)
     expected = torch.sqrt(sum(((last[n] - first[n]) ** 2).sum() for n in first)).item()
@@ -172,12 +173,12 @@ def test_a_metric_result_outside_the_schema_is_recorded_as_failed(watched_run):
                                   compute=lambda *, ctx, options: {"series": {"x": {"a": 1}}}))
 
     sloppy_reg = make_registry(extra_plugins=(Sloppy(),))
-    result = run_metrics(AnalysisContext(out, cfg, sloppy_reg), ["sloppy"])["sloppy"]
+    result = run_metrics(of_run(out, cfg, sloppy_reg), ["sloppy"])["sloppy"]
     assert result["status"] == "failed" and "does not fit the report schema: series/x" in result["error"]
 
 
 def test_every_hookspec_has_an_implementation_here_and_was_called(watched_run):
-    from geobench import hookspecs
+    from geobench.api import hookspecs
 
     watcher, *_ = watched_run
     specs = {name for name in vars(hookspecs) if name.startswith("geobench_")}
@@ -200,7 +201,7 @@ def test_a_plugin_registered_at_runtime_works_on_every_path(tmp_path):
     out.path.mkdir()
     out.config.write_text(config.save(cfg))
     train(prepare(cfg, reg), out)
-    ctx = AnalysisContext.open(out.path, reg)
+    ctx = open_analysis(out.path, reg)
     trained_steps = len(watcher.steps)
     given = {"alignment.control_batches": "2", "reheat.lrs": "[0.05]", "reheat.steps": "3", "reheat.warmup": "1",
              "reheat.eval_every": "1"}

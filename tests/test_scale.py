@@ -15,9 +15,9 @@ import yaml
 
 from conftest import FAST, geobench_command, kill_every_process, paused_process, run_cli, stopping_after_first_state
 from geobench import executors, suites
-from geobench.errors import UsageError
+from geobench.api import UsageError
 from geobench.registry import installed
-from geobench.trajectory import lock_holder, writer_lock
+from geobench.rundir import lock_holder, writer_lock
 
 CELL_BASE = dict(pair.split("=", 1) for pair in FAST if not pair.startswith("metrics")) | {"eval_every": 4}
 

@@ -19,7 +19,7 @@ def read_series(seed):
 
 
 def source_rule(vals, prominence=0.03):
-    """The source's detector, written out again from SPEC §4 without geobench's code."""
+    """The source's detector, written out again from docs/science.md#metrics without geobench's code."""
     peaks, troughs = [], []
     n = len(vals)
     for i in range(1, n - 1):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import FAST, run_cli
-from geobench import compare, report
+from geobench import comparison, report
 
 MINI = {
     "name": "mini",
@@ -95,7 +95,7 @@ def test_bad_suites_fail_before_anything_runs(tmp_path, changes, message):
 
 
 def test_a_suite_directory_in_use_is_refused(tmp_path):
-    from geobench.trajectory import writer_lock
+    from geobench.rundir import writer_lock
 
     suite = write_suite(tmp_path, grid={"optimizer": ["adamw"]}, metrics=[], metric_options={})
     with writer_lock(tmp_path / "out", "bench"):
@@ -126,7 +126,7 @@ def test_builtin_tiny_suites(tmp_path, suite):
     doc = json.loads((tmp_path / "out" / "comparison.json").read_text())
     jsonschema.validate(doc, report.load_schema("comparison"))
     runs = {r["label"]: r for r in doc["runs"]}
-    if suite == "paper-beta2":  # the paper's contrasts (SPEC §5), at tiny scale
+    if suite == "paper-beta2":  # the paper's contrasts (docs/science.md#published-figures), at tiny scale
         zero = runs.pop("adamw-beta2=0.0")
         assert zero["status"] == "diverged" and zero["steps"] == 2000  # trained on to the end, as the source did
         assert zero["drift"] > 100 * max(r["drift"] for r in runs.values())
@@ -155,9 +155,9 @@ def test_builtin_tiny_suites(tmp_path, suite):
 def test_bootstrap_interval_brackets_the_mean():
     rng = np.random.default_rng(0)
     values = [0.70, 0.72, 0.69]
-    lo, hi = compare.bootstrap_interval(values, rng)
+    lo, hi = comparison.bootstrap_interval(values, rng)
     assert min(values) - 1e-9 <= lo <= np.mean(values) <= hi <= max(values) + 1e-9
-    assert compare.bootstrap_interval([0.5, 0.5], rng) == (0.5, 0.5)
+    assert comparison.bootstrap_interval([0.5, 0.5], rng) == (0.5, 0.5)
 
 
 def test_the_beta2_suite_checkpoints_where_the_published_series_has_rows(tmp_path):
@@ -179,5 +179,5 @@ def test_published_figures_name_columns_of_their_table(tmp_path):
     for name in suites.builtin():
         suite = suites.load(name, "paper", {}, str(tmp_path / name), installed())
         for group, values in suite.published.items():
-            assert set(values) <= set(compare.columns(installed())), (name, group)
+            assert set(values) <= set(comparison.columns(installed())), (name, group)
             assert group in {c.group for c in suite.cells}, (name, group)

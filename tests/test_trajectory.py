@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from geobench.trajectory import BackgroundWriter
+from geobench.rundir import BackgroundWriter
 
 
 def test_background_writer_keeps_order_bounds_what_waits_and_reports_errors():

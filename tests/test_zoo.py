@@ -10,13 +10,13 @@ import torch
 
 from conftest import FAST
 from geobench import Param, config, distributed, hookimpl, optim
+from geobench.api import Batch, OptimizerPlugin, UsageError
 from geobench.checkpoints import load_weights
-from geobench.errors import UsageError
 from geobench.objective import composite_loss
-from geobench.registry import Batch, OptimizerPlugin, installed, make_registry
+from geobench.registry import installed, make_registry
+from geobench.rundir import RunDir
 from geobench.stepping import Stepper
 from geobench.train import prepare, train
-from geobench.trajectory import RunDir
 
 REG = installed()
 CPU = torch.device("cpu")

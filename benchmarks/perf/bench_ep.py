@@ -17,10 +17,9 @@ import time
 
 import torch
 
-from geobench import ep
-from geobench.config import ModelConfig
-from geobench.plugins.models.eqformer import EqFormer
-from geobench.registry import Batch
+from geobench.api import Batch, ModelConfig
+from geobench.plugins.ep import relaxation as ep
+from geobench.plugins.ep.eqformer import EqFormer
 
 
 def measure(fn) -> tuple[float, int]:

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from geobench import config
 from geobench.registry import installed
+from geobench.rundir import RunDir
 from geobench.train import Setup, build_model_and_optimizer, prepare, train
-from geobench.trajectory import RunDir
 
 COMPILE_SECONDS: list[float] = []
 

@@ -13,9 +13,8 @@ from urllib.parse import urlparse
 
 import datasets
 
-from geobench.config import DataConfig
+from geobench.api import DataConfig, UsageError
 from geobench.data import synthetic
-from geobench.errors import UsageError
 
 EMBEDDED = "embedded"
 STORY_SEPARATOR = "<|endoftext|>"

@@ -1,4 +1,4 @@
-"""The long-range key-retrieval probe of SPEC §2.
+"""The long-range key-retrieval probe of docs/science.md#the-probe-task.
 
 A codeword is shown after KEY text and must be recalled after QUERY text; in training the gap
 between them is story text, in the fixed eval sets it is random filler token ids. The probe mask
@@ -12,11 +12,10 @@ import random
 
 import numpy as np
 
-from geobench.config import ProbeConfig
+from geobench.api import ProbeConfig, UsageError
 from geobench.data.tokenizer import TextTokenizer
-from geobench.errors import UsageError
 
-# The source's five (KEY, QUERY) pairs (SPEC §2); the codeword replaces {c}.
+# The source's five (KEY, QUERY) pairs (docs/science.md#the-probe-task); the codeword replaces {c}.
 TEMPLATES = [
     ("The secret code is {c}.", "What is the secret code? {c}"),
     ("Remember the word {c}.", "What was the word? {c}"),
@@ -31,7 +30,7 @@ IGNORE = -1  # target id of positions that carry no loss
 def codeword_pool(n_codewords: int, seed: int = 0) -> list[str]:
     """Uppercase pseudo-words (consonant-vowel-consonant-vowel) offered to BPE training so that
     they become single tokens; a quarter more than needed, since the codewords themselves are
-    then selected from the vocabulary by SPEC's rule. Few shared syllables keep the merges spent
+    then selected from the vocabulary by the clean rule. Few shared syllables keep the merges spent
     on them small (about n + 160), leaving the rest of the vocabulary to the corpus."""
     consonants, vowels = "BDFGKLMNPRSTVZ", "AEIOU"
     words = sorted(c1 + v1 + c2 + v2 for c1 in consonants for v1 in vowels for c2 in consonants for v2 in vowels)
@@ -162,7 +161,7 @@ class ProbeTask:
 
     def inject(self, story: np.ndarray, length: int,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int, int] | None:
-        """SPEC §2's probe sequence, built from the START of `story` (its tokens, EOS appended):
+        """The probe sequence of docs/science.md#the-probe-task, built from the START of `story` (its tokens, EOS appended):
         story[:P] + KEY + story[P:P+gap] + QUERY + story[P+gap:], cut to `length` tokens, with
         budget = length − (|KEY| + gap + |QUERY|) and P uniform in 2..max(3, budget // 3), capped at
         the story's text length. Where the story runs out (inside the gap or after QUERY) EOS pads.
@@ -187,7 +186,7 @@ class ProbeTask:
         return seq, pad, prefix + len(key) + gap + len(query) - 1, masked
 
     def eval_set(self, ood: bool, context: int) -> EvalSet:
-        """SPEC §2's fixed eval sets: filler prefix, KEY, filler gap, QUERY; EOS padding after."""
+        """The fixed eval sets of docs/science.md#the-probe-task: filler prefix, KEY, filler gap, QUERY; EOS padding after."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.codeword_seed, 1 if ood else 0])
         gap_lo, gap_hi = cfg.ood_gap if ood else cfg.train_gap

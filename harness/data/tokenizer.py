@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from geobench.config import DataConfig
+from geobench.api import DataConfig, UsageError
 from geobench.data.corpus import Corpus, require_hub
-from geobench.errors import UsageError
-from geobench.trajectory import atomic_write_bytes, atomic_write_text
+from geobench.files import atomic_write_bytes, atomic_write_text
 
 EOS = "<|endoftext|>"
 BPE_VERSION = "bpe-v1"  # bump when the training recipe changes: it is part of the cache key

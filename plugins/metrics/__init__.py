@@ -1,1 +1,1 @@
-"""Built-in metric plugins (SPEC §4)."""
+"""Built-in metric plugins (docs/science.md#metrics)."""

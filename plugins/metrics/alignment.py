@@ -1,4 +1,4 @@
-"""Update–backbone alignment (SPEC §4): C(t) = ⟨u, v_b⟩/‖u‖ for the update u over one checkpoint
+"""Update–backbone alignment (docs/science.md#alignment): C(t) = ⟨u, v_b⟩/‖u‖ for the update u over one checkpoint
 interval, and the control cos(g, v_b) of per-batch gradients (isotropic floor ~1/√D)."""
 
 from __future__ import annotations
@@ -9,13 +9,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench import Param, hookimpl
-from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
-from geobench.errors import UsageError
-from geobench.registry import MetricPlugin
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, Param, UsageError, hookimpl
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
+    from geobench.api import MetricContext
 
 
 OPTIONS = {
@@ -66,9 +63,9 @@ def backbone_direction(bb, variant: str) -> np.ndarray:
     return (bb.pca if variant == "rownorm" else bb.pca_raw).directions[0]
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
     window = tuple(options["window"])
-    bb = ctx.backbone(options["scope"], window)
+    bb = ctx.trajectory.backbone(options["scope"], window)
     steps, signed = update_cosines(bb, backbone_direction(bb, options["backbone"]), options["interval"])
     scalars = {"mean_abs_cos": float(np.abs(signed).mean()), "min_abs_cos": float(np.abs(signed).min()),
                "max_abs_cos": float(np.abs(signed).max()), "mean_signed_cos": float(signed.mean())}
@@ -76,8 +73,8 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
     tables = {}
     if options["per_block"]:
         rows = []
-        for i in ctx.block_indices():
-            block = ctx.backbone(f"block:{i}", window)
+        for i in ctx.trajectory.block_indices():
+            block = ctx.trajectory.backbone(f"block:{i}", window)
             c = np.abs(update_cosines(block, backbone_direction(block, options["backbone"]), options["interval"])[1])
             rows.append({"block": i, "mean_abs_cos": float(c.mean()), "min_abs_cos": float(c.min()),
                          "max_abs_cos": float(c.max())})
@@ -87,14 +84,14 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
                        block_max_abs_cos=float(max(r["mean_abs_cos"] for r in rows)))
     control_scope = options["control_scope"] or options["scope"]
     if options["control_batches"]:
-        control_bb = bb if control_scope == options["scope"] else ctx.backbone(control_scope, window)
-        at = (ctx.spread(options["control_steps"], len(options["control_steps"])) if options["control_steps"]
+        control_bb = bb if control_scope == options["scope"] else ctx.trajectory.backbone(control_scope, window)
+        at = (ctx.trajectory.spread(options["control_steps"], len(options["control_steps"])) if options["control_steps"]
               else [options["control_step"]] if options["control_step"] is not None
-              else ctx.spread([], options["control_checkpoints"]))
+              else ctx.trajectory.spread([], options["control_checkpoints"]))
         control = [c for step in at for c in gradient_control(ctx, control_bb, step, options["control_batches"],
                                                               backbone_direction(control_bb, options["backbone"]))]
         series["control_cos"] = control
-        dimension = sum(np.prod(ctx.parameter_shapes[n]) for n in control_bb.gram.names)
+        dimension = sum(np.prod(ctx.trajectory.parameter_shapes[n]) for n in control_bb.gram.names)
         scalars.update(control_mean_abs_cos=float(np.mean(np.abs(control))),
                        control_max_abs_cos=float(np.max(np.abs(control))),
                        isotropic_floor=float(1 / np.sqrt(dimension)), control_step=at[-1], control_checkpoints=len(at))
@@ -112,13 +109,13 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
 def gradient_control(ctx, bb, step: int, n: int, direction: np.ndarray) -> list[float]:
     """cos(g, v_b) for `n` per-batch gradients of the composite loss at checkpoint `step`."""
     names = bb.gram.names
-    v_b = ctx.flatten(ctx.materialize(bb.gram, direction), names)
+    v_b = ctx.setup.flatten(ctx.trajectory.materialize(bb.gram, direction), names)
     v_b = v_b / v_b.norm()
-    return [float(torch.dot(g, v_b) / g.norm().clamp_min(1e-30)) for g in ctx.batch_gradients(step, names, n)]
+    return [float(torch.dot(g, v_b) / g.norm().clamp_min(1e-30)) for g in ctx.setup.batch_gradients(step, names, n)]
 
 
 def plot(ctx, series) -> str:
-    from geobench.report import pyplot
+    from geobench.figures import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -135,7 +132,7 @@ def plot(ctx, series) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("alignment", "update-backbone alignment C(t) and the per-batch gradient control",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients"),
+                          OPTIONS, compute, default=True, needs=("checkpoints", "model", "data", "gradients"),
                           min_checkpoints=BACKBONE_CHECKPOINTS,
                           columns={"mean_abs_cos": ("mean_abs_cos", "mean abs cos(u, v_b)"),
                                    "block_mean_abs_cos": ("block_mean_abs_cos", "mean abs cos(u, v_b), per block"),

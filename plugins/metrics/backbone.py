@@ -1,4 +1,4 @@
-"""Backbone: uncentered trajectory PCA (SPEC §4), its decomposition, power laws, rotation and the
+"""Backbone: uncentered trajectory PCA (docs/science.md#backbone), its decomposition, power laws, rotation and the
 per-block table."""
 
 from __future__ import annotations
@@ -9,14 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geobench import Param, hookimpl
 from geobench import series as series_math
-from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, Param, hookimpl
 from geobench.linalg import pca
-from geobench.registry import MetricPlugin
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
+    from geobench.api import MetricContext
 
 
 OPTIONS = {
@@ -36,8 +34,8 @@ OPTIONS = {
 }
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
-    bb = ctx.backbone(options["scope"], tuple(options["window"]))
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    bb = ctx.trajectory.backbone(options["scope"], tuple(options["window"]))
     gram, steps = bb.gram, bb.gram.steps
     G = gram.gram
     a = G @ bb.v_b                         # a(t) = ⟨Δθ_t, v_b⟩
@@ -54,11 +52,11 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
         "k95_raw": bb.pca_raw.k_for(0.95), "k99_raw": bb.pca_raw.k_for(0.99),
         "drift": float(np.sqrt(sq[-1])), "backbone_fraction_final": float(fraction[-1]),
         "overlap_raw_rownorm": abs(gram.inner(raw_v, bb.v_b)),
-        "n_checkpoints": len(steps), "dimension": sum(int(np.prod(ctx.parameter_shapes[n])) for n in gram.names),
+        "n_checkpoints": len(steps), "dimension": sum(int(np.prod(ctx.trajectory.parameter_shapes[n])) for n in gram.names),
     }
     series = {"steps": steps, "ratios": bb.pca.ratios[:k].tolist(), "ratios_raw": bb.pca_raw.ratios[:k].tolist(),
               "a": a.tolist(), "r_norm": r.tolist(), "backbone_fraction": fraction.tolist()}
-    p_ood = ctx.p_ood_at(steps)
+    p_ood = series_math.p_ood_at(ctx.evals, steps)
     windows = options["fit_windows"] or series_math.default_fit_windows(steps[-1])
     tables = {"fits": series_math.window_fits(steps, a.tolist(), r.tolist(), [p_ood.get(s) for s in steps], windows,
                                               options["corr_points"])}
@@ -134,15 +132,15 @@ def phase_overlap(gram, split: int | None, ctx) -> float | None:
 
 def per_block(ctx, window: list, every: int) -> list[dict]:
     out = []
-    for i in ctx.block_indices():
-        bb = ctx.backbone(f"block:{i}", tuple(window), every=every)
+    for i in ctx.trajectory.block_indices():
+        bb = ctx.trajectory.backbone(f"block:{i}", tuple(window), every=every)
         out.append({"block": i, "pc1": float(bb.pca.ratios[0]), "pc1_raw": float(bb.pca_raw.ratios[0]),
                     "k95": bb.pca.k_for(0.95), "k95_raw": bb.pca_raw.k_for(0.95), "checkpoints": len(bb.gram.steps)})
     return out
 
 
 def plots(ctx, bb, steps, a, r, rho_steps, rho, k) -> list[str]:
-    from geobench.report import pyplot
+    from geobench.figures import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -184,7 +182,7 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
     """The backbone planes and |a(t)|, ‖r(t)‖ of every run (the published series beside them);
     where the configurations differ in β₂, trunk PC1 against β₂; where they use different
     optimizers, trunk PC1 against the final val_loss, a marker per configuration."""
-    from geobench.compare import plot_references
+    from geobench.figures import plot_references
 
     if runs:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -235,7 +233,7 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("backbone", "uncentered trajectory PCA: PC1, k95, drift, decomposition, rotation",
-                          OPTIONS, compute, needs=("checkpoints", "evals"), columns=COLUMNS,
+                          OPTIONS, compute, default=True, needs=("checkpoints", "evals"), columns=COLUMNS,
                           min_checkpoints=BACKBONE_CHECKPOINTS,
                           comparison_figures=comparison_figures))
 

@@ -1,4 +1,4 @@
-"""Basin tests (SPEC §4).
+"""Basin tests (docs/science.md#basin-depth).
 
 B1, recovery: from a peak or a trough checkpoint, a fresh AdamW (lr 1e-3, λ = 8, constant lr)
 trains up to 1000 steps; how many steps until p_ood ≥ 0.6.
@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench import Param, hookimpl
 from geobench import series as series_math
-from geobench.analysis import check_checkpoint_steps
-from geobench.registry import MetricPlugin, Registry
+from geobench.api import MetricPlugin, Param, hookimpl
+from geobench.schedule import check_checkpoint_steps
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
-    from geobench.config import Config
+    from geobench.api import Config, MetricContext, Plugins
 
 
 OPTIONS = {
@@ -62,39 +60,40 @@ def perturbation(sigma: float, seed: int, names: list[str]):
 
 
 def default_recovery_points(ctx) -> list[int]:
-    p = ctx.p_ood_at(ctx.checkpoint_steps())
+    p = series_math.p_ood_at(ctx.evals, ctx.trajectory.checkpoint_steps())
     if not p:
-        return [ctx.checkpoint_steps()[-1]]
+        return [ctx.trajectory.checkpoint_steps()[-1]]
     best = max(p, key=lambda s: p[s])
     after = {s: v for s, v in p.items() if s > best}
     return [best] + ([min(after, key=lambda s: after[s])] if after else [])
 
 
-def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
+def check(*, config: Config, options: Mapping[str, Any], reg: Plugins) -> None:
     check_checkpoint_steps(config, options["recovery_from"], "basin.recovery_from")
     if options["depth_from"] is not None:
         check_checkpoint_steps(config, [options["depth_from"]], "basin.depth_from")
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
     t = options["threshold"]
     recovery = []
     b1 = constant_adamw(options["recovery_steps"], options["recovery_lr"], options["recovery_lam"], options["eval_every"])
     if options["recovery_grad_accum"]:
         b1["train.grad_accum"] = options["recovery_grad_accum"]
     for step in options["recovery_from"] or default_recovery_points(ctx):
-        evals = ctx.retrain(step, f"b1-from{step}", b1)
+        evals = ctx.retrain(step=step, name=f"b1-from{step}", overrides=b1)
         reached = next((e["step"] for e in evals if e.get("p_ood", -1) >= t), None)
         recovery.append({"from_step": step, "start_p_ood": evals[0]["p_ood"], "steps_to_threshold": reached,
                          "best_p_ood": max(e.get("p_ood", 0.0) for e in evals)})
-    step = ctx.checkpoint_steps()[-1] if options["depth_from"] is None else options["depth_from"]
+    step = ctx.trajectory.checkpoint_steps()[-1] if options["depth_from"] is None else options["depth_from"]
     relax = constant_adamw(options["relax_steps"], options["relax_lr"], options["relax_lam"], options["relax_steps"])
     relax["train.batch_size"], relax["train.grad_accum"] = options["relax_batch"], 1
-    depth, trunk = [], ctx.scope("trunk")
+    depth, trunk = [], ctx.trajectory.scope("trunk")
     for sigma in options["sigmas"]:
         finals = []
         for seed in range(options["repeats"]):
-            evals = ctx.retrain(step, f"b6-from{step}-sigma{sigma:g}-seed{seed}", relax, perturb=perturbation(sigma, seed, trunk))
+            evals = ctx.retrain(step=step, name=f"b6-from{step}-sigma{sigma:g}-seed{seed}", overrides=relax,
+                               perturb=perturbation(sigma, seed, trunk))
             finals.append(evals[-1].get("p_ood", float("nan")))
         depth.append({"sigma": sigma, "depth": float(np.mean(finals)), "p_ood_after": finals})
     scalars = {"depth_at_largest_sigma": depth[-1]["depth"],
@@ -111,5 +110,5 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("basin", "B1 recovery steps from peak/trough checkpoints and B6 basin depth",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check,
+                          OPTIONS, compute, needs=("checkpoints", "evals", "model", "data", "training"), check=check,
                           columns={"basin_depth": ("depth_at_largest_sigma", "B6 depth at the largest σ")}))

@@ -1,22 +1,17 @@
-"""Shared-direction energy of a run's checkpoints (SPEC §4): how much of the drift lies along a
+"""Shared-direction energy of a run's checkpoints (docs/science.md#shared-direction-energy): how much of the drift lies along a
 reference direction, by default the unit final drift of a named reference run (e.g. AdamW)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geobench import Param, hookimpl
-from geobench.analysis import SCOPE
-from geobench.checkpoints import CheckpointReader
-from geobench.energy import energy_rows, to_csv
-from geobench.errors import UsageError
-from geobench.registry import MetricPlugin, Registry
-from geobench.trajectory import RunDir, atomic_write_text
+from geobench.api import SCOPE, MetricPlugin, Param, Plugins, UsageError, hookimpl
+from geobench.shared_direction import energy_rows, to_csv
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
-    from geobench.config import Config
+    from geobench.api import Config, MetricContext, TrajectoryView
 
 
 OPTIONS = {
@@ -28,15 +23,16 @@ OPTIONS = {
 SIBLING = "sibling:"
 
 
-def reference_run(reference: str | None, run: RunDir, seed: int) -> RunDir:
+def reference_path(reference: str | None, directory: Path, seed: int) -> Path | None:
+    """The reference run's directory; None: this run itself."""
     if reference is None:
-        return run
+        return None
     if reference.startswith(SIBLING):  # the same seed: the same initialization, so the directions compare
-        return RunDir(run.path.parent / reference.removeprefix(SIBLING).replace("{seed}", str(seed)))
-    return RunDir(reference)
+        return directory.parent / reference.removeprefix(SIBLING).replace("{seed}", str(seed))
+    return Path(reference)
 
 
-def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
+def check(*, config: Config, options: Mapping[str, Any], reg: Plugins) -> None:
     reference = options["reference"]
     if reference is None:
         return
@@ -44,35 +40,35 @@ def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
         name = reference.removeprefix(SIBLING)
         if not name or "/" in name or name in (".", ".."):
             raise UsageError(f"energy.reference={reference!r}: sibling:NAME names a run directory beside this one")
-    elif not RunDir(reference).config.exists():
+    elif not (Path(reference) / "config.yaml").exists():
         raise UsageError(f"energy.reference={reference!r} is not a geobench run directory (no config.yaml)")
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
-    steps = ctx.window([], minimum=2)
-    names = ctx.scope(options["scope"])
-    reference = reference_run(options["reference"], ctx.run, ctx.trained.train.seed)
-    if not reference.config.exists():
-        raise UsageError(f"reference run {str(reference)!r} does not exist (yet)")
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    config = ctx.run_config()
+    steps = ctx.trajectory.window([], minimum=2)
+    names = ctx.trajectory.scope(options["scope"])
+    path = reference_path(options["reference"], ctx.directory, config.train.seed)
+    if path is not None and not (path / "config.yaml").exists():
+        raise UsageError(f"reference run {str(path)!r} does not exist (yet)")
+    reference: TrajectoryView = ctx.trajectory if path is None else ctx.open_run(path)
     ref_steps = reference.checkpoint_steps()
     if len(ref_steps) < 2:
-        raise UsageError(f"reference run {str(reference)!r} has {len(ref_steps)} checkpoints; 2 are needed")
-    ref_origin = CheckpointReader(reference.checkpoint_path(ref_steps[0]))
-    ref_end = CheckpointReader(reference.checkpoint_path(ref_steps[-1]))
-    origin = CheckpointReader(ctx.run.checkpoint_path(steps[0]))
+        raise UsageError(f"reference run {reference.name!r} has {len(ref_steps)} checkpoints; 2 are needed")
+    ref_origin, ref_end = reference.reader(ref_steps[0]), reference.reader(ref_steps[-1])
     # τ is measured from this run's Θ₀; φ̂ is the reference run's own unit drift.
-    rows = energy_rows(ctx.trained.optimizer.name, [(s, CheckpointReader(ctx.run.checkpoint_path(s))) for s in steps],
-                       origin, lambda n: ref_end.get(n) - ref_origin.get(n), names)
-    atomic_write_text(ctx.run.path / "energy.csv", to_csv(rows))
+    rows = energy_rows(config.optimizer.name, [(s, ctx.trajectory.reader(s)) for s in steps],
+                       ctx.trajectory.reader(steps[0]), lambda n: ref_end.get(n) - ref_origin.get(n), names)
     last = rows[-1]
     scalars = {"cos_eff_final": last["cos_eff"], "p_phi_final": last["p_phi"], "E_tau_final": last["E_tau"],
                "E_perp_final": last["E_perp"]}
     return {"scalars": scalars, "tables": {"energy": rows}, "figures": [plot(ctx, rows)],
-            "files": ["energy.csv"], "reference": str(reference)}
+            "files": [ctx.write_file("energy.csv", to_csv(rows))],
+            "reference": str(path if path is not None else ctx.directory)}
 
 
 def plot(ctx, rows) -> str:
-    from geobench.report import pyplot
+    from geobench.figures import pyplot
 
     plt = pyplot()
     steps = [r["iter"] for r in rows]
@@ -93,5 +89,5 @@ def plot(ctx, rows) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("energy", "shared-direction energy E_tau, E_phi, E_perp, p_phi, cos_eff (energy.csv)",
-                          OPTIONS, compute, needs=("checkpoints",), check=check, min_checkpoints=2,
+                          OPTIONS, compute, default=True, needs=("checkpoints", "run"), check=check, min_checkpoints=2,
                           columns={"cos_eff": ("cos_eff_final", "cos_eff (final)")}))

@@ -1,4 +1,4 @@
-"""Fisher / Rayleigh quotients (SPEC §4): with G the M×D matrix of per-batch trunk gradients of the
+"""Fisher / Rayleigh quotients (docs/science.md#fisher): with G the M×D matrix of per-batch trunk gradients of the
 composite loss at a checkpoint, q(v) = (1/M)‖G v‖² along the backbone against random directions
 orthogonal to it (anisotropy α), and the top Fisher eigenvector from the M×M Gram G Gᵀ/M."""
 
@@ -10,13 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench import Param, hookimpl
-from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
-from geobench.params import seed_param
-from geobench.registry import MetricPlugin
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, Param, hookimpl, seed_param
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
+    from geobench.api import MetricContext
 
 
 OPTIONS = {
@@ -56,16 +53,16 @@ def fisher_summary(G: torch.Tensor, v_b: torch.Tensor, n_random: int, generator:
             "trace": float(K.trace())}
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
-    bb = ctx.backbone(options["scope"])
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    bb = ctx.trajectory.backbone(options["scope"])
     names = bb.gram.names
     direction = (bb.pca if options["backbone"] == "rownorm" else bb.pca_raw).directions[0]
-    v_b = ctx.flatten(ctx.materialize(bb.gram, direction), names)
+    v_b = ctx.setup.flatten(ctx.trajectory.materialize(bb.gram, direction), names)
     generator = torch.Generator().manual_seed(options["seed"])
     lam = options["lam"]
     rows = []
-    for step in ctx.spread(options["steps"], options["count"], options["from_step"]):
-        G = torch.stack(list(ctx.batch_gradients(step, names, options["batches"], lam=lam)))
+    for step in ctx.trajectory.spread(options["steps"], options["count"], options["from_step"]):
+        G = torch.stack(list(ctx.setup.batch_gradients(step, names, options["batches"], lam=lam)))
         rows.append({"step": step, **fisher_summary(G, v_b, options["random_directions"], generator)})
         del G
     peak = max(rows, key=lambda r: r["anisotropy"])
@@ -78,7 +75,7 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
 
 
 def plot(ctx, rows) -> str:
-    from geobench.report import pyplot
+    from geobench.figures import pyplot
 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -97,6 +94,6 @@ def plot(ctx, rows) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("fisher", "Rayleigh quotients along v_b, anisotropy, top Fisher eigenvector",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients"),
+                          OPTIONS, compute, default=True, needs=("checkpoints", "model", "data", "gradients"),
                           min_checkpoints=BACKBONE_CHECKPOINTS,
                           columns={"fisher_anisotropy": ("max_anisotropy", "max Fisher anisotropy α")}))

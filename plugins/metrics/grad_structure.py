@@ -1,4 +1,4 @@
-"""Per-token gradient structure (SPEC §4, after the nanochat "Exp 1+2" probes).
+"""Per-token gradient structure (docs/science.md#gradient-structure, after the nanochat "Exp 1+2" probes).
 
 Per-token gradients of log p(target) with respect to one weight row, bucketed by the predictive
 entropy of the token (quantiles over all tokens): per bucket the participation ratio, rank95 and the
@@ -19,14 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench import Param, hookimpl
-from geobench.errors import UsageError
+from geobench.api import MetricPlugin, Param, UsageError, hookimpl, seed_param
 from geobench.objective import token_losses
-from geobench.params import seed_param
-from geobench.registry import MetricPlugin
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
+    from geobench.api import MetricContext
 
 
 OPTIONS = {
@@ -99,17 +96,17 @@ def split_band(groups: list[np.ndarray], resamples: int, rng) -> list[float] | N
     return [min(values), max(values)] if values else None
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
-    step = ctx.checkpoint_steps()[-1] if options["step"] is None else ctx.spread([options["step"]], 1)[0]
-    model: Any = ctx.model_at(step)  # a GPT (needs family:gpt)
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    step = ctx.trajectory.checkpoint_steps()[-1] if options["step"] is None else ctx.trajectory.spread([options["step"]], 1)[0]
+    model: Any = ctx.setup.model_at(step)  # a GPT (needs family:gpt)
     block = model.blocks[-1]
     module = block.mlp.down if options["weight"] == "mlp.down" else block.attn.proj
     if options["row"] >= module.weight.shape[0]:
         raise UsageError(f"row={options['row']} is out of range: {options['weight']} has {module.weight.shape[0]} rows")
-    device, autocast = ctx.live.device, ctx.live.autocast
+    device, autocast = ctx.setup.device, ctx.setup.autocast
 
     grads, entropies = [], []
-    for inputs, targets in ctx.live.evaluator.val_batches:
+    for inputs, targets in ctx.setup.evaluator.val_batches:
         g, h, _, _ = per_token_gradients(model, module, options["row"], inputs.to(device), targets.to(device), autocast)
         grads.append(g.cpu().numpy())
         entropies.append(h.cpu().numpy())
@@ -138,10 +135,10 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
 
 def probe_split(ctx, model, module, options, rng) -> dict:
     """Correct vs incorrect retrievals on the OOD probe set, overall and per template."""
-    data = ctx.live.evaluator.probe_ood
-    device, autocast = ctx.live.device, ctx.live.autocast
+    data = ctx.setup.evaluator.probe_ood
+    device, autocast = ctx.setup.device, ctx.setup.autocast
     grads, correct, templates = [], [], []
-    size = ctx.live.evaluator.batch_size
+    size = ctx.setup.evaluator.batch_size
     for start in range(0, len(data.inputs), size):
         rows = slice(start, start + size)
         inputs, targets, mask = (torch.from_numpy(a[rows]).to(device) for a in (data.inputs, data.targets, data.mask))
@@ -165,7 +162,7 @@ def probe_split(ctx, model, module, options, rng) -> dict:
 
 
 def plot(ctx, cross) -> str:
-    from geobench.report import pyplot
+    from geobench.figures import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
@@ -180,4 +177,4 @@ def plot(ctx, cross) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("grad_structure", "per-token gradient structure by entropy bucket; correct vs incorrect",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients", "family:gpt")))
+                          OPTIONS, compute, default=True, needs=("checkpoints", "model", "data", "gradients", "family:gpt")))

@@ -1,4 +1,4 @@
-"""Interference (SPEC §4): cos(g_LM, g_probe) on the trunk — the gradients of the two terms of the
+"""Interference (docs/science.md#interference): cos(g_LM, g_probe) on the trunk — the gradients of the two terms of the
 composite loss — averaged over batches, at chosen checkpoints."""
 
 from __future__ import annotations
@@ -9,14 +9,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench import Param, hookimpl
-from geobench.analysis import SCOPE
-from geobench.errors import UsageError
+from geobench.api import SCOPE, MetricPlugin, Param, UsageError, hookimpl
 from geobench.objective import flat_gradient, lm_and_probe_losses
-from geobench.registry import MetricPlugin
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
+    from geobench.api import MetricContext
 
 
 OPTIONS = {
@@ -27,18 +24,18 @@ OPTIONS = {
 }
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
-    names = ctx.scope(options["scope"])
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    names = ctx.trajectory.scope(options["scope"])
     rows = []
-    for step in ctx.spread(options["steps"], options["count"]):
-        model = ctx.model_at(step)
+    for step in ctx.trajectory.spread(options["steps"], options["count"]):
+        model = ctx.setup.model_at(step)
         params = dict(model.named_parameters())
         chosen = [params[n] for n in names]
         cosines = []
-        for inputs, targets, mask in ctx.batches(20 * options["batches"]):
+        for inputs, targets, mask in ctx.setup.batches(20 * options["batches"]):
             if not bool((mask & (targets >= 0)).any()):
                 continue  # no probe in this batch
-            with ctx.live.autocast:
+            with ctx.setup.autocast:
                 logits = model(inputs)
             lm, probe = lm_and_probe_losses(logits, targets, mask)
             g_lm = flat_gradient(lm, chosen, retain_graph=True)
@@ -59,5 +56,5 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("interference", "cos(g_LM, g_probe) on the trunk at chosen checkpoints",
-                          OPTIONS, compute, needs=("checkpoints", "model", "data", "gradients", "probe"),
+                          OPTIONS, compute, default=True, needs=("checkpoints", "model", "data", "gradients", "probe"),
                           columns={"interference": ("mean_cos", "interference")}))

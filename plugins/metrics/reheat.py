@@ -1,4 +1,4 @@
-"""Reheating (SPEC §4): from a checkpoint, a FRESH optimizer of the run's kind (or a named one)
+"""Reheating (docs/science.md#reheating): from a checkpoint, a FRESH optimizer of the run's kind (or a named one)
 trains again with λ raised, warmup and cosine decay, for each learning rate of a grid; how high
 does p_ood climb, when, and what is the re-entry gain G = max p_ood − p_ood at the start (by
 default the start evaluation is included, so G ≥ 0; `peak=after_start` leaves it out)."""
@@ -10,15 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geobench import Param, hookimpl
 from geobench import series as series_math
-from geobench.analysis import check_checkpoint_steps
-from geobench.errors import UsageError
-from geobench.registry import MetricPlugin, Registry
+from geobench.api import MetricPlugin, Param, UsageError, hookimpl
+from geobench.schedule import check_checkpoint_steps
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
-    from geobench.config import Config
+    from geobench.api import Config, MetricContext, Plugins
 
 
 OPTIONS = {
@@ -40,7 +37,7 @@ OPTIONS = {
 }
 
 
-def check(*, config: Config, options: Mapping[str, Any], reg: Registry) -> None:
+def check(*, config: Config, options: Mapping[str, Any], reg: Plugins) -> None:
     check_checkpoint_steps(config, options["from_steps"], "reheat.from_steps")
     if options["optimizer"] is not None:
         try:
@@ -62,20 +59,20 @@ def summarize(evals: list[dict], threshold: float, peak_over: str = "with_start"
             "final_p_ood": p[-1], "gain": p[peak] - p[0], "diverged": any(e.get("diverged") for e in evals)}
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
     rows, curves = [], []
-    for step in options["from_steps"] or [ctx.checkpoint_steps()[-1]]:
+    for step in options["from_steps"] or [ctx.trajectory.checkpoint_steps()[-1]]:
         rows_step, curves_step = reheat_from(ctx, step, options)
         rows += rows_step
         curves += curves_step
     best = max(rows, key=lambda r: r["peak_p_ood"])
     scalars = {"best_from_step": best["from_step"], "best_lr": best["lr"], "best_peak_p_ood": best["peak_p_ood"],
                "best_gain": best["gain"]}
-    t = ctx.trained.train
-    variant = (f"a fresh {options['optimizer'] or ctx.trained.optimizer.name} per lr, λ = {options['lam']:g}, "
+    t = ctx.run_config().train
+    variant = (f"a fresh {options['optimizer'] or ctx.run_config().optimizer.name} per lr, λ = {options['lam']:g}, "
                f"{options['steps']} steps, warmup {options['warmup']} then the cosine clamped at "
                f"{t.lr_floor:g} of the peak, {t.batch_size} × {options['grad_accum'] or t.grad_accum} sequences per step, "
-               f"p_probe {options['p_probe'] if options['p_probe'] is not None else ctx.trained.probe.p_probe:g}; "
+               f"p_probe {options['p_probe'] if options['p_probe'] is not None else ctx.run_config().probe.p_probe:g}; "
                "G = max p_ood − p_ood at the start ("
                + ("the start evaluation included)" if options["peak"] == "with_start" else "the max over the evaluations "
                   "after the start)"))
@@ -87,7 +84,7 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
     return result
 
 
-def reheat_from(ctx: AnalysisContext, step: int, options: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
+def reheat_from(ctx: MetricContext, step: int, options: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
     rows, curves = [], []
     for lr in options["lrs"]:
         overrides = {"train.steps": options["steps"], "train.warmup": options["warmup"],
@@ -100,14 +97,14 @@ def reheat_from(ctx: AnalysisContext, step: int, options: Mapping[str, Any]) -> 
             overrides["train.grad_accum"] = options["grad_accum"]
         if options["p_probe"] is not None:
             overrides["probe.p_probe"] = options["p_probe"]
-        evals = ctx.retrain(step, f"reheat-from{step}-lr{lr:g}", overrides)
+        evals = ctx.retrain(step=step, name=f"reheat-from{step}-lr{lr:g}", overrides=overrides)
         curves += [{"from_step": step, "lr": lr, "step": e["step"], "p_ood": e["p_ood"]} for e in evals if "p_ood" in e]
         rows.append({"from_step": step, "lr": lr, **summarize(evals, options["threshold"], options["peak"])})
     return rows, curves
 
 
 def plot(ctx, curves: list[dict]) -> str:
-    from geobench.report import pyplot
+    from geobench.figures import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))

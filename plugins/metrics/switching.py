@@ -1,4 +1,4 @@
-"""Switching (SPEC §4): peaks and troughs of p_ood by the source's detector, their bootstrap
+"""Switching (docs/science.md#switching): peaks and troughs of p_ood by the source's detector, their bootstrap
 significance, and where the switch directions v_sw = unit(θ_peak − θ_trough) point relative to the
 backbone and the next PCs."""
 
@@ -9,15 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geobench import Param, hookimpl
 from geobench import series as series_math
-from geobench.analysis import BACKBONE_CHECKPOINTS, SCOPE
-from geobench.errors import UsageError
-from geobench.params import seed_param
-from geobench.registry import MetricPlugin
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, Param, UsageError, hookimpl, seed_param
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
+    from geobench.api import MetricContext
 
 
 OPTIONS = {
@@ -59,33 +55,33 @@ def direction_shares(ctx, bb, pca, s_peak: int, s_trough: int, e2_6: str = "resi
     return {"v": v, "backbone_share": along**2, "abs_cos_vb": abs(along), "e2_6": e26}
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
     window = options["window"]
     evals = [(e["step"], e["p_ood"]) for e in ctx.evals if e.get("p_ood") is not None
              and (not window or window[0] <= e["step"] <= window[1])]
     if len(evals) < 3:
-        raise UsageError(f"run {str(ctx.run)!r} has only {len(evals)} evaluations of p_ood "
+        raise UsageError(f"run {ctx.trajectory.name!r} has only {len(evals)} evaluations of p_ood "
                          f"{'in ' + str(window) if window else ''}; switching needs at least 3")
     steps = [s for s, _ in evals]
     p = np.array([v for _, v in evals])
     peaks, troughs = series_math.detect_switches(p, options["prominence"], options["reach"])
     pairs = series_math.pair_switches(peaks, troughs)
     pick = (lambda b: b.pca) if options["backbone"] == "rownorm" else (lambda b: b.pca_raw)
-    bb = ctx.backbone(options["scope"], tuple(window))
+    bb = ctx.trajectory.backbone(options["scope"], tuple(window))
     checkpoints = set(bb.gram.steps)
-    blocks = ({i: ctx.backbone(f"block:{i}", tuple(window)) for i in ctx.block_indices()}
+    blocks = ({i: ctx.trajectory.backbone(f"block:{i}", tuple(window)) for i in ctx.trajectory.block_indices()}
               if options["per_block"] else {})
     rng = np.random.default_rng(options["seed"])
     correct: dict[int, np.ndarray] = {}
 
     def ood_correct(step: int) -> np.ndarray:
         if step not in correct:
-            correct[step] = ctx.live.evaluator.ood_correct(ctx.model_at(step))
+            correct[step] = ctx.setup.evaluator.ood_correct(ctx.setup.model_at(step))
         return correct[step]
 
     sigma_last = None
     if options["resamples"] and pairs:
-        sigma_last = series_math.bootstrap_sigma(ood_correct(ctx.checkpoint_steps()[-1]), options["resamples"], rng)
+        sigma_last = series_math.bootstrap_sigma(ood_correct(ctx.trajectory.checkpoint_steps()[-1]), options["resamples"], rng)
     rows, directions, block_rows = [], [], []
     for pk, tr in pairs:
         s_peak, s_trough = steps[pk], steps[tr]
@@ -147,7 +143,7 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
 
 
 def plot(ctx, series, rows) -> str:
-    from geobench.report import pyplot
+    from geobench.figures import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
@@ -167,6 +163,6 @@ def plot(ctx, series, rows) -> str:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("switching", "p_ood peaks/troughs, bootstrap tiers, switch directions vs the backbone",
-                          OPTIONS, compute, needs=("checkpoints", "evals", "model", "data"),
+                          OPTIONS, compute, default=True, needs=("checkpoints", "evals", "model", "data"),
                           min_checkpoints=BACKBONE_CHECKPOINTS, min_evals=3,
                           columns={"switches": ("n_switches", "switch pairs"), "tier_a": ("tier_a", "tier A")}))

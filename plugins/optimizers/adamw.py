@@ -1,6 +1,6 @@
 """AdamW with decoupled weight decay (no decay on LayerNorm weights and biases).
 
-`geobench run adamw beta2=0.9` is the β₂ variant of SPEC §3's sweep; beta2=0 is allowed and is
+`geobench run adamw beta2=0.9` is the β₂ variant of the sweep of docs/science.md#the-beta2-sweep; beta2=0 is allowed and is
 expected to diverge.
 """
 
@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from geobench import Param, hookimpl
-from geobench.registry import OptimizerPlugin, Parameters, TrainingSchedule
+from geobench.api import OptimizerPlugin, Param, Parameters, TrainingSchedule, hookimpl
 
 PARAMS = {
     "lr": Param(1e-3, "peak learning rate", low=0, low_open=True),

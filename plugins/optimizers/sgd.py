@@ -1,6 +1,6 @@
 """SGD with optional (Nesterov) momentum and weight decay as L2 or decoupled.
 
-Covers SPEC §3's controls: B = `sgd lr=1e-3 wd=0.5`, C = `sgd lr=1e-2 momentum=0.9 wd=0.05`,
+Covers the controls of docs/science.md#optimizer-controls: B = `sgd lr=1e-3 wd=0.5`, C = `sgd lr=1e-2 momentum=0.9 wd=0.05`,
 C′ = `sgd lr=1e-2 momentum=0.9 nesterov=true wd=0.5 wd_mode=decoupled`.
 """
 
@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 
-from geobench import Param, hookimpl
-from geobench.errors import UsageError
-from geobench.registry import OptimizerPlugin, Parameters, TrainingSchedule
+from geobench.api import OptimizerPlugin, Param, Parameters, TrainingSchedule, UsageError, hookimpl
 
 PARAMS = {
     "lr": Param(1e-3, "peak learning rate", low=0, low_open=True),

@@ -10,9 +10,7 @@ from typing import Any
 
 import torch
 
-from geobench import Param, hookimpl
-from geobench.errors import UsageError, did_you_mean
-from geobench.registry import OptimizerPlugin, Parameters, TrainingSchedule
+from geobench.api import OptimizerPlugin, Param, Parameters, TrainingSchedule, UsageError, did_you_mean, hookimpl
 
 NEEDS_CLOSURE = {"LBFGS"}  # step(closure) evaluates the loss several times
 HINTS = {"Muon": " (Muon takes the hidden 2-D matrices only: the `muon` plugin gives it those and AdamW the rest)"}

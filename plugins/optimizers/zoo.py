@@ -18,9 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from geobench import Param, hookimpl
-from geobench.optim import Composite
-from geobench.registry import Batch, OptimizerPlugin, Parameters, TrainingSchedule
+from geobench.api import Batch, OptimizerPlugin, Param, Parameters, TrainingSchedule, hookimpl
+from geobench.composite import Composite
 
 ZOO = 'pip install "geobench[zoo]"'
 Build = Callable[..., torch.optim.Optimizer]

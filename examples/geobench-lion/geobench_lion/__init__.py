@@ -5,8 +5,7 @@ from typing import Any
 
 import torch
 
-from geobench import Param, hookimpl
-from geobench.registry import OptimizerPlugin, Parameters, TrainingSchedule
+from geobench.api import OptimizerPlugin, Param, Parameters, TrainingSchedule, hookimpl
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ Between consecutive checkpoints s < t of a run, the update of a parameter scope 
 Δ = θ_t − θ_s over the scope's parameters; the metric reports ‖Δ‖ / (t − s), the mean update
 length per step, divided by ‖θ_t‖ over the same scope when `relative` is on (the default): how
 fast each block moves, relative to its size. Scopes: the trunk and every block of the run's model,
-from the model family's own parameter layout.
+from the model family's own parameter layout (so it needs a geobench run, not only checkpoints).
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from geobench import Param, hookimpl
-from geobench.analysis import AnalysisContext
-from geobench.errors import UsageError
-from geobench.registry import MetricPlugin
+from geobench.api import MetricContext, MetricPlugin, Param, UsageError, hookimpl
 
 __version__ = "0.1.0"
 
@@ -32,13 +29,15 @@ def scope_norms(weights: Mapping[str, Any], names: list[str]) -> float:
     return math.sqrt(sum(float((weights[n].double() ** 2).sum()) for n in names))
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
-    steps = ctx.window(options["window"], minimum=2)
-    scopes = {"trunk": ctx.scope("trunk"), **{f"block:{i}": ctx.scope(f"block:{i}") for i in ctx.block_indices()}}
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    trajectory = ctx.trajectory
+    steps = trajectory.window(options["window"], minimum=2)
+    scopes = {"trunk": trajectory.scope("trunk"),
+              **{f"block:{i}": trajectory.scope(f"block:{i}") for i in trajectory.block_indices()}}
     rows = []
-    before = ctx.load_checkpoint(steps[0])
+    before = trajectory.load_checkpoint(steps[0])
     for previous, step in zip(steps, steps[1:]):
-        after = ctx.load_checkpoint(step)
+        after = trajectory.load_checkpoint(step)
         row: dict[str, Any] = {"step": step}
         for scope, names in scopes.items():
             delta = {n: after[n].double() - before[n].double() for n in names}
@@ -56,8 +55,8 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
                         + (", divided by ‖θ_t‖ of the scope" if options["relative"] else ""))}
 
 
-def plot(ctx: AnalysisContext, series: dict, scopes: Mapping[str, list[str]]) -> str:
-    from geobench.report import pyplot
+def plot(ctx: MetricContext, series: dict, scopes: Mapping[str, list[str]]) -> str:
+    from geobench.figures import pyplot
 
     fig, ax = pyplot().subplots(figsize=(6, 3.5))
     for scope in scopes:
@@ -87,6 +86,6 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("update_norms", "update length per step of the trunk and of every block, between checkpoints",
-                          OPTIONS, compute, needs=("checkpoints", "model"),
+                          OPTIONS, compute, needs=("checkpoints", "run"),
                           columns={"update_norm": ("trunk_mean", "trunk update/step")},
                           comparison_figures=comparison_figures))

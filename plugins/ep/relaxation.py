@@ -1,7 +1,8 @@
 """Equilibrium propagation for fixed-point models, and the exact-gradient controls.
 
 A fixed-point model exposes `embed(idx) -> e`, `step(h, e) -> F(h; x)`, `readout(h) -> logits`,
-`relax(e, h, steps, force) -> (h, residual)` and its `damping` (the eqformer does). With h* = F(h*),
+`relax(e, h, steps, force) -> (h, residual)`, its `damping`, and a readout of a final LayerNorm
+`ln_f` and the tied token embedding `wte` (the eqformer of this package does). With h* = F(h*),
 the loss L(readout(h*)) has the gradient
 
     dL/dθ = (∂F/∂θ)ᵀ w + ∂L/∂θ|_readout,   w = (I − J)⁻ᵀ ∇_h L,   J = ∂F/∂h at h*.
@@ -24,17 +25,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.attention
 
-from geobench.objective import composite_loss
-from geobench.registry import Batch
+from geobench.api import Batch
+from geobench.objective import composite_loss, composite_weights
 
-ESTIMATORS = ("one_sided", "symmetric", "holo", "bptt", "implicit")
-
-
-def position_weights(targets: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """Weight of each position in the composite loss: 1/n_lm on LM targets, λ/n_probe on probe targets."""
-    valid = targets >= 0
-    lm, probe = valid & ~mask, valid & mask
-    return lm / lm.sum().clamp_min(1) + lam * probe / probe.sum().clamp_min(1)
+EP_ESTIMATORS = ("one_sided", "symmetric", "holo")  # estimates of dh*/dβ from nudged relaxations
+ESTIMATORS = (*EP_ESTIMATORS, "bptt", "implicit")  # and the exact-gradient controls
 
 
 def loss_gradient_h(model, h: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -101,7 +96,7 @@ def ep_gradient(model, *, e: torch.Tensor, h: torch.Tensor, batch: Batch, lam: f
                 beta: float = 0.05, n_points: int = 4, nudge_steps: int = 15, scale: float = 1.0) -> dict:
     """Accumulate scale × the EP gradient estimate into .grad, from the free phase (e, h*)."""
     _, targets, mask = batch
-    weights = position_weights(targets, mask, lam)
+    weights = composite_weights(targets, mask, lam)
     dh, nudged_residual = dh_dbeta(model, e, h, targets, weights, estimator, beta, n_points, nudge_steps)
     loss = _apply(model, e, h, -dh, targets, mask, lam, scale)
     return {"loss": loss, "nudged_residual": nudged_residual}

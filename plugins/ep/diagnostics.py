@@ -1,4 +1,4 @@
-"""EP diagnostics (SPEC §4) along a run of a fixed-point model: the EP estimate against the exact
+"""EP diagnostics (docs/science.md#ep-diagnostics) along a run of a fixed-point model: the EP estimate against the exact
 gradient (cosine and norm ratio per parameter group), batch-to-batch self-cosine of each estimator,
 free and nudged residuals, and the leading eigenvalues of J = ∂F/∂h at the fixed point (matrix-free
 subspace iteration, which resolves a complex pair), flagging a crossing of the unit circle."""
@@ -11,19 +11,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench import Param, ep, hookimpl
-from geobench.registry import MetricPlugin
+from geobench.api import MetricPlugin, Param, hookimpl
+from geobench.objective import lambda_at
+from geobench.plugins.ep import relaxation as ep
 
 if TYPE_CHECKING:
-    from geobench.analysis import AnalysisContext
+    from geobench.api import MetricContext
 
 
 OPTIONS = {
     "steps": Param([], "checkpoints (empty: up to `count` spread over the run)", items=int),
     "count": Param(4, "checkpoints when `steps` is empty", low=1),
     "batches": Param(3, "batches per checkpoint", low=2),
-    "estimator": Param(None, "EP estimator to check (none: the run's, or symmetric)", kind=str, nullable=True,
-                       choices=ep.ESTIMATORS),
+    "estimator": Param(None, "EP estimator to check (none: the run's; symmetric for a run trained with an exact "
+                       "gradient, bptt or implicit)", kind=str, nullable=True, choices=ep.EP_ESTIMATORS),
     "exact": Param("implicit", "the exact gradient", choices=("implicit", "bptt")),
     "eig_k": Param(4, "subspace size of the eigenvalue probe", low=2),
     "eig_iterations": Param(30, "subspace iterations", low=1),
@@ -46,19 +47,18 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
-def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, Any]:
-    hp = ctx.trained.optimizer.params if ctx.trained.optimizer.name == "ep" else {}
-    estimator = options["estimator"] or hp.get("estimator", "symmetric")
-    if estimator in ("bptt", "implicit"):
-        estimator = "symmetric"
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    hp = ctx.run_config().optimizer.params if ctx.run_config().optimizer.name == "ep" else {}
+    trained_with = hp.get("estimator", "symmetric")
+    estimator = options["estimator"] or (trained_with if trained_with in ep.EP_ESTIMATORS else "symmetric")
     beta, n_points, nudge = hp.get("beta", 0.05), hp.get("n_points", 4), hp.get("nudge_steps", 15)
-    lam_schedule = ctx.trained.train.lambda_schedule
+    lam_schedule = ctx.run_config().train.lambda_schedule
     rows = []
-    for step in ctx.spread(options["steps"], options["count"]):
-        model: Any = ctx.model_at(step).train()  # an EqFormer (needs family:eqformer)
-        lam = [v for s, v in lam_schedule if s <= step][-1]
+    for step in ctx.trajectory.spread(options["steps"], options["count"]):
+        model: Any = ctx.setup.model_at(step).train()  # an EqFormer (needs family:eqformer)
+        lam = lambda_at(lam_schedule, step)
         est, exact, free, nudged = [], [], [], []
-        for batch in ctx.batches(options["batches"]):
+        for batch in ctx.setup.batches(options["batches"]):
             e, h, residual = ep.free_phase(model, batch.inputs)
             free.append(residual)
             g = _gradient(model, ep.ep_gradient, e=e, h=h, batch=batch, lam=lam, estimator=estimator, beta=beta,
@@ -79,7 +79,7 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
         row["self_cos_ep"] = float(np.mean([_cos(a["all"], b["all"]) for a, b in zip(est, est[1:])]))
         row["self_cos_exact"] = float(np.mean([_cos(a["all"], b["all"]) for a, b in zip(exact, exact[1:])]))
         row["free_residual"], row["nudged_residual"] = float(np.mean(free)), float(np.mean(nudged))
-        inputs = next(iter(ctx.batches(1)))[0]
+        inputs = next(iter(ctx.setup.batches(1)))[0]
         values = ep.jacobian_spectrum(model, inputs, options["eig_k"], options["eig_iterations"])
         lead = values[0]
         row.update(eig_abs=abs(lead), eig_real=lead.real, eig_imag=lead.imag,
@@ -89,11 +89,14 @@ def compute(*, ctx: AnalysisContext, options: Mapping[str, Any]) -> dict[str, An
     scalars = {"mean_cos": float(np.mean([r["cos_all"] for r in rows])), "min_cos": min(r["cos_all"] for r in rows),
                "max_eig_abs": max(r["eig_abs"] for r in rows), "crossed_unit_circle": int(bool(crossed)),
                "first_crossing_step": crossed[0] if crossed else None}
-    return {"scalars": scalars, "tables": {"ep": rows}, "figures": [plot(ctx, rows)]}
+    checked = "chosen with ep.estimator" if options["estimator"] else (
+        "the run's" if estimator == trained_with else f"the run trained with the exact {trained_with} gradient")
+    variant = f"EP estimator {estimator} ({checked}) against the {options['exact']} gradient"
+    return {"scalars": scalars, "tables": {"ep": rows}, "figures": [plot(ctx, rows)], "variant": variant}
 
 
 def plot(ctx, rows) -> str:
-    from geobench.report import pyplot
+    from geobench.figures import pyplot
 
     plt = pyplot()
     steps = [r["step"] for r in rows]

@@ -1,4 +1,4 @@
-"""Shared-direction energy (SPEC §4, after repro_pkg), streamed one parameter at a time.
+"""Shared-direction energy (docs/science.md#shared-direction-energy, after repro_pkg), streamed one parameter at a time.
 
 For checkpoints θ_t, an origin θ₀ and per-parameter unit directions φ̂_p:
 τ_p = θ_t,p − θ₀,p; α_p = ⟨τ_p, φ̂_p⟩; E_phi = Σ α_p²; E_tau = Σ ‖τ_p‖²; E_perp = E_tau − E_phi;
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geobench.api import UsageError
 from geobench.checkpoints import CheckpointReader, Source, open_source
-from geobench.errors import UsageError
 
 COLUMNS = ["opt", "iter", "n_params", "E_tau", "E_phi", "E_perp", "p_phi", "p_perp", "cos_eff"]
 UNIT_TOLERANCE = 1e-3  # a given φ̂ whose norm is further than this from 1 is normalized, with a notice
@@ -34,7 +34,7 @@ UNIT_TOLERANCE = 1e-3  # a given φ̂ whose norm is further than this from 1 is 
 
 @dataclasses.dataclass
 class Measurement:
-    """Rows in SPEC's columns (by optimizer, then iter), the per-checkpoint step energy
+    """Rows in the reproducer's columns (by optimizer, then iter), the per-checkpoint step energy
     ‖θ_i − θ_(i−1)‖² (from θ₀ for the first), and the inner products of the optimizers' final drifts."""
 
     rows: list[dict]

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from geobench import Param, ep, hookimpl
+from geobench.api import Batch, OptimizerPlugin, Param, Parameters, TrainingSchedule, hookimpl
 from geobench.objective import composite_loss
-from geobench.registry import Batch, OptimizerPlugin, Parameters, TrainingSchedule
+from geobench.plugins.ep import relaxation as ep
 
 PARAMS = {
     "estimator": Param("symmetric", "gradient rule", choices=ep.ESTIMATORS),

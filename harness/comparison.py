@@ -16,10 +16,11 @@ import numpy as np
 
 import geobench
 from geobench import published
-from geobench.errors import UsageError
+from geobench.api import UsageError
+from geobench.figures import plot_references, pyplot, save_figure
+from geobench.files import atomic_write_json, atomic_write_text, read_json
 from geobench.registry import Registry
-from geobench.report import SCHEMA_VERSION, finite, fmt, load_schema, now, pyplot, save_figure
-from geobench.trajectory import atomic_write_json, atomic_write_text, read_json
+from geobench.report import SCHEMA_VERSION, finite, fmt, load_schema, now
 
 # the columns of every run; metric plugins add theirs (MetricPlugin.columns)
 CORE_COLUMNS = {"val_loss": (("final", "val_loss"), "val loss"), "best_p_ood": (("final", "best_p_ood"), "best p_ood")}
@@ -256,14 +257,6 @@ def to_html(doc: dict, directory: Path) -> str:
         parts.append(f"<h3>{esc(Path(fig).stem)}</h3><img alt='{esc(fig)}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def plot_references(ax, references: list[dict], key: str) -> None:
-    """The published reference series of `key` (p_ood, val_loss, a, r_norm) on `ax`, dashed."""
-    for ref in references:
-        pts = [(s, v) for s, v in zip(ref["series"]["steps"], ref["series"][key]) if v is not None]
-        if pts:
-            ax.plot(*zip(*pts), ls="--", lw=1.2, label=f"{ref['name']} (published)")
 
 
 def figures(directory: Path, doc: dict, docs: list[dict], reg: Registry) -> list[str]:

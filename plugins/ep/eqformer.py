@@ -18,10 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from geobench import Param, hookimpl
-from geobench.config import ModelConfig
-from geobench.model import init_weights
-from geobench.registry import ModelPlugin, ParameterLayout
+from geobench.api import ModelConfig, ModelPlugin, Param, ParameterLayout, hookimpl
+from geobench.plugins.models.gpt import init_weights
 
 PARAMS = {
     "relax_steps": Param(30, "maximum free-phase relaxation steps T1", low=1),
@@ -94,7 +92,6 @@ class EqFormer(nn.Module):
         params = {name: cfg.params.get(name, spec.default) for name, spec in PARAMS.items()}
         self.relax_steps, self.damping, self.tol = params["relax_steps"], params["damping"], params["relax_tol"]
         self.apply(init_weights)
-        self.last_residual = float("nan")
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
@@ -127,7 +124,7 @@ class EqFormer(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            h, self.last_residual = self.relax(self.embed(idx))
+            h, _ = self.relax(self.embed(idx))
         return self.readout(h)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from geobench.errors import UsageError, shown
+from geobench.api.errors import UsageError, shown
 
 
 def _number(bound: float) -> str:

@@ -25,56 +25,11 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_tensors
 
+from geobench.api import UsageError
 from geobench.checkpoints import CheckpointReader
-from geobench.errors import UsageError
+from geobench.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, writing
 
 LOCK_NAME = ".lock"
-
-
-@contextlib.contextmanager
-def writing(path: str | Path, *partial: Path) -> Iterator[None]:
-    """Turn a failed write of `path` (disk full, read-only, a file in the way) into a UsageError
-    naming the file and the cause, after removing the `partial` files the write left behind."""
-    try:
-        yield
-    except (OSError, UsageError) as exc:
-        for leftover in partial:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        if isinstance(exc, UsageError):  # an inner write already named its file
-            raise
-        raise UsageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def read_json(path: str | Path, what: str) -> Any:
-    """A JSON file geobench reads back (a report, an index, a state's counters); an unreadable,
-    truncated or malformed one is a UsageError naming the file."""
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{what} {str(path)!r} is not valid JSON ({exc}); was it truncated?") from None
 
 
 def check_directory_path(directory: str | Path) -> None:
@@ -178,6 +133,12 @@ class RunDir:
 
     def is_empty(self) -> bool:
         return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
+
+    def clear(self) -> None:
+        """Remove everything in the directory but its lock (the caller holds the lock)."""
+        for entry in self.path.iterdir():
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def read_report(self) -> dict:
         return read_json(self.report_json, "report")
