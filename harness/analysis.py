@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,9 +33,11 @@ from geobench.api import (
     UsageError,
     did_you_mean,
 )
+from geobench.api.documents import EvalRecord, MetricResult
 from geobench.api.params import read_yaml_file
 from geobench.checkpoints import CheckpointReader, load_weights
 from geobench.device import pick_device
+from geobench.documents import MetricOutcome
 from geobench.figures import save_figure
 from geobench.files import atomic_write_text
 from geobench.linalg import PCA, TrajectoryGram, pca
@@ -224,7 +227,7 @@ class TrainedModel:
 
 class TrainDerived(Protocol):
     def __call__(self, source: Setup, cfg: Config, weights: dict[str, torch.Tensor], out: RunDir, *,
-                 perturb: Callable[[torch.nn.Module], None] | None, baseline: float | None) -> list[dict[str, Any]]:
+                 perturb: Callable[[torch.nn.Module], None] | None, baseline: float | None) -> list[EvalRecord]:
         """Train a run of `cfg` from `weights` (on the data of `source`) into `out`, afresh; its
         evaluations, the first (step 0) before any update, a diverged run's ending with a record
         marked `diverged`."""
@@ -246,7 +249,7 @@ class Analysis:
     train_derived: TrainDerived | None = None
 
     @functools.cached_property
-    def evals(self) -> list[dict[str, Any]]:
+    def evals(self) -> list[EvalRecord]:
         return self.run.read_evals() if self.config is not None else []
 
     @functools.cached_property
@@ -256,14 +259,19 @@ class Analysis:
                              "checkpoints only")
         return TrainedModel(self.setup_factory(), self.trajectory)
 
+    def run_config(self) -> Config:
+        if self.config is None:
+            raise UsageError(f"{str(self.run)!r} holds a manifest's checkpoints, not a geobench run")
+        return self.config
+
     def baseline_val_loss(self) -> float | None:
         """The run's val_loss before its first update (its step-1 evaluation for a run directory of an
         earlier version): the divergence anchor of the runs derived from it."""
-        saved = self.run.read_baseline() or next((e for e in self.evals if e["step"] == 1), None)
-        return saved.get("val_loss") if saved else None
+        saved = self.run.read_baseline() or next((e for e in self.evals if e.step == 1), None)
+        return saved.val_loss if saved else None
 
     def retrain(self, *, step: int, name: str, overrides: dict[str, Any],
-                perturb: Callable[[torch.nn.Module], None] | None = None) -> list[dict[str, Any]]:
+                perturb: Callable[[torch.nn.Module], None] | None = None) -> list[EvalRecord]:
         if self.config is None or self.train_derived is None:
             raise UsageError("this metric trains from a checkpoint; it needs a geobench run")
         weights = self.trajectory.load_checkpoint(step)
@@ -305,7 +313,7 @@ class Context:
         return self.config
 
     @property
-    def evals(self) -> list[dict[str, Any]]:
+    def evals(self) -> list[EvalRecord]:
         self._declared("the evaluation history (ctx.evals)", ("evals",))
         return self._analysis.evals
 
@@ -315,7 +323,7 @@ class Context:
         return self._analysis.setup
 
     @property
-    def retrain(self) -> Callable[..., list[dict[str, Any]]]:
+    def retrain(self) -> Callable[..., list[EvalRecord]]:
         self._declared("training from a checkpoint (ctx.retrain)", ("training",))
         return self._analysis.retrain
 
@@ -429,31 +437,38 @@ def too_short(plugin: MetricPlugin, cfg: Config) -> str | None:
 
 
 def run_metrics(analysis: Analysis, names: list[str], options: dict[str, dict] | None = None, *,
-                strict: bool = False, skipped: dict[str, str] | None = None) -> dict:
+                strict: bool = False, skipped: dict[str, str] | None = None) -> dict[str, MetricOutcome]:
     """Compute each metric; a failure is recorded and the others still run. With `strict`, a metric
     that finds the run lacking what it needs (a UsageError) stops everything instead. `skipped`
     metrics (name → reason) are recorded as such. A metric that uses an undeclared part of the
     context fails (a defect of the plugin, found by its conformance test)."""
     reg = analysis.reg
     options = options or metric_options(names, {}, reg)
-    results: dict[str, dict[str, Any]] = {name: {"status": "skipped", "source": reg.metric(name).source, "reason": reason}
-                                          for name, reason in (skipped or {}).items()}
+    results = {name: MetricOutcome(status="skipped", source=reg.metric(name).source, reason=reason)
+               for name, reason in (skipped or {}).items()}
     for name in names:
-        plugin = reg.metric(name)
-        try:
-            output = plugin.compute(ctx=analysis.context(plugin), options=options[name])
-            results[name] = {"status": "ok", "source": plugin.source, "options": options[name], **output}
-            problem = report.metric_problem(results[name])
-            if problem:
-                results[name] = {"status": "failed", "source": plugin.source, "options": options[name],
-                                 "error": f"the metric's result does not fit the report schema: {problem}"}
-        except UsageError as exc:
-            if strict:
-                raise UsageError(f"metric {name!r}: {exc}") from None
-            results[name] = {"status": "failed", "source": plugin.source, "options": options[name],
-                             "error": f"UsageError: {exc}"}
-        except Exception as exc:  # one broken metric must not cost the others their results
-            results[name] = {"status": "failed", "source": plugin.source, "options": options[name],
-                             "error": f"{type(exc).__name__}: {exc}",
-                             "traceback": traceback.format_exc(limit=5)}
+        results[name] = compute(analysis, reg.metric(name), options[name], strict=strict)
     return results
+
+
+def compute(analysis: Analysis, plugin: MetricPlugin, options: dict[str, Any], *, strict: bool) -> MetricOutcome:
+    """One metric's outcome on `analysis`, with the time it took."""
+    started = time.perf_counter()
+
+    def failed(error: str, trace: str | None = None) -> MetricOutcome:
+        return MetricOutcome(status="failed", source=plugin.source, options=options, error=error, traceback=trace,
+                             seconds=round(time.perf_counter() - started, 3))
+
+    try:
+        output = plugin.compute(ctx=analysis.context(plugin), options=options)
+        if not isinstance(output, MetricResult):
+            raise TypeError(f"compute returned {type(output).__name__}, not a geobench.api.MetricResult")
+        outcome = MetricOutcome.ok(output, source=plugin.source, options=options, seconds=time.perf_counter() - started)
+        problem = report.metric_problem(outcome)
+        return failed(f"the metric's result does not fit the report schema: {problem}") if problem else outcome
+    except UsageError as exc:
+        if strict:
+            raise UsageError(f"metric {plugin.name!r}: {exc}") from None
+        return failed(f"UsageError: {exc}")
+    except Exception as exc:  # one broken metric must not cost the others their results
+        return failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=5))

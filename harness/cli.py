@@ -22,6 +22,8 @@ import torch
 from geobench import __version__, config, distributed, report, runner
 from geobench import registry as plugin_registry
 from geobench.api import Config, Param, UsageError
+from geobench.api.documents import from_json
+from geobench.documents import MetricOutcome, RunReport, SuiteIndex, TableSpec
 from geobench.files import read_json
 from geobench.rundir import RunDir, in_use, lock_holder
 
@@ -73,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare_.add_argument("--published", metavar="NAME[,NAME]",
                           help="published series to draw and tabulate beside the runs: mini_gpt-s42, mini_gpt-s271, "
                                "mini_gpt-beta2-0.99 ... -0.0, or the groups mini_gpt, mini_gpt-beta2")
-    compare_.add_argument("--table", default=None, choices=["main", "beta2", "sgd", "reheat", "ep", "leaderboard"],
-                          help="paper-style table (default: the suite's, else main)")
+    compare_.add_argument("--label-by", metavar="PARAM",
+                          help="name each configuration by this optimizer hyperparameter's value (e.g. beta2; default: "
+                               "the suite's table, else the group name)")
+    compare_.add_argument("--order-by", metavar="COLUMN", help="rank the configurations by this column (e.g. val_loss)")
     compare_.add_argument("--out", help="directory for comparison.{json,md,html} (default: the suite's, else runs/comparison)")
     compare_.set_defaults(handler=cmd_report)
 
@@ -174,11 +178,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code(doc)
 
 
-def exit_code(doc: dict) -> int:
+def exit_code(doc: RunReport) -> int:
     """0: the run's report is complete; 1: written, but a metric failed; 130: interrupted (resume it)."""
-    if doc["run"]["status"] == "interrupted":
+    if doc.run.status == "interrupted":
         return 130
-    return 1 if any(result["status"] == "failed" for result in doc["metrics"].values()) else 0
+    return 1 if any(result.status == "failed" for result in doc.metrics.values()) else 0
 
 
 def run_as_rank(cfg: Config, out: RunDir, reg: plugin_registry.Registry, preset_reason: str,
@@ -222,8 +226,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if holder:
         raise in_use(args.run, holder)
     analysis = runner.open_analysis(args.run, reg)
-    run, cfg = analysis.run, analysis.config
-    assert cfg is not None  # a run directory has its config
+    run, cfg = analysis.run, analysis.run_config()
     if not run.report_json.exists():
         raise UsageError(f"run {args.run!r} has no report.json (was it killed? finish it with resume=true)")
     previous = run.read_report()
@@ -233,30 +236,32 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     options = metric_options(names, config.parse_pairs(args.pairs), reg)
     with run.lock("analyze"):
         results = run_metrics(analysis, names, options, strict=True, skipped=skipped)
-        kept = [name for name, result in results.items() if result["status"] != "ok"
-                and previous["metrics"].get(name, {}).get("status") == "ok"]
-        previous["metrics"].update({name: result for name, result in results.items() if name not in kept})
+        kept = [name for name, result in results.items() if result.status != "ok"
+                and name in previous.metrics and previous.metrics[name].status == "ok"]
+        previous.metrics.update({name: result for name, result in results.items() if name not in kept})
         report.write(run, previous, reg.hooks)
     code = print_results(results, kept)
     print(f"geobench: report {run.report_md}")
     return code
 
 
-def print_results(results: dict[str, dict], kept: Sequence[str] = ()) -> int:
-    """One line per metric (its headline scalars, or why it failed or was skipped); the exit code:
-    1 when a metric failed, else 0."""
+def print_results(results: dict[str, MetricOutcome], kept: Sequence[str] = ()) -> int:
+    """One line per metric (its headline scalars, or why it failed or was skipped, and the time it
+    took); the exit code: 1 when a metric failed, else 0."""
     for name, result in results.items():
-        line = f"geobench: {name}: {result['status']}"
-        if result["status"] == "failed":
-            line += f" ({result['error']})"
-        elif result["status"] == "skipped":
-            line += f" ({result['reason']})"
+        line = f"geobench: {name}: {result.status}"
+        if result.status == "failed":
+            line += f" ({result.error})"
+        elif result.status == "skipped":
+            line += f" ({result.reason})"
         else:
-            line += "; " + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.get("scalars", {}).items())[:6])
+            line += "; " + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.scalars.items())[:6])
+        if result.seconds is not None:
+            line += f"; {report.duration(result.seconds)}"
         if name in kept:
             line += "; the report keeps its earlier result"
         print(line)
-    return 1 if any(r["status"] == "failed" for r in results.values()) else 0
+    return 1 if any(r.status == "failed" for r in results.values()) else 0
 
 
 def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) -> int:
@@ -286,7 +291,7 @@ def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) ->
         analysis = of_manifest(args.manifest, args.opt, args.params, args.out, reg)
         started = report.now()
         results = run_metrics(analysis, names, options, strict=True)
-        failed = [name for name, result in results.items() if result["status"] == "failed"]
+        failed = [name for name, result in results.items() if result.status == "failed"]
         if not failed:  # a report with a failed metric would only block the rerun into --out
             doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params,
                                              analysis.trajectory.checkpoint_steps(),
@@ -314,8 +319,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     scale = pairs.pop("scale", "paper" if has_cuda else "tiny")
     suite = suites.load(args.suite, scale, pairs, args.out, reg)
     if show_status:
-        for label, (state, detail) in suites.states(suite).items():
-            print(f"{label:<28} {state:<11} {detail}")
+        for label, outcome in suites.states(suite).items():
+            print(f"{label:<28} {outcome.state:<11} {outcome.detail}")
         return 0
     print(f"geobench bench: suite {suite.name}, scale {scale}"
           f"{'' if 'scale' in config.parse_pairs(args.pairs) else ' (auto: ' + ('CUDA' if has_cuda else 'no CUDA') + ')'}; "
@@ -327,15 +332,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"geobench bench: submitted; `geobench bench {args.suite} {' '.join(args.pairs)} status` shows the cells, "
               "the same command without --no-wait assembles the comparison")
         return 0
-    failed = {k: v for k, v in statuses.items() if not v.startswith(("completed", "diverged"))}
+    failed = {k: v for k, v in statuses.items() if not v.finished}
     metric_failures = [f"{cell.label} ({', '.join(names)})" for cell in suite.cells if cell.label not in failed
                        and cell.out.status() is not None
-                       and (names := [n for n, r in cell.out.read_report()["metrics"].items() if r["status"] == "failed"])]
+                       and (names := [n for n, r in cell.out.read_report().metrics.items() if r.status == "failed"])]
     print(f"geobench bench: {len(statuses) - len(failed)} of {len(suite.cells)} cells finished"
-          + (f"; not finished: {', '.join(failed)}" if failed else "")
+          + (f"; not finished: {', '.join(f'{k} ({v})' for k, v in failed.items())}" if failed else "")
           + (f"; metrics failed in {', '.join(metric_failures)}" if metric_failures else "")
           + f"; report {suite.directory / 'comparison.md'}")
-    if any(v == "interrupted" for v in statuses.values()):
+    if any(v.state == "interrupted" for v in statuses.values()):
         return 130
     return 1 if failed or metric_failures else 0
 
@@ -343,40 +348,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from geobench import comparison, published, suites
 
-    paths, labels, groups, table, figures = [], {}, {}, args.table, {}
+    runs: list[comparison.Compared] = []
     references = published.resolve(args.published) if args.published is not None else []
     if not args.runs and not references:
         raise UsageError("name runs or suites to compare, or --published series")
+    index = None
     for given in args.runs:
         path = Path(given)
-        index = path / "suite.json"
-        if index.exists():
-            info = read_json(index, "suite index")
-            if not isinstance(info, dict) or not isinstance(info.get("cells"), list) or not all(
-                    isinstance(c, dict) and {"directory", "label", "group"} <= set(c) for c in info["cells"]):
-                raise UsageError(f"suite index {str(index)!r} does not list its cells (directory, label, group)")
-            table = table or info.get("table")
-            for cell in info["cells"]:
-                cell_path = path / suites.path_component(str(cell["directory"]), f"suite index {str(index)!r}: cell")
+        if (path / "suite.json").exists():
+            index = from_json(SuiteIndex, read_json(path / "suite.json", "suite index"), str(path / "suite.json"))
+            for cell in index.cells:
+                cell_path = path / suites.path_component(cell.directory, f"suite index {str(path / 'suite.json')!r}: cell")
                 if RunDir(cell_path).status() is not None:
-                    paths.append(cell_path)
-                    labels[str(cell_path)], groups[str(cell_path)] = cell["label"], cell["group"]
-            if info.get("scale") == "paper" and info.get("name") in suites.builtin():
-                figures.update(suites.load_published(info["name"]))
-            references += [r for r in info.get("references", []) if r not in references]
+                    runs.append(comparison.load(cell_path, cell.label))
+            references += [r for r in index.references if r not in references]
         elif (path / "report.json").exists():
-            paths.append(path)
+            runs.append(comparison.load(path))
         else:
             raise UsageError(f"{given!r} is neither a run directory (report.json) nor a suite directory (suite.json)")
-    if args.runs and not paths:
+    if args.runs and not runs:
         raise UsageError("no finished runs to compare")
-    single_suite = len(args.runs) == 1 and (Path(args.runs[0]) / "suite.json").exists()
+    single_suite = index if len(args.runs) == 1 else None  # a suite's own table and published figures apply
+    table = dataclasses.replace(single_suite.table if single_suite else TableSpec(),
+                                **({"label_by": args.label_by, "heading": args.label_by} if args.label_by else {}),
+                                **({"order_by": args.order_by} if args.order_by else {}))
     out = Path(args.out) if args.out else (Path(args.runs[0]) if single_suite else Path("runs") / "comparison")
-    title = "geobench comparison" if paths else "published reference series"
+    title = (f"geobench suite {single_suite.name} ({single_suite.scale})" if single_suite else
+             "geobench comparison" if runs else "published reference series")
     reg = plugin_registry.installed()
-    doc, docs = comparison.build(paths, title, reg, table or "main", figures, labels, groups, references=references)
-    comparison.write(out, doc, docs, reg)
-    print(f"geobench: compared {len(paths)} runs" + (f" with {len(references)} published series" if references else "")
+    doc = comparison.build(runs, title, reg, table, single_suite.published if single_suite else {}, references,
+                           single_suite)
+    comparison.write(out, doc, runs, reg)
+    print(f"geobench: compared {len(runs)} runs" + (f" with {len(references)} published series" if references else "")
           + f"; {out / 'comparison.md'}, {out / 'comparison.html'}")
     return 0
 

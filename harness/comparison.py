@@ -1,127 +1,184 @@
-"""Side-by-side reports of finished runs: one tidy table (a row per run), the paper-style tables
-with the published figures beside ours, a mean ± bootstrap interval over seeds where a configuration
-ran with several, and figures of all runs on one axis. Written as comparison.json (schema-validated),
-comparison.md and a self-contained comparison.html."""
+"""Side-by-side reports of finished runs (`geobench report`, and every suite): one tidy table (a row
+per configuration, the mean over its seeds ± a bootstrap interval), a row per run, the published
+figures beside ours, the published reference series analysed by the same code, and figures of all
+runs on one axis. Written as comparison.json (schema-validated) and as comparison.md and a
+self-contained comparison.html with the same content.
+
+A configuration is what a run's config says minus its seed: runs that differ only in `train.seed`
+form one group, whatever their labels. How the table names and orders its rows is the `TableSpec`
+a suite declares; no table is known here by name."""
 
 from __future__ import annotations
 
-import base64
-import html
+import dataclasses
+import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
 
 import geobench
+from geobench import page as pages
 from geobench import published
-from geobench.api import UsageError
+from geobench.api import MetricResult, UsageError
+from geobench.api.documents import always, from_json, to_json
+from geobench.documents import COMPARISON_SCHEMA_VERSION, RunReport, SuiteIndex, TableSpec, read_run_report
 from geobench.figures import plot_references, pyplot, save_figure
-from geobench.files import atomic_write_json, atomic_write_text, read_json
+from geobench.files import atomic_write_json, read_json
 from geobench.registry import Registry
-from geobench.report import SCHEMA_VERSION, finite, fmt, load_schema, now
+from geobench.report import fmt, load_schema, now
+from geobench.series import bootstrap_interval
 
 # the columns of every run; metric plugins add theirs (MetricPlugin.columns)
-CORE_COLUMNS = {"val_loss": (("final", "val_loss"), "val loss"), "best_p_ood": (("final", "best_p_ood"), "best p_ood")}
-# a table's kind says what its first column shows for each configuration
-TABLES = {"main": "configuration", "beta2": "β₂", "sgd": "run", "reheat": "configuration", "ep": "configuration",
-          "leaderboard": "optimizer"}
-ORDERED_BY = {"leaderboard": "val_loss"}  # tables whose rows are ranked by a column (ascending, missing last)
+CORE_COLUMNS = {"val_loss": "val loss", "best_p_ood": "best p_ood"}
+# config keys that say where or how a run was executed, not what was trained
+NOT_CONFIGURATION = ("name", "metrics", "train.seed", "train.resume", "train.device", "data.cache_dir")
 
 
-def columns(reg: Registry) -> dict[str, tuple[tuple[str, ...], str]]:
-    """Every comparison column: id → (where in a run's report, heading); a metric's columns are
-    the scalars its plugin declares, in registry order."""
-    found: dict[str, tuple[tuple[str, ...], str]] = dict(CORE_COLUMNS)
+@dataclasses.dataclass
+class RunRow:
+    run: str
+    label: str
+    group: str
+    optimizer: str
+    params: dict[str, Any]
+    seed: int
+    status: str
+    steps: int
+    values: dict[str, float | None]
+    diverged_at: int | None = None
+
+
+@dataclasses.dataclass
+class GroupRow:
+    """A configuration: the mean of each column over its runs and, with two or more, the 95%
+    bootstrap interval of that mean."""
+
+    group: str
+    runs: int
+    statuses: list[str]
+    optimizer: str
+    params: dict[str, Any]
+    values: dict[str, float | None]
+    intervals: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Comparison:
+    schema_version: str
+    geobench_version: str
+    title: str
+    created: str
+    table: TableSpec
+    columns: list[str]
+    headings: dict[str, str]  # column id → heading
+    metric_of: dict[str, str]  # column id → the metric plugin that declares it (absent: a core column)
+    runs: list[RunRow]
+    groups: list[GroupRow]
+    published: dict[str, dict[str, float]]  # group → column → the source's published figure
+    variants: dict[str, list[str]]  # column → how its numbers were computed (the runs' metric variants)
+    references: list[dict[str, Any]]  # published series, analysed (published.analyze)
+    figures: list[str] = always(list)
+    suite: SuiteIndex | None = None
+
+
+@dataclasses.dataclass
+class Compared:
+    """A finished run to compare: its directory, its report and the label it goes by."""
+
+    path: Path
+    report: RunReport
+    label: str
+
+
+def load(path: Path, label: str | None = None) -> Compared:
+    report = path / "report.json"
+    if not report.exists():
+        raise UsageError(f"{str(path)!r} has no report.json (not a finished geobench run or suite)")
+    return Compared(path, read_run_report(report), label or path.name)
+
+
+def columns(reg: Registry) -> dict[str, tuple[str | None, str, str]]:
+    """Every comparison column: id → (its metric, or None for a core column; the scalar; the
+    heading). A metric's columns are the scalars its plugin declares, in registry order."""
+    found: dict[str, tuple[str | None, str, str]] = {c: (None, c, heading) for c, heading in CORE_COLUMNS.items()}
     for name, plugin in reg.metrics.items():
         for column, (scalar, heading) in plugin.columns.items():
             if column in found:
                 raise UsageError(f"metric {name!r} declares comparison column {column!r}, which another plugin declares")
-            found[column] = (("metrics", name, "scalars", scalar), heading)
+            found[column] = (name, scalar, heading)
     return found
 
 
-def _dig(doc: dict, path: tuple) -> float | None:
-    for key in path:
-        if not isinstance(doc, dict) or key not in doc:
-            return None
-        doc = doc[key]
-    return doc if isinstance(doc, (int, float)) and not isinstance(doc, bool) else None
+def value(report: RunReport, where: tuple[str | None, str, str]) -> float | None:
+    metric, scalar, _ = where
+    if metric is None:
+        number = getattr(report.final, scalar, None) if report.final else None
+    else:
+        outcome = report.metrics.get(metric)
+        number = outcome.scalars.get(scalar) if outcome and outcome.status == "ok" else None
+    return float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
 
 
-def load_run(path: Path) -> dict:
-    report = path / "report.json"
-    if not report.exists():
-        raise UsageError(f"{str(path)!r} has no report.json (not a finished geobench run or suite)")
-    doc = read_json(report, "report")
-    if not isinstance(doc, dict) or not isinstance(doc.get("run"), dict) or "evals" not in doc:
-        raise UsageError(f"{str(report)!r} is not the report of a training run (an `analyze --manifest` report has no "
-                         "training to compare)")
-    return doc
+def configuration(config: dict[str, Any]) -> str:
+    """A run's configuration as a canonical string: its config less the seed and the settings of
+    where and how it ran (NOT_CONFIGURATION)."""
+    tree = json.loads(json.dumps(config))
+    for path in NOT_CONFIGURATION:
+        *parents, leaf = path.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return json.dumps(tree, sort_keys=True)
 
 
-def run_row(path: Path, doc: dict, known: dict, label: str | None = None, group: str | None = None) -> dict:
-    params = doc["optimizer"]["params"]
-    seed = doc["config"]["train"]["seed"]
-    name = label or path.name
-    # runs that differ only in their seed (`-s271`, `-seed=271` in the name) form one group
-    default_group = re.sub(rf"-(s|seed=){seed}(?=-|$)", "", name)
-    row = {"run": str(path), "label": name, "group": group or default_group,
-           "optimizer": doc["optimizer"]["name"], "params": params, "seed": seed,
-           "status": doc["run"]["status"], "steps": doc["run"]["last_step"], "diverged_at": doc["run"]["diverged_at"]}
-    row.update({col: _dig(doc, where) for col, (where, _) in known.items()})
-    return row
+def group_names(members: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The group of each (label, config): runs of one configuration share one, named after the
+    first member's label less its seed (`-s271`, `-seed=271`, `-train.seed=271`)."""
+    names: dict[str, str] = {}
+    out = []
+    for label, config in members:
+        key = configuration(config)
+        if key not in names:
+            seed = config.get("train", {}).get("seed")
+            names[key] = re.sub(rf"-(s|seed=|train\.seed=){seed}(?=-|$)", "", label) or label
+        out.append(names[key])
+    return out
 
 
-def bootstrap_interval(values: list[float], rng, resamples: int = 1000) -> tuple[float, float]:
-    """95% bootstrap interval of the mean."""
-    data = np.asarray(values, dtype=float)
-    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def aggregate(rows: list[dict], columns: list[str], seed: int = 0) -> list[dict]:
+def aggregate(rows: list[RunRow], shown: list[str], seed: int = 0) -> list[GroupRow]:
     """One row per group: mean over its runs and, with two or more, a bootstrap interval."""
     rng = np.random.default_rng(seed)
     out = []
-    for group in dict.fromkeys(r["group"] for r in rows):
-        members = [r for r in rows if r["group"] == group]
-        agg = {"group": group, "runs": len(members), "statuses": sorted({r["status"] for r in members}),
-               "params": members[0]["params"], "optimizer": members[0]["optimizer"]}
-        for col in columns:
-            values = [r[col] for r in members if r[col] is not None and math.isfinite(r[col])]
-            agg[col] = float(np.mean(values)) if values else None
-            agg[f"{col}_interval"] = list(bootstrap_interval(values, rng)) if len(values) >= 2 else None
+    for group in dict.fromkeys(r.group for r in rows):
+        members = [r for r in rows if r.group == group]
+        agg = GroupRow(group=group, runs=len(members), statuses=sorted({r.status for r in members}),
+                       optimizer=members[0].optimizer, params=members[0].params, values={})
+        for col in shown:
+            finite = [v for r in members if (v := r.values.get(col)) is not None and math.isfinite(v)]
+            agg.values[col] = float(np.mean(finite)) if finite else None
+            if len(finite) >= 2:
+                agg.intervals[col] = list(bootstrap_interval(finite, rng))
         out.append(agg)
     return out
 
 
-def _cell(agg: dict, col: str, figures: dict) -> str:
-    value, interval = agg[col], agg.get(f"{col}_interval")
-    text = fmt(value)
-    if interval:
-        text += f" ± {(interval[1] - interval[0]) / 2:.3g}"
-    ref = figures.get(agg["group"], {}).get(col)
-    if ref is not None:
-        diff = f", Δ {value - ref:+.3g}" if value is not None else ""
-        text += f" (pub. {fmt(ref)}{diff})"
-    return text
-
-
-def variants(columns: list[str], known: dict, docs: list[dict]) -> dict[str, list[str]]:
-    """Per column, how its numbers were computed: the `variant` each run's metric result states."""
+def variants(shown: list[str], known: dict, reports: list[RunReport]) -> dict[str, list[str]]:
+    """Per metric column, how its numbers were computed: the `variant` each run's result states."""
     out = {}
-    for col in columns:
-        where = known[col][0]
-        if where[0] != "metrics":
-            continue
-        stated = {d["metrics"].get(where[1], {}).get("variant") for d in docs}
-        out[col] = sorted(v for v in stated if v)
+    for col in shown:
+        metric = known[col][0]
+        if metric is not None:
+            stated = {r.metrics[metric].variant for r in reports if metric in r.metrics}
+            out[col] = sorted(v for v in stated if v)
     return out
 
 
-def reference_entry(name: str) -> dict:
+def reference_entry(name: str) -> dict[str, Any]:
     """A published series (geobench.published) with its curves, analysed by geobench's series code."""
     series = published.load(name)
     return {**published.analyze(series),
@@ -129,47 +186,68 @@ def reference_entry(name: str) -> dict:
                        "a": series.a, "r_norm": series.r_norm}}
 
 
-def build(paths: list[Path], title: str, reg: Registry, table: str = "main", published_figures: dict | None = None,
-          labels: dict | None = None, groups: dict | None = None, extra: dict | None = None,
-          references: list[str] | None = None) -> tuple[dict, list[dict]]:
-    """The comparison document and the loaded run reports: the core columns and every metric
-    column that at least one run has a value for; `references` names published series
-    (geobench.published) drawn and tabulated beside the runs."""
-    if table not in TABLES:
-        raise UsageError(f"table {table!r} is not one of {', '.join(TABLES)}")
+def build(runs: list[Compared], title: str, reg: Registry, table: TableSpec | None = None,
+          published_figures: dict[str, dict[str, float]] | None = None, references: list[str] | None = None,
+          suite: SuiteIndex | None = None) -> Comparison:
+    """The comparison of `runs`: the core columns and every metric column that at least one run has
+    a value for; `references` names published series (geobench.published) drawn and tabulated
+    beside the runs."""
     known = columns(reg)
-    docs = [load_run(p) for p in paths]
-    rows = [run_row(p, d, known, (labels or {}).get(str(p)), (groups or {}).get(str(p))) for p, d in zip(paths, docs)]
-    shown = [c for c in known if c in CORE_COLUMNS or any(r[c] is not None for r in rows)]
-    doc = {"schema_version": SCHEMA_VERSION, "geobench_version": geobench.__version__, "title": title,
-           "created": now(), "table": table, "columns": shown, "headings": {c: known[c][1] for c in shown},
-           "metric_of": {c: known[c][0][1] for c in shown if known[c][0][0] == "metrics"}, "runs": rows,
-           "groups": aggregate(rows, shown), "published": published_figures or {},
-           "variants": variants(shown, known, docs), "references": [reference_entry(n) for n in references or []],
-           "figures": [], **(extra or {})}
-    return finite(doc), docs
+    groups = group_names([(r.label, r.report.config) for r in runs])
+    rows = [RunRow(run=str(r.path), label=r.label, group=group, optimizer=r.report.optimizer["name"],
+                   params=r.report.optimizer["params"], seed=r.report.config["train"]["seed"],
+                   status=r.report.run.status, steps=r.report.run.last_step, diverged_at=r.report.run.diverged_at,
+                   values={col: value(r.report, where) for col, where in known.items()})
+            for r, group in zip(runs, groups)]
+    shown = [c for c in known if c in CORE_COLUMNS or any(row.values[c] is not None for row in rows)]
+    for row in rows:
+        row.values = {c: row.values[c] for c in shown}
+    return Comparison(
+        schema_version=COMPARISON_SCHEMA_VERSION, geobench_version=geobench.__version__, title=title, created=now(),
+        table=table or TableSpec(), columns=shown, headings={c: known[c][2] for c in shown},
+        metric_of={c: metric for c in shown if (metric := known[c][0]) is not None}, runs=rows,
+        groups=aggregate(rows, shown), published=published_figures or {},
+        variants=variants(shown, known, [r.report for r in runs]),
+        references=[reference_entry(n) for n in references or []], suite=suite)
 
 
-def write(directory: Path, doc: dict, docs: list[dict], reg: Registry) -> None:
+def write(directory: Path, doc: Comparison, runs: list[Compared], reg: Registry) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    doc["figures"] = figures(directory, doc, docs, reg)
-    jsonschema.validate(doc, load_schema("comparison"))
-    atomic_write_json(directory / "comparison.json", doc)
-    atomic_write_text(directory / "comparison.md", markdown(doc))
-    atomic_write_text(directory / "comparison.html", to_html(doc, directory))
+    doc.figures = figures(directory, doc, runs, reg)
+    data = to_json(doc)
+    jsonschema.validate(data, load_schema("comparison"))
+    atomic_write_json(directory / "comparison.json", data)
+    pages.write(page(doc), directory, "comparison")
 
 
-def _table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
-    header = [TABLES[doc["table"]], "runs"] + [doc["headings"][c] for c in doc["columns"]]
+def read(path: Path) -> Comparison:
+    return from_json(Comparison, read_json(path, "comparison"), str(path))
+
+
+def _cell(agg: GroupRow, col: str, figures: dict[str, dict[str, float]]) -> str:
+    number, interval = agg.values.get(col), agg.intervals.get(col)
+    text = fmt(number)
+    if interval:
+        text += f" ± {(interval[1] - interval[0]) / 2:.3g}"
+    ref = figures.get(agg.group, {}).get(col)
+    if ref is not None:
+        diff = f", Δ {number - ref:+.3g}" if number is not None else ""
+        text += f" (pub. {fmt(ref)}{diff})"
+    return text
+
+
+def table_rows(doc: Comparison) -> tuple[list[str], list[list[str]]]:
+    spec = doc.table
+    header = [spec.heading, "runs"] + [doc.headings[c] for c in doc.columns]
+    groups = doc.groups
+    if spec.order_by:
+        key = spec.order_by
+        groups = sorted(groups, key=lambda g: (g.values.get(key) is None, g.values.get(key) or 0.0))
     body = []
-    groups = doc["groups"]
-    if doc["table"] in ORDERED_BY:
-        key = ORDERED_BY[doc["table"]]
-        groups = sorted(groups, key=lambda g: (g.get(key) is None, g.get(key) or 0.0))
     for agg in groups:
-        name = str(agg["params"].get("beta2")) if doc["table"] == "beta2" and "beta2" in agg["params"] else agg["group"]
-        status = "" if agg["statuses"] == ["completed"] else f" ({'/'.join(agg['statuses'])})"
-        body.append([name + status, str(agg["runs"])] + [_cell(agg, c, doc["published"]) for c in doc["columns"]])
+        name = str(agg.params[spec.label_by]) if spec.label_by and spec.label_by in agg.params else agg.group
+        status = "" if agg.statuses == ["completed"] else f" ({'/'.join(agg.statuses)})"
+        body.append([name + status, str(agg.runs)] + [_cell(agg, c, doc.published) for c in doc.columns])
     return header, body
 
 
@@ -179,87 +257,57 @@ REFERENCE_COLUMNS = [("name", "series"), ("best_p_ood", "best p_ood"), ("best_p_
                      ("switch_pairs", "switch pairs (peak→trough)")]
 
 
-def _reference_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+def reference_rows(doc: Comparison) -> tuple[list[str], list[list[str]]]:
     body = []
-    for ref in doc.get("references", []):
+    for ref in doc.references:
         pairs = ", ".join(f"{p}→{t}" for p, t in ref["switching"]["pairs"]) or "none"
         body.append([fmt(ref.get(key)) if key != "switch_pairs" else pairs for key, _ in REFERENCE_COLUMNS])
     return [title for _, title in REFERENCE_COLUMNS], body
 
 
-def _variant_lines(doc: dict) -> list[str]:
+def variant_lines(doc: Comparison) -> list[str]:
     """One line per metric (and variant) naming the columns it produced."""
     by_text: dict[tuple[str, str], list[str]] = {}
-    for col, stated in doc.get("variants", {}).items():
+    for col, stated in doc.variants.items():
         for text in stated or ["not stated in the runs' reports"]:
-            by_text.setdefault((doc["metric_of"][col], text), []).append(doc["headings"][col])
-    return [f"- `{metric}` ({', '.join(cols)}): {text}" for (metric, text), cols in by_text.items()]
+            by_text.setdefault((doc.metric_of[col], text), []).append(doc.headings[col])
+    return [f"`{metric}` ({', '.join(cols)}): {text}" for (metric, text), cols in by_text.items()]
 
 
-def _status(row: dict) -> str:
-    return f"{row['status']} at step {row['diverged_at']}" if row.get("diverged_at") is not None else row["status"]
+def _status(row: RunRow) -> str:
+    return f"{row.status} at step {row.diverged_at}" if row.diverged_at is not None else row.status
 
 
-def markdown(doc: dict) -> str:
-    lines = [f"# {doc['title']}", "", f"geobench {doc['geobench_version']}, {doc['created']}."]
-    if doc["runs"]:
-        header, body = _table_rows(doc)
-        lines += ["Values are the mean over a configuration's runs; ± is half the 95% bootstrap interval over seeds; "
-                  "(pub. X, Δ d) is the source study's published figure (the suite file's `published`; sources in "
-                  "docs/FIDELITY.md) and our difference.", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        lines += ["", "## Runs", "", "| run | status | steps | " + " | ".join(doc["columns"]) + " |",
-                  "|---|---|---|" + "---|" * len(doc["columns"])]
-        lines += [f"| {r['label']} | {_status(r)} | {r['steps']} | " + " | ".join(fmt(r[c]) for c in doc["columns"])
-                  + " |" for r in doc["runs"]]
-        lines += ["", "## How each column was computed", ""] + _variant_lines(doc)
-    if doc.get("references"):
-        header, body = _reference_rows(doc)
-        lines += ["", "## Published reference series", "",
-                  "The source's published outputs (mini_gpt, MIT), analysed by geobench's own series code: the "
-                  "source's switch detector on their p_ood, PC1 from their singular values with both denominators, "
-                  "power laws in half-open windows.", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
+def page(doc: Comparison) -> pages.Page:
+    out = pages.Page(doc.title, [pages.Paragraph(f"geobench {doc.geobench_version}, {doc.created}.")])
+    if doc.runs:
+        out.add(pages.Paragraph("Values are the mean over a configuration's runs (a configuration: the config less "
+                                "its seed); ± is half the 95% bootstrap interval over seeds; (pub. X, Δ d) is the "
+                                "source study's published figure (the suite file's `published`; sources in "
+                                "docs/FIDELITY.md) and our difference."),
+                pages.Table(*table_rows(doc)),
+                pages.Heading("Runs"),
+                pages.Table(["run", "status", "steps", *doc.columns],
+                            [[r.label, _status(r), str(r.steps), *(fmt(r.values.get(c)) for c in doc.columns)]
+                             for r in doc.runs]),
+                pages.Heading("How each column was computed"),
+                pages.Bullets(variant_lines(doc)))
+    if doc.references:
+        out.add(pages.Heading("Published reference series"),
+                pages.Paragraph("The source's published outputs (mini_gpt, MIT), analysed by geobench's own series "
+                                "code: the source's switch detector on their p_ood, PC1 from their singular values "
+                                "with both denominators, power laws in half-open windows."),
+                pages.Table(*reference_rows(doc)))
         fit_keys = ("gamma_a", "R2_a", "gamma_r", "R2_r", "corr_p_ood_r", "n")
-        for ref in doc["references"]:
-            lines += ["", f"**{ref['name']}: power laws |a(t)| ∝ t^γ_a, ‖r(t)‖ ∝ t^γ_r in (lo, hi]**", "",
-                      "| window | " + " | ".join(fit_keys) + " |", "|---|" + "---|" * len(fit_keys)]
-            lines += [f"| ({f['start']}, {f['end']}] | " + " | ".join(fmt(f[k]) for k in fit_keys) + " |"
-                      for f in ref["fits"]]
-    lines.append("")
-    lines += [f"![{Path(f).stem}]({f})\n" for f in doc["figures"]]
-    return "\n".join(lines)
+        for ref in doc.references:
+            out.add(pages.Table(["window", *fit_keys],
+                                [[f"({f['start']}, {f['end']}]", *(fmt(f[k]) for k in fit_keys)] for f in ref["fits"]],
+                                caption=f"{ref['name']}: power laws |a(t)| ∝ t^γ_a, ‖r(t)‖ ∝ t^γ_r in (lo, hi]"))
+    out.blocks += [pages.Figure(f, Path(f).stem) for f in doc.figures]
+    return out
 
 
-def to_html(doc: dict, directory: Path) -> str:
-    esc = html.escape
-
-    def table(header: list[str], body: list[list[str]]) -> list[str]:
-        return (["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-                + ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body] + ["</table>"])
-
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(doc['title'])}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}</style></head><body>",
-             f"<h1>{esc(doc['title'])}</h1><p>geobench {esc(doc['geobench_version'])}, {esc(doc['created'])}</p>"]
-    if doc["runs"]:
-        parts += table(*_table_rows(doc))
-        parts += ["<h2>How each column was computed</h2><ul>"]
-        parts += [f"<li>{esc(line.removeprefix('- ').replace('`', ''))}</li>" for line in _variant_lines(doc)]
-        parts.append("</ul>")
-    if doc.get("references"):
-        parts.append("<h2>Published reference series</h2>")
-        parts += table(*_reference_rows(doc))
-    for fig in doc["figures"]:
-        data = base64.b64encode((directory / fig).read_bytes()).decode()
-        parts.append(f"<h3>{esc(Path(fig).stem)}</h3><img alt='{esc(fig)}' src='data:image/png;base64,{data}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def figures(directory: Path, doc: dict, docs: list[dict], reg: Registry) -> list[str]:
+def figures(directory: Path, doc: Comparison, runs: list[Compared], reg: Registry) -> list[str]:
     """Every run's evaluations on one axis, then the figures each metric plugin contributes."""
     plt = pyplot()
     made = []
@@ -270,9 +318,9 @@ def figures(directory: Path, doc: dict, docs: list[dict], reg: Registry) -> list
 
     for key, log in (("p_ood", False), ("val_loss", True)):  # every run's evaluations, the references dashed
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        for row, run in zip(doc["runs"], docs):
-            ax.plot([e["step"] for e in run["evals"]], [e[key] for e in run["evals"]], label=row["label"])
-        plot_references(ax, doc.get("references", []), key)
+        for row, run in zip(doc.runs, runs):
+            ax.plot([e.step for e in run.report.evals], [getattr(e, key) for e in run.report.evals], label=row.label)
+        plot_references(ax, doc.references, key)
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -280,12 +328,16 @@ def figures(directory: Path, doc: dict, docs: list[dict], reg: Registry) -> list
         ax.legend(fontsize=7)
         save(fig, f"{key}_all")
 
+    # the plugins' view of a configuration: its name, runs, statuses, optimizer and params, each
+    # column's mean under the column id and its interval under `<id>_interval`
+    groups = [{"group": g.group, "runs": g.runs, "statuses": g.statuses, "optimizer": g.optimizer, "params": g.params,
+               **g.values, **{f"{c}_interval": i for c, i in g.intervals.items()}} for g in doc.groups]
     for name, plugin in reg.metrics.items():
         if plugin.comparison_figures is None:
             continue
-        runs = [(row["label"], run["metrics"][name]) for row, run in zip(doc["runs"], docs)
-                if run["metrics"].get(name, {}).get("status") == "ok"]
-        if runs or doc.get("references"):
-            plugin.comparison_figures(runs=runs, groups=doc["groups"], references=doc.get("references", []),
-                                      plt=plt, save=save)
+        results: list[tuple[str, MetricResult]] = [(row.label, run.report.metrics[name]) for row, run in zip(doc.runs, runs)
+                                                   if name in run.report.metrics
+                                                   and run.report.metrics[name].status == "ok"]
+        if results or doc.references:
+            plugin.comparison_figures(runs=results, groups=groups, references=doc.references, plt=plt, save=save)
     return made

@@ -13,15 +13,15 @@ Classes (repro_pkg's reading guide; the thresholds are options, defaults below):
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 from pathlib import Path
 
 import numpy as np
 
+from geobench import page as pages
+from geobench.figures import pyplot, save_figure
 from geobench.files import atomic_write_text
-from geobench.report import fmt, pyplot, save_figure
+from geobench.report import fmt
 from geobench.shared_direction import COLUMNS, Measurement, to_csv
 
 
@@ -92,58 +92,28 @@ VERDICT_COLUMNS = ["opt", "verdict", "cos_eff_first", "cos_eff_final", "cos_eff_
                    "E_tau_growth", "spike_iter", "checkpoints"]
 
 
-def markdown(measurement: Measurement, judged: list[dict], limits: Thresholds, csv_name: str, fig: str,
-             sources: dict[str, str]) -> str:
+def page(measurement: Measurement, judged: list[dict], limits: Thresholds, csv_name: str, fig: str,
+         sources: dict[str, str]) -> pages.Page:
     cos = measurement.final_cosines()
-    lines = ["# Shared-direction energy", "",
-             f"θ₀: {sources['theta0']}. φ̂: {sources['phi_hat']}. Parameters: {measurement.rows[0]['n_params']} "
-             f"tensors. Rows: `{csv_name}`.", "",
-             "## Verdict per optimizer", "",
-             f"Thresholds: healthy if cos_eff ≥ {limits.healthy_cos:g} throughout; step-energy collapse if a step's "
-             f"energy per iter exceeds {limits.spike_factor:g} × the median before it; diffuse if cos_eff falls by "
-             f"≥ {limits.decline:g}, mostly monotonically, with E_perp ≥ {limits.perp_ratio:g} × E_phi at the end. "
-             "\"Weak\" (healthy geometry, low reward) is not judged: the manifest carries no reward.", "",
-             "| " + " | ".join(VERDICT_COLUMNS) + " |", "|" + "---|" * len(VERDICT_COLUMNS)]
-    lines += ["| " + " | ".join(fmt(v.get(c)) for c in VERDICT_COLUMNS) + " |" for v in judged]
-    lines += ["", "## Do the optimizers share one direction?", "",
-              "Cosine of the final drifts θ_final − θ₀ over the whole parameter set (each parameter weighted by "
-              "its drift energy):", "", "| | " + " | ".join(measurement.opts) + " |",
-              "|---|" + "---|" * len(measurement.opts)]
-    lines += [f"| {a} | " + " | ".join(f"{cos[i, j]:.4f}" for j in range(len(measurement.opts))) + " |"
-              for i, a in enumerate(measurement.opts)]
-    lines += ["", f"![energy]({fig})", "", "## Trajectories", "", "| " + " | ".join(COLUMNS) + " |",
-              "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in measurement.rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_html(text: str, directory: Path, fig: str) -> str:
-    """The markdown page as self-contained HTML: tables as tables, the figure embedded."""
-    esc, parts = html.escape, ["<!doctype html><html><head><meta charset='utf-8'><title>Shared-direction energy</title>",
-                               "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-                               "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 7px}</style>"
-                               "</head><body>"]
-    table: list[str] = []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            if not set(line) <= set("|-"):
-                tag = "th" if not table else "td"
-                table.append("<tr>" + "".join(f"<{tag}>{esc(c.strip())}</{tag}>" for c in line.strip("|").split("|"))
-                             + "</tr>")
-            continue
-        if table:
-            parts.append("<table>" + "".join(table) + "</table>")
-            table = []
-        if line.startswith("# "):
-            parts.append(f"<h1>{esc(line[2:])}</h1>")
-        elif line.startswith("## "):
-            parts.append(f"<h2>{esc(line[3:])}</h2>")
-        elif line.startswith("!["):
-            data = base64.b64encode((directory / fig).read_bytes()).decode()
-            parts.append(f"<img alt='energy' src='data:image/png;base64,{data}'>")
-        elif line:
-            parts.append(f"<p>{esc(line)}</p>")
-    return "\n".join(parts + ["</body></html>"])
+    out = pages.Page("Shared-direction energy")
+    out.add(pages.Paragraph(f"θ₀: {sources['theta0']}. φ̂: {sources['phi_hat']}. Parameters: "
+                            f"{measurement.rows[0]['n_params']} tensors. Rows: `{csv_name}`."),
+            pages.Heading("Verdict per optimizer"),
+            pages.Paragraph(f"Thresholds: healthy if cos_eff ≥ {limits.healthy_cos:g} throughout; step-energy collapse "
+                            f"if a step's energy per iter exceeds {limits.spike_factor:g} × the median before it; "
+                            f"diffuse if cos_eff falls by ≥ {limits.decline:g}, mostly monotonically, with "
+                            f"E_perp ≥ {limits.perp_ratio:g} × E_phi at the end. \"Weak\" (healthy geometry, low "
+                            "reward) is not judged: the manifest carries no reward."),
+            pages.Table(VERDICT_COLUMNS, [[fmt(v.get(c)) for c in VERDICT_COLUMNS] for v in judged]),
+            pages.Heading("Do the optimizers share one direction?"),
+            pages.Paragraph("Cosine of the final drifts θ_final − θ₀ over the whole parameter set (each parameter "
+                            "weighted by its drift energy):"),
+            pages.Table(["", *measurement.opts], [[a, *(f"{cos[i, j]:.4f}" for j in range(len(measurement.opts)))]
+                                                  for i, a in enumerate(measurement.opts)]),
+            pages.Figure(fig, "energy"),
+            pages.Heading("Trajectories"),
+            pages.Table(COLUMNS, [[fmt(r[c]) for c in COLUMNS] for r in measurement.rows]))
+    return out
 
 
 def write(measurement: Measurement, csv_path: Path, limits: Thresholds, sources: dict[str, str]) -> list[dict]:
@@ -153,7 +123,5 @@ def write(measurement: Measurement, csv_path: Path, limits: Thresholds, sources:
     judged = verdicts(measurement, limits)
     fig = figure(measurement, directory, csv_path.stem)
     atomic_write_text(csv_path, to_csv(measurement.rows))
-    text = markdown(measurement, judged, limits, csv_path.name, fig, sources)
-    atomic_write_text(directory / f"{csv_path.stem}.md", text)
-    atomic_write_text(directory / f"{csv_path.stem}.html", to_html(text, directory, fig))
+    pages.write(page(measurement, judged, limits, csv_path.name, fig, sources), directory, csv_path.stem)
     return judged

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from geobench.api.documents import Measures
 from geobench.data.probe import EvalSet
 from geobench.objective import has_head, head_token_stats, token_losses
 
@@ -24,7 +25,7 @@ class Evaluator:
     lm_ood_padding_eos: int | None = None  # an EOS id: count the eval sets' padding in lm_ood (the source's)
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module) -> Measures:
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
@@ -36,8 +37,8 @@ class Evaluator:
         correct_ood, nll_ood, lm_ood = self._probe(model, self.probe_ood)
         model.train(was_training)
         p_in, p_ood = float(correct_in.mean()), float(correct_ood.mean())
-        return {"val_loss": total / max(count, 1), "p_in": p_in, "p_ood": p_ood,
-                "nll_ood": nll_ood, "lm_ood": lm_ood, "r_ood": nll_ood / lm_ood if lm_ood else float("nan")}
+        return Measures(val_loss=total / max(count, 1), p_in=p_in, p_ood=p_ood, nll_ood=nll_ood, lm_ood=lm_ood,
+                        r_ood=nll_ood / lm_ood if lm_ood else float("nan"))
 
     def _scorer(self, model, inputs):
         """targets ↦ (per-position CE, argmax) for `inputs`; through the model's head in chunks when

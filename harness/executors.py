@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import os
 import socket
@@ -28,12 +29,12 @@ from submitit.helpers import Checkpointable
 
 from geobench import report
 from geobench.api import Config, Param, UsageError, did_you_mean
+from geobench.documents import CellOutcome
 from geobench.files import atomic_write_json, atomic_write_text, read_json
 from geobench.registry import Registry
 from geobench.rundir import RunDir, lock_holder
 from geobench.runner import MetricPlan
 
-DONE = ("completed", "diverged")
 A_WEEK = 7 * 24 * 60
 
 OPTIONS: dict[str, dict[str, Param]] = {
@@ -151,8 +152,8 @@ class CellJob:
         return Path(self.suite_dir) / "logs" / f"{self.label}.error"
 
 
-def run_cell(job: CellJob, *, reg: Registry | None = None, to_log: bool = True) -> str:
-    """Run one cell (in a worker, or inline); returns its status. Continues from the state in the
+def run_cell(job: CellJob, *, reg: Registry | None = None, to_log: bool = True) -> CellOutcome:
+    """Run one cell (in a worker, or inline); returns how it ended. Continues from the state in the
     run directory when there is one. A failure is also written beside the cell's log, so that
     `geobench bench … status` can show it whatever ran the cell. `reg` is the suite's registry
     when the cell runs in the suite's process; a worker elsewhere has the installed plugins."""
@@ -176,8 +177,9 @@ def run_cell(job: CellJob, *, reg: Registry | None = None, to_log: bool = True) 
                 cfg.train.resume = not out.is_empty()
                 runner.check(cfg, out, reg)  # the run directory, as this worker finds it
                 doc = runner.execute(cfg, out, reg, job.preset_reason, job.plan)
-            assert doc is not None  # one process: it wrote the report
-            return doc["run"]["status"]
+            if doc is None:
+                raise RuntimeError("the cell's run wrote no report")
+            return CellOutcome(doc.run.status, f"at step {doc.run.diverged_at}" if doc.run.diverged_at else "")
         except BaseException as exc:
             atomic_write_text(job.error, f"{type(exc).__name__}: {exc}".splitlines()[0] + "\n")
             raise
@@ -189,24 +191,27 @@ def _output_to(path: Path) -> Iterator[None]:
         yield
 
 
-def cell_state(job: CellJob) -> tuple[str, str]:
-    """(finished | running | queued | failed | interrupted | missing, detail) of a cell, read from
-    its run directory, its lock, its error file and the engine's record of the submission."""
+def cell_state(job: CellJob) -> CellOutcome:
+    """Where a cell stands, read from its run directory, its lock, its error file and the engine's
+    record of the submission: finished (completed, diverged), running, queued, failed, interrupted
+    or pending (never started)."""
     out = RunDir(job.run_dir)
-    status = out.status()
-    if status in DONE:
-        return "finished", status
+    if out.report_json.exists():
+        report = out.read_report()
+        run = getattr(report, "run", None)
+        if run is not None and run.status != "interrupted":
+            return CellOutcome(run.status, f"at step {run.diverged_at}" if run.diverged_at else "")
     holder = lock_holder(out.path)
     if holder is not None:
-        return "running", holder
+        return CellOutcome("running", holder)
     if job.error.exists():
-        return "failed", f"{job.error.read_text().strip()} (log {job.log})"
+        return CellOutcome("failed", f"{job.error.read_text().strip()} (log {job.log})")
     queued = _queued(job)
     if queued:
-        return "queued", queued
-    if status is not None:
-        return "interrupted", f"continues from its state when the suite runs again (log {job.log})"
-    return "missing", ""
+        return CellOutcome("queued", queued)
+    if out.report_json.exists():
+        return CellOutcome("interrupted", f"continues from its state when the suite runs again (log {job.log})")
+    return CellOutcome("pending")
 
 
 def _submissions(suite_dir: str) -> Path:
@@ -233,7 +238,7 @@ def check_no_wait(chosen: Settings) -> None:
 
 
 def execute(jobs: list[CellJob], chosen: Settings, *, reg: Registry, wait: bool, say: Callable[[str], None],
-            cluster: str = "slurm") -> dict[str, str]:
+            cluster: str = "slurm") -> dict[str, CellOutcome]:
     """Run (or submit) `jobs` with the chosen executor; returns {label: status} of the cells that
     finished while this process watched ("submitted" for those it only handed over). `cluster` is
     submitit's cluster for executor=slurm ("debug" runs the same submission in this process).
@@ -247,34 +252,50 @@ def execute(jobs: list[CellJob], chosen: Settings, *, reg: Registry, wait: bool,
     return run(jobs, chosen, wait=wait, say=say, cluster=cluster)
 
 
-def _outcome(job: CellJob, value: Any, error: BaseException | None) -> str:
+def _outcome(job: CellJob, value: Any, error: BaseException | None) -> CellOutcome:
     if error is None:
-        return str(value)
+        return value
     line = job.error.read_text().strip() if job.error.exists() else f"{type(error).__name__}: {error}".splitlines()[0]
-    return f"failed: {line} (log {job.log})"
+    return CellOutcome("failed", f"{line} (log {job.log})")
 
 
-def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry, say: Callable[[str], None]) -> dict[str, str]:
-    statuses: dict[str, str] = {}
+def _settle(statuses: dict[str, CellOutcome], job: CellJob, outcome: CellOutcome, chosen: Settings,
+            say: Callable[[str], None], others: list[tuple[CellJob, Callable[[], Any]]], took: str = "") -> bool:
+    """Record how `job` ended; with fail_fast and a failure, cancel the `others` still running or
+    waiting (each recorded as cancelled) and return True: the suite stops."""
+    statuses[job.label] = outcome
+    say(f"{job.label}: {outcome}{took}")
+    if not (chosen.fail_fast and outcome.state == "failed"):
+        return False
+    for other, cancel in others:
+        cancel()
+        statuses[other.label] = CellOutcome("cancelled", "fail_fast")
+    return True
+
+
+def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry,
+            say: Callable[[str], None]) -> dict[str, CellOutcome]:
+    statuses: dict[str, CellOutcome] = {}
     durations: list[float] = []
     for i, job in enumerate(jobs, 1):
         eta = f"; ETA {report.duration(sum(durations) / len(durations) * (len(jobs) - i + 1))}" if durations else ""
         say(f"[{i}/{len(jobs)}] {job.label}: running{eta}")
         start = time.monotonic()
         try:
-            statuses[job.label] = run_cell(job, reg=reg, to_log=False)
+            outcome = run_cell(job, reg=reg, to_log=False)
         except UsageError as exc:
-            statuses[job.label] = f"failed: {exc}"
+            outcome = CellOutcome("failed", str(exc))
         except Exception as exc:  # one broken cell must not cost the suite the others
-            statuses[job.label] = f"failed: {type(exc).__name__}: {exc}"
+            outcome = CellOutcome("failed", f"{type(exc).__name__}: {exc}")
         durations.append(time.monotonic() - start)
-        say(f"[{i}/{len(jobs)}] {job.label}: {statuses[job.label]} in {report.duration(durations[-1])}")
-        if statuses[job.label] == "interrupted" or (chosen.fail_fast and statuses[job.label].startswith("failed")):
+        # the cells after a fail-fast failure never started: nothing to cancel
+        if _settle(statuses, job, outcome, chosen, lambda line, i=i: say(f"[{i}/{len(jobs)}] {line}"), [],
+                   f" in {report.duration(durations[-1])}") or outcome.state == "interrupted":
             break
     return statuses
 
 
-def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
+def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, CellOutcome]:
     """At most `parallel` cells at once, each its own process (and its own GPU when there are GPUs)."""
     import torch
 
@@ -283,7 +304,8 @@ def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
     if not gpus and slots > 1:  # cells sharing the CPU share its cores instead of oversubscribing them
         jobs = [dataclasses.replace(job, threads=max(1, (os.cpu_count() or 1) // slots)) for job in jobs]
     executor = submitit.LocalExecutor(folder=Path(jobs[0].suite_dir) / "submitit")
-    waiting, statuses = list(jobs), {}
+    waiting = list(jobs)
+    statuses: dict[str, CellOutcome] = {}
     running: dict[str, tuple[CellJob, Any, list[int], float]] = {}
     free = list(gpus)
     while waiting or running:
@@ -298,18 +320,15 @@ def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
             if handle.done():
                 del running[label]
                 free += gpu
-                statuses[label] = _collect(job, handle)
-                say(f"{label}: {statuses[label]} in {report.duration(time.monotonic() - started)}")
-                if chosen.fail_fast and statuses[label].startswith("failed"):
-                    for other_job, other, _, _ in running.values():
-                        other.cancel()
-                        statuses[other_job.label] = "cancelled (fail_fast)"
+                others = [(other_job, other.cancel) for other_job, other, _, _ in running.values()]
+                if _settle(statuses, job, _collect(job, handle), chosen, say, others,
+                           f" in {report.duration(time.monotonic() - started)}"):
                     return statuses
         time.sleep(0.5)
     return statuses
 
 
-def _collect(job: CellJob, handle: Any) -> str:
+def _collect(job: CellJob, handle: Any) -> CellOutcome:
     try:
         return _outcome(job, handle.result(), None)
     except Exception as exc:  # submitit re-raises the worker's error
@@ -334,7 +353,7 @@ def slurm_parameters(options: dict, name: str) -> dict:
     return parameters
 
 
-def _slurm(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
+def _slurm(jobs, chosen, *, wait, say, cluster) -> dict[str, CellOutcome]:
     import shutil
 
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
@@ -355,23 +374,19 @@ def _slurm(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
     atomic_write_json(_submissions(jobs[0].suite_dir), records)
     say(f"submitted {len(jobs)} cells as a job array ({handles[0].job_id.split('_')[0]}); logs under {folder}")
     if not wait:
-        return {job.label: "submitted" for job in jobs}
-    statuses = {}
+        return {job.label: CellOutcome("submitted", f"Slurm job {handle.job_id}") for job, handle in zip(jobs, handles)}
+    statuses: dict[str, CellOutcome] = {}
     by_handle = {id(h): job for h, job in zip(handles, jobs)}
     for handle in submitit.helpers.as_completed(handles):
         job = by_handle[id(handle)]
-        statuses[job.label] = _collect(job, handle)
-        say(f"{job.label}: {statuses[job.label]}")
-        if chosen.fail_fast and statuses[job.label].startswith("failed"):
-            for other in handles:
-                if by_handle[id(other)].label not in statuses:
-                    other.cancel(check=False)
-                    statuses[by_handle[id(other)].label] = "cancelled (fail_fast)"
+        others = [(by_handle[id(other)], functools.partial(other.cancel, check=False)) for other in handles
+                  if by_handle[id(other)].label not in statuses and other is not handle]
+        if _settle(statuses, job, _collect(job, handle), chosen, say, others):
             break
     return statuses
 
 
-def _ray(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
+def _ray(jobs, chosen, *, wait, say, cluster) -> dict[str, CellOutcome]:
     import ray
     import torch
 
@@ -385,24 +400,21 @@ def _ray(jobs, chosen, *, wait, say, cluster) -> dict[str, str]:
                                          num_gpus=1 if torch.cuda.is_available() else 0, max_retries=0)
     pending = {task.remote(job): job for job in jobs}
     say(f"{len(jobs)} cells handed to Ray ({address or 'a local instance'}); logs under {Path(jobs[0].suite_dir) / 'logs'}")
-    statuses = {}
+    statuses: dict[str, CellOutcome] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(done[0])
         try:
-            statuses[job.label] = _outcome(job, ray.get(done[0]), None)
+            outcome = _outcome(job, ray.get(done[0]), None)
         except Exception as exc:  # a RayTaskError wrapping the worker's error
-            statuses[job.label] = _outcome(job, None, exc)
-        say(f"{job.label}: {statuses[job.label]}")
-        if chosen.fail_fast and statuses[job.label].startswith("failed"):
-            for ref, other in pending.items():
-                ray.cancel(ref)
-                statuses[other.label] = "cancelled (fail_fast)"
+            outcome = _outcome(job, None, exc)
+        if _settle(statuses, job, outcome, chosen, say,
+                   [(other, functools.partial(ray.cancel, ref)) for ref, other in pending.items()]):
             break
     return statuses
 
 
-def _ray_cell(job: CellJob) -> str:
+def _ray_cell(job: CellJob) -> CellOutcome:
     return run_cell(job)
 
 
@@ -421,6 +433,6 @@ class CellTask(Checkpointable):
     """The callable submitit pickles for each cell. As a Checkpointable, a cell that Slurm preempts
     or times out is requeued with the same CellJob, and `run_cell` continues it from its state."""
 
-    def __call__(self, job: CellJob) -> str:
+    def __call__(self, job: CellJob) -> CellOutcome:
         return run_cell(job)
 

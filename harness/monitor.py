@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from geobench.api import EvalRecord
+
 NOISE = 1e-3  # relative margin of the divergence criterion
 SYNC_EVERY_CUDA = 8  # on CUDA the host reads the step losses this often (and at every eval, checkpoint, state save)
 
@@ -61,14 +63,14 @@ class DivergenceMonitor:
     def diverged(self) -> bool:
         return self.diverged_at is not None
 
-    def observe(self, record: dict) -> bool:
+    def observe(self, record: EvalRecord) -> bool:
         """Judge an evaluation record; True when it is the one that marks the run diverged."""
-        value = record.get("val_loss")
+        value = record.val_loss
         if self.diverged or self.factor <= 0 or self.baseline is None or value is None:
             return False
         if math.isfinite(value) and value <= self.factor * self.baseline * (1 + NOISE):
             return False
-        self.diverged_at = record["step"]
+        self.diverged_at = record.step
         self.divergence = (f"val_loss {value:.4g} > {self.factor:g} × the val_loss before the first update "
                            f"{self.baseline:.4g}{' of the source run' if self.derived else ''} (train.diverge_factor)")
         return True
@@ -78,9 +80,9 @@ class DivergenceMonitor:
             self.diverged_at, self.divergence = step, "non-finite loss"
 
 
-def early_stop_reached(evals: list[dict], threshold: float, count: int) -> bool:
+def early_stop_reached(evals: list[EvalRecord], threshold: float, count: int) -> bool:
     """The source's early stop: p_ood >= threshold at the last `count` evaluations in a row."""
-    recent = [e.get("p_ood") for e in evals[-count:]]
+    recent = [e.p_ood for e in evals[-count:]]
     return len(recent) == count and all(p is not None and p >= threshold for p in recent)
 
 

@@ -26,7 +26,9 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from geobench.api import UsageError
+from geobench.api.documents import EvalRecord, from_json, to_json
 from geobench.checkpoints import CheckpointReader
+from geobench.documents import Report, RunReport, read_report
 from geobench.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, writing
 
 LOCK_NAME = ".lock"
@@ -140,34 +142,32 @@ class RunDir:
             if entry.name != LOCK_NAME:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
-    def read_report(self) -> dict:
-        return read_json(self.report_json, "report")
+    def read_report(self) -> Report:
+        return read_report(self.report_json)
 
     def status(self) -> str | None:
         """The status its report records (completed | diverged | interrupted), None without a report."""
         if not self.report_json.exists():
             return None
-        doc = self.read_report()
-        run = doc.get("run") if isinstance(doc, dict) else None
-        status = run.get("status") if isinstance(run, dict) else None
-        if not isinstance(status, str):
-            raise UsageError(f"report {str(self.report_json)!r} records no run status")
-        return status
+        report = self.read_report()
+        if not isinstance(report, RunReport):
+            raise UsageError(f"report {str(self.report_json)!r} is not the report of a training run")
+        return report.run.status
 
     def lock(self, role: str) -> contextlib.AbstractContextManager:
         """The one-writer lock of this run directory (`writer_lock`)."""
         return writer_lock(self.path, role)
 
     # evals.jsonl: one JSON object per evaluation
-    def append_eval(self, record: dict) -> None:
+    def append_eval(self, record: EvalRecord) -> None:
         with writing(self.evals):
             self.path.mkdir(parents=True, exist_ok=True)
             with open(self.evals, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(to_json(record)) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
 
-    def read_evals(self) -> list[dict]:
+    def read_evals(self) -> list[EvalRecord]:
         """The evaluations in order. A crash can tear only the last line (the file is appended to
         and synced line by line): such a line is left out. A bad line before the last one is
         damage, not a crash, and a UsageError naming the line."""
@@ -183,27 +183,26 @@ class RunDir:
             if not line and number == len(lines):
                 break
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                    raise ValueError("not an evaluation record with a step")
-            except ValueError as exc:
+                records.append(from_json(EvalRecord, json.loads(line), "the line"))
+            except (ValueError, UsageError) as exc:
                 if number == len(lines):  # the unterminated last line: torn by a crash
                     break
                 raise UsageError(f"{str(self.evals)!r} line {number} is not an evaluation record ({exc}); "
                                  "the file is damaged") from None
-            records.append(record)
         return records
 
     def truncate_evals(self, max_step: int) -> None:
-        kept = [r for r in self.read_evals() if r["step"] <= max_step]
-        atomic_write_text(self.evals, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in self.read_evals() if r.step <= max_step]
+        atomic_write_text(self.evals, "".join(json.dumps(to_json(r)) + "\n" for r in kept))
 
     # baseline.json: the evaluation of the model before its first update (the divergence anchor)
-    def save_baseline(self, record: dict) -> None:
-        atomic_write_json(self.baseline, record)
+    def save_baseline(self, record: EvalRecord) -> None:
+        atomic_write_json(self.baseline, to_json(record))
 
-    def read_baseline(self) -> dict | None:
-        return read_json(self.baseline, "baseline evaluation") if self.baseline.exists() else None
+    def read_baseline(self) -> EvalRecord | None:
+        if not self.baseline.exists():
+            return None
+        return from_json(EvalRecord, read_json(self.baseline, "baseline evaluation"), str(self.baseline))
 
     # checkpoints/: weights only
     def checkpoint_path(self, step: int) -> Path:

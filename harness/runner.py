@@ -11,6 +11,7 @@ from geobench import analysis, config, distributed, report, series
 from geobench.api import Config, UsageError
 from geobench.api.params import read_yaml_file
 from geobench.device import pick_device
+from geobench.documents import RunReport
 from geobench.files import atomic_write_json, atomic_write_text
 from geobench.memory import check_fits
 from geobench.registry import Registry
@@ -65,11 +66,10 @@ def check(cfg: Config, out: RunDir, reg: Registry, metric_pairs: dict | None = N
 
 
 def execute(cfg: Config, out: RunDir, reg: Registry, preset_reason: str, plan: MetricPlan, *,
-            here: distributed.World = distributed.World()) -> dict | None:
+            here: distributed.World = distributed.World()) -> RunReport | None:
     """Train, measure and report; returns the report. Prints what ran, as the command line shows it.
     `plan` is what `check` returned. Under torchrun
     every rank trains and rank 0 alone writes, measures and reports (the others return None)."""
-    from geobench.device import pick_device
     from geobench.train import prepare, seconds_per_step, train, train_derived
 
     say = print if here.writer else (lambda *args, **kwargs: None)
@@ -107,23 +107,26 @@ def execute(cfg: Config, out: RunDir, reg: Registry, preset_reason: str, plan: M
                           processes=here.size)
     report.write(out, doc, reg.hooks)
 
-    final = doc["final"]
+    final = doc.final
     summary = f"geobench: {outcome.status}"
     if outcome.diverged_at is not None:
         summary += f" at step {outcome.diverged_at} ({outcome.divergence})"
     if outcome.stopped_early_at is not None:
         summary += f", stopped early at step {outcome.stopped_early_at}"
     if final:
-        summary += (f"; step {final['step']}: val_loss {final['val_loss']:.4f}, "
-                    f"p_in {final['p_in']:.3f}, p_ood {final['p_ood']:.3f}")
+        def shown(value: float | None, decimals: int) -> str:  # a NaN read back from evals.jsonl is None
+            return "nan" if value is None else f"{value:.{decimals}f}"
+
+        summary += (f"; step {final.step}: val_loss {shown(final.val_loss, 4)}, "
+                    f"p_in {shown(final.p_in, 3)}, p_ood {shown(final.p_ood, 3)}")
     print(summary)
     if plan.skipped:
         print("geobench: metrics skipped: " + "; ".join(f"{name} ({why})" for name, why in plan.skipped.items()))
-    failed = [name for name, result in metrics.items() if result["status"] == "failed"]
+    failed = [name for name, result in metrics.items() if result.status == "failed"]
     if failed:
         print(f"geobench: metrics failed: {', '.join(failed)} (see the report)")
     print(f"geobench: report {out.report_md}")
-    not_learned = series.probe_not_learned(doc["evals"])
+    not_learned = series.probe_not_learned(doc.evals)
     if not_learned:
         print(f"geobench: warning: {not_learned}; switching, re-entry and basin depth have nothing to measure "
               "(more steps or a higher probe.p_probe help)")

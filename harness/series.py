@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geobench.api import EvalRecord
+
 Values = Sequence[float] | np.ndarray
 
 PROMINENCE = 0.03  # the source's frozen detection constants
@@ -51,29 +53,40 @@ def tier(delta: float, sigma: float | None) -> str | None:
     return "A" if k >= TIER_A else "B" if k >= TIER_B else "C"
 
 
+def bootstrap_means(samples: Values, resamples: int, rng: np.random.Generator,
+                    paired_with: np.ndarray | None = None) -> np.ndarray:
+    """The means of `resamples` bootstrap resamples (with replacement) of `samples`; with
+    `paired_with`, the difference of the two means on the same resampled indices."""
+    data = np.asarray(samples, dtype=float)
+    idx = rng.integers(0, len(data), size=(resamples, len(data)))
+    means = data[idx].mean(axis=1)
+    return means - np.asarray(paired_with, dtype=float)[idx].mean(axis=1) if paired_with is not None else means
+
+
 def bootstrap_sigma(correct: np.ndarray, resamples: int, rng: np.random.Generator,
                     paired_with: np.ndarray | None = None) -> float:
     """σ of the exact-match rate over bootstrap resamples of the eval examples; with `paired_with`,
     σ of the difference of two rates on the same resampled examples."""
-    n = len(correct)
-    draws = []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        draws.append(correct[idx].mean() - (paired_with[idx].mean() if paired_with is not None else 0.0))
-    return float(np.std(draws, ddof=1))
+    return float(np.std(bootstrap_means(correct, resamples, rng, paired_with), ddof=1))
 
 
-def p_ood_at(evals: Sequence[dict], steps: Sequence[int]) -> dict[int, float]:
+def bootstrap_interval(values: Sequence[float], rng: np.random.Generator, resamples: int = 1000) -> tuple[float, float]:
+    """The 95% bootstrap interval of the mean of `values` (e.g. a metric over seeds)."""
+    means = bootstrap_means(values, resamples, rng)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def p_ood_at(evals: Sequence[EvalRecord], steps: Sequence[int]) -> dict[int, float]:
     """p_ood of the evaluations at `steps` (the steps without one left out)."""
-    by_step = {e["step"]: e["p_ood"] for e in evals if e.get("p_ood") is not None}
+    by_step = {e.step: e.p_ood for e in evals if e.p_ood is not None}
     return {s: by_step[s] for s in steps if s in by_step}
 
 
-def probe_not_learned(evals: Sequence[dict]) -> str | None:
+def probe_not_learned(evals: Sequence[EvalRecord]) -> str | None:
     """Why a run's probe gives the probe metrics nothing to measure, in words, or None when its best
     p_ood reached PROBE_LEARNED."""
-    p_ood = [e["p_ood"] for e in evals if e.get("p_ood") is not None and np.isfinite(e["p_ood"])]
-    p_in = [e["p_in"] for e in evals if e.get("p_in") is not None and np.isfinite(e["p_in"])]
+    p_ood = [e.p_ood for e in evals if e.p_ood is not None and np.isfinite(e.p_ood)]
+    p_in = [e.p_in for e in evals if e.p_in is not None and np.isfinite(e.p_in)]
     if not p_ood:
         return "no evaluation of p_ood"
     best = max(p_ood)

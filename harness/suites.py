@@ -4,11 +4,15 @@ and the table to print — run cell by cell through the same runner as `geobench
 Suite file keys: name, description, base (config keys for every cell), grid (a mapping of lists,
 crossed, or a list of explicit cells, each a mapping that may carry a `label` and its own `metrics`),
 metrics,
-metric_options ({metric: {option: value}}), table (main | beta2 | sgd | reheat), executor (a name of
-geobench.executors, or a mapping with `name` and its options), fail_fast, published
-({cell group: {column: value}}, docs/science.md#published-figures, shown beside paper-scale tables), references (published series
-of `geobench.published` drawn and tabulated beside the cells at every scale), scales ({tiny|short|paper:
-{base: ..., metric_options: ...}}).
+metric_options ({metric: {option: value}}), table (how the comparison shows the configurations:
+{heading, label_by, order_by}, documents.TableSpec), executor (a name of geobench.executors, or a
+mapping with `name` and its options), fail_fast, published ({cell group: {column: value}},
+docs/science.md#published-figures, shown beside paper-scale tables), references (published series
+of `geobench.published` drawn and tabulated beside the cells at every scale), scales
+({tiny|short|paper: {base: ..., metric_options: ...}}).
+
+A cell's group is its configuration less its seed (comparison.group_names): the cells of a grid over
+`seed` (or `train.seed`) form one group, with a bootstrap interval over them.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from typing import Any
 from geobench import comparison, config, executors, runner
 from geobench import published as published_series
 from geobench.analysis import plan_metrics
-from geobench.api import Config, UsageError, did_you_mean
+from geobench.api import Config, Param, UsageError, did_you_mean
+from geobench.api.documents import to_json
 from geobench.api.errors import shown
 from geobench.api.params import load_yaml, parse_yaml_text, read_yaml_file
+from geobench.documents import CellOutcome, CellRecord, SuiteIndex, TableSpec
 from geobench.files import atomic_write_json
 from geobench.registry import Registry
 from geobench.rundir import RunDir, writer_lock
@@ -52,8 +58,8 @@ class Suite:
     name: str
     description: str
     scale: str
-    table: str
-    published: dict
+    table: TableSpec
+    published: dict[str, dict[str, float]]
     directory: Path
     cells: list[Cell]
     reg: Registry
@@ -93,8 +99,24 @@ def _read(name_or_path: str) -> tuple[dict, str]:
     return data, where
 
 
-def load_published(name: str) -> dict:
-    return _read(name)[0].get("published") or {}
+TABLE_KEYS = {"heading": Param("configuration", "the heading of the table's first column"),
+              "label_by": Param(None, "an optimizer hyperparameter whose value names each row", kind=str, nullable=True),
+              "order_by": Param(None, "a column that ranks the rows (ascending)", kind=str, nullable=True)}
+
+
+def table_spec(value: Any, where: str) -> TableSpec:
+    """The suite's `table` mapping, checked against TABLE_KEYS."""
+    if value is None:
+        return TableSpec()
+    if not isinstance(value, dict):
+        raise UsageError(f"suite {where!r}: table must be a mapping of {', '.join(TABLE_KEYS)} (e.g. "
+                         f"{{heading: β₂, label_by: beta2}}), not {shown(value)}")
+    unknown = [k for k in value if k not in TABLE_KEYS]
+    if unknown:
+        raise UsageError(f"suite {where!r}: table has unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), TABLE_KEYS)}; "
+                         f"allowed: {', '.join(TABLE_KEYS)}")
+    return TableSpec(**{k: spec.check(f"table.{k}", value[k]) if k in value else spec.default
+                                   for k, spec in TABLE_KEYS.items()})
 
 
 MAX_CELLS = 10_000  # a grid whose product is larger is a typo, not a benchmark
@@ -152,9 +174,7 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
     base = {**mapping(data.get("base"), "base"), **mapping(scaled.get("base"), f"scales.{scale}.base")}
     options = _merge_options(where, data.get("metric_options"), scaled.get("metric_options"))
     metrics = data.get("metrics")  # absent: each run's default metrics
-    table = data.get("table", "main")
-    if table not in comparison.TABLES:
-        raise UsageError(f"suite {where!r}: table {table!r} is not one of {', '.join(comparison.TABLES)}")
+    table = table_spec(data.get("table"), where)
     name = path_component(str(data.get("name") or Path(where).stem), f"suite {where!r}: name")
     root = Path(directory) if directory else Path("runs") / "suites" / f"{name}-{scale}"
     cells: list[Cell] = []
@@ -170,7 +190,6 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
         if any(cell.label == label for cell in cells):
             raise UsageError(f"suite {where!r}: two cells have the label {label!r}; each cell needs its own "
                              "(it names the cell's run directory)")
-        group = "-".join(part for part in label.split("-") if not part.startswith("seed="))
         optimizer = values.pop("optimizer", None)
         if not optimizer:
             raise UsageError(f"suite {where!r}: cell {label!r} names no optimizer")
@@ -186,7 +205,9 @@ def load(name_or_path: str, scale: str, overrides: dict[str, str], directory: st
                                                    for k, v in opts.items()})
         except UsageError as exc:
             raise UsageError(f"suite {where!r}, cell {label!r}: {exc}") from None
-        cells.append(Cell(label, group, cfg, checked, out))
+        cells.append(Cell(label, "", cfg, checked, out))
+    for cell, group in zip(cells, comparison.group_names([(c.label, config.to_dict(c.cfg)) for c in cells])):
+        cell.group = group
     computed = {name for cell in cells for name in cell.plan.names}
     for metric in options:  # options of a metric that `metrics=` on the command line left out are moot
         if metric not in reg.metrics or (metric not in computed and "metrics" not in overrides):
@@ -206,54 +227,53 @@ def jobs(suite: Suite) -> list[executors.CellJob]:
                               c.plan, f"suite {suite.name}, scale {suite.scale}") for c in suite.cells]
 
 
-def states(suite: Suite) -> dict[str, tuple[str, str]]:
-    """{label: (state, detail)} of every cell (executors.cell_state)."""
+def states(suite: Suite) -> dict[str, CellOutcome]:
+    """Where every cell stands (executors.cell_state)."""
     return {job.label: executors.cell_state(job) for job in jobs(suite)}
 
 
-def run(suite: Suite, *, wait: bool = True, cluster: str = "slurm") -> dict[str, str]:
+def run(suite: Suite, *, wait: bool = True, cluster: str = "slurm") -> dict[str, CellOutcome]:
     """Hand every cell not finished yet to the suite's executor (cells running or queued elsewhere
     are left to finish); a failing cell is recorded and the others go on unless fail_fast. Writes the
-    index and, when this process waited, the comparison of the finished cells. Returns every
-    cell's status."""
+    index and, when this process waited, the comparison of the finished cells. Returns how every
+    cell stands."""
     def say(line: str) -> None:
         print(f"geobench bench: {line}", flush=True)
 
-    statuses: dict[str, str] = {}
+    statuses: dict[str, CellOutcome] = {}
     with writer_lock(suite.directory, "bench"):
         todo, elsewhere = [], []
         for job in jobs(suite):
-            state, detail = executors.cell_state(job)
-            if state == "finished":
-                statuses[job.label] = detail
-                say(f"{job.label}: already {detail}, skipped")
-            elif state in ("running", "queued"):
-                statuses[job.label] = state
+            outcome = executors.cell_state(job)
+            if outcome.finished:
+                statuses[job.label] = outcome
+                say(f"{job.label}: already {outcome}, skipped")
+            elif outcome.state in ("running", "queued"):
+                statuses[job.label] = outcome
                 elsewhere.append(job)
-                say(f"{job.label}: {state} elsewhere ({detail}), not submitted again")
+                say(f"{job.label}: {outcome.state} elsewhere ({outcome.detail}), not submitted again")
             else:
                 todo.append(job)
         statuses.update(executors.execute(todo, suite.executor, reg=suite.reg, wait=wait, say=say, cluster=cluster))
         if wait:
             for job in elsewhere:  # e.g. the cells of a killed `bench --executor local` still training
-                while executors.cell_state(job)[0] in ("running", "queued"):
+                while executors.cell_state(job).state in ("running", "queued"):
                     time.sleep(2)
-                statuses[job.label] = executors.cell_state(job)[1] or "missing"
-        _write_index(suite, statuses)
+                statuses[job.label] = executors.cell_state(job)
+        index = suite_index(suite, statuses)
+        atomic_write_json(suite.directory / "suite.json", to_json(index))
         finished = [c for c in suite.cells if c.out.status() is not None]
         if wait and finished:
-            doc, docs = comparison.build([c.out.path for c in finished], f"geobench suite {suite.name} ({suite.scale})",
-                                      suite.reg, suite.table, suite.published, {str(c.out.path): c.label for c in finished},
-                                      {str(c.out.path): c.group for c in finished},
-                                      {"suite": {"name": suite.name, "scale": suite.scale, "cells": statuses}},
-                                      suite.references)
-            comparison.write(suite.directory, doc, docs, suite.reg)
+            runs = [comparison.load(c.out.path, c.label) for c in finished]
+            doc = comparison.build(runs, f"geobench suite {suite.name} ({suite.scale})", suite.reg, suite.table,
+                                   suite.published, suite.references, index)
+            comparison.write(suite.directory, doc, runs, suite.reg)
     return statuses
 
 
-def _write_index(suite: Suite, statuses: dict[str, str]) -> None:
-    atomic_write_json(suite.directory / "suite.json", {
-        "name": suite.name, "description": suite.description, "scale": suite.scale, "table": suite.table,
-        "references": suite.references,
-        "cells": [{"label": c.label, "group": c.group, "directory": c.out.path.name,
-                   "status": statuses.get(c.label, "pending")} for c in suite.cells]})
+def suite_index(suite: Suite, statuses: dict[str, CellOutcome]) -> SuiteIndex:
+    """suite.json: what `geobench report SUITE_DIR` rebuilds the comparison from."""
+    return SuiteIndex(name=suite.name, description=suite.description, scale=suite.scale,
+                      table=suite.table, published=suite.published, references=suite.references,
+                      cells=[CellRecord(c.label, c.group, c.out.path.name, statuses.get(c.label, CellOutcome("pending")))
+                             for c in suite.cells])

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from geobench import config as config_mod
 from geobench import distributed, optim
 from geobench.api import Batch, Config, OptimizerPlugin, Parameters, TrainingSchedule, UsageError
+from geobench.api.documents import EvalRecord
 from geobench.checkpoints import load_weights
 from geobench.data.batches import Prefetcher, TrainStream, validation_batches
 from geobench.data.corpus import Corpus, load_corpus
@@ -195,6 +196,7 @@ class Outcome:
     stopped_early_at: int | None = None
     compile_seconds: float | None = None  # the first step with torch.compile on, kept out of the throughput
     baseline_val_loss: float | None = None  # the val_loss before the first update: the divergence anchor
+    evals: list[EvalRecord] = dataclasses.field(default_factory=list)  # the run's whole history, handed to the report
 
 
 class RunWriter:
@@ -303,7 +305,7 @@ def check_complete(cfg: Config, out: RunDir, step: int) -> None:
     """A state at `step` continues a run only if everything the run wrote up to it is there: the
     evaluation before the first update, and every scheduled checkpoint and evaluation (Θ₀, the
     divergence anchor and the trajectory the metrics read). Otherwise a UsageError says what is missing."""
-    checkpoints, evals = set(out.checkpoint_steps()), {record["step"] for record in out.read_evals()}
+    checkpoints, evals = set(out.checkpoint_steps()), {record.step for record in out.read_evals()}
     missing = [f"checkpoint {s}" for s in range(1, step + 1) if is_checkpoint_step(s, cfg) and s not in checkpoints]
     missing += [f"evaluation {s}" for s in range(1, step + 1) if is_eval_step(s, cfg) and s not in evals]
     if out.read_baseline() is None and 1 not in evals:
@@ -319,12 +321,12 @@ def baseline(setup: Setup, out: RunDir, here: distributed.World, progress: Progr
     directory) when the run starts, read back when it resumes; a run directory of an earlier
     version without it falls back to its step-1 evaluation."""
     if progress.step == 0:
-        record = distributed.agree(here, here.writer and {"step": 0, **setup.evaluator(setup.model)})
+        record = distributed.agree(here, here.writer and EvalRecord.of(0, setup.evaluator(setup.model)))
         if here.writer:
             out.save_baseline(record)
-        return record["val_loss"]
-    saved = out.read_baseline() or next((e for e in out.read_evals() if e["step"] == 1), None)
-    return saved["val_loss"] if saved else None
+        return record.val_loss
+    saved = out.read_baseline() or next((e for e in out.read_evals() if e.step == 1), None)
+    return saved.val_loss if saved else None
 
 
 def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.World(),
@@ -367,14 +369,15 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
     moved_to = progress.step  # the step the weights are at (ahead of progress.step while a step's writes are pending)
 
     def read_losses() -> tuple[int, float] | None:
-        """Hand the step losses read so far to the evaluation's mean and the on_step hook; the first
-        non-finite one (step, value) stops the reading."""
+        """Hand the step losses read so far to the on_step hook and the evaluation's mean; the first
+        non-finite one (step, value) stops the reading (the hook sees it: a watcher learns of the
+        divergence at the step that caused it)."""
         for at, value, lr in losses.read():
+            if here.writer:
+                hooks.geobench_on_step(run=out, step=at, loss=value, lr=lr)
             if not math.isfinite(value):
                 return at, value
             progress.since_eval.append(value)
-            if here.writer:
-                hooks.geobench_on_step(run=out, step=at, loss=value, lr=lr)
         return None
 
     held = contextlib.ExitStack()  # under torchrun the ranks keep the default Ctrl-C (they must stop together)
@@ -418,11 +421,11 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
             if is_boundary(step, cfg):
                 with optim.eval_mode(optimizer):  # evaluations, checkpoints and states hold the eval-mode weights
                     if is_eval_step(step, cfg):
-                        record = distributed.agree(here, here.writer and {
-                            "step": step, "lambda": lam, "lr": optimizer.param_groups[0]["lr"],
-                            "train_loss": float(np.mean(progress.since_eval)), **setup.evaluator(model),
-                            **({"gradient_rule": rule_summary(stepper.diagnostics)} if stepper.diagnostics else {}),
-                            "tokens": progress.tokens, "train_seconds": round(progress.train_seconds, 3)})
+                        record = distributed.agree(here, here.writer and EvalRecord.of(
+                            step, setup.evaluator(model), lam=lam, lr=optimizer.param_groups[0]["lr"],
+                            train_loss=float(np.mean(progress.since_eval)), tokens=progress.tokens,
+                            train_seconds=round(progress.train_seconds, 3),
+                            gradient_rule=rule_summary(stepper.diagnostics) if stepper.diagnostics else {}))
                         progress.since_eval.clear()
                         stepper.diagnostics.clear()
                         history.append(record)
@@ -471,11 +474,11 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
     if monitor.diverged and status == "completed":
         status = "diverged"
     return Outcome(status, progress.step, monitor.diverged_at, progress.train_seconds, progress.tokens, resumed_from,
-                   monitor.divergence, stopped_early_at, compile_seconds, monitor.baseline)
+                   monitor.divergence, stopped_early_at, compile_seconds, monitor.baseline, history)
 
 
 def train_derived(source: Setup, cfg: Config, weights: dict[str, torch.Tensor], out: RunDir, *,
-                  perturb: Callable[[torch.nn.Module], None] | None, baseline: float | None) -> list[dict[str, Any]]:
+                  perturb: Callable[[torch.nn.Module], None] | None, baseline: float | None) -> list[EvalRecord]:
     """Train a run of `cfg` from `weights` with a fresh optimizer, on the data of `source`, into the
     derived run directory `out` (emptied first: a derived run always starts afresh); `perturb(model)`
     may change the weights first. Its evaluations, the first (step 0) before any update; a
@@ -488,9 +491,10 @@ def train_derived(source: Setup, cfg: Config, weights: dict[str, torch.Tensor], 
     with out.lock("derived run"):
         out.clear()
         atomic_write_text(out.config, config_mod.save(cfg))
-        out.append_eval({"step": 0, **setup.evaluator(setup.model)})
+        start = EvalRecord.of(0, setup.evaluator(setup.model))
+        out.append_eval(start)
         outcome = train(setup, out, source_baseline=baseline)
-        evals = out.read_evals()
-    if outcome.status == "diverged":
-        evals.append({"step": outcome.diverged_at, "diverged": True})
+    evals = [start, *outcome.evals]
+    if outcome.status == "diverged" and outcome.diverged_at is not None:
+        evals.append(EvalRecord(step=outcome.diverged_at, diverged=True))
     return evals

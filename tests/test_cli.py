@@ -186,7 +186,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
     for step in whole.checkpoint_steps():
         a, b = whole.load_checkpoint(step), again.load_checkpoint(step)
         assert all(torch.equal(a[n], b[n]) for n in a), step
-    assert [e["val_loss"] for e in whole.read_evals()] == [e["val_loss"] for e in again.read_evals()]
+    assert [e.val_loss for e in whole.read_evals()] == [e.val_loss for e in again.read_evals()]
 
 
 def test_ctrl_c_saves_state_and_reports_interrupted(tmp_path):

@@ -5,6 +5,7 @@ files, manifests, YAML), with filesystem faults injected where this machine cann
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -300,7 +301,7 @@ class CtrlC:
 
 
 def comparable(run: RunDir) -> tuple[list[dict], dict[int, dict[str, torch.Tensor]]]:
-    evals = [{k: v for k, v in e.items() if k != "train_seconds"} for e in run.read_evals()]
+    evals = [dataclasses.replace(e, train_seconds=None) for e in run.read_evals()]
     return evals, {s: run.load_checkpoint(s) for s in run.checkpoint_steps()}
 
 

@@ -45,21 +45,21 @@ def numpy_pca(rows, normalize):
 def test_backbone_against_numpy(ctx, trajectory):
     steps, _, thetas = trajectory
     result = run_metrics(ctx, ["backbone"], options={"backbone": options("backbone", rotation_window=5)})["backbone"]
-    assert result["status"] == "ok", result.get("error")
+    assert result.status == "ok", result.error
     delta = thetas[1:] - thetas[0]  # anchored at the first checkpoint (Θ₀ = step 1)
     ratios, v_b = numpy_pca(delta, normalize=True)
     ratios_raw, _ = numpy_pca(delta, normalize=False)
-    s = result["scalars"]
+    s = result.scalars
     assert s["pc1"] == pytest.approx(ratios[0], abs=1e-6)
     assert s["pc1_raw"] == pytest.approx(ratios_raw[0], abs=1e-6)
     assert s["k95"] == int(np.searchsorted(np.cumsum(ratios), 0.95) + 1)
     assert s["drift"] == pytest.approx(np.linalg.norm(delta[-1]), rel=1e-6)
     full = thetas - thetas[0]
     a = full @ v_b
-    np.testing.assert_allclose(result["series"]["a"], a, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(result["series"]["r_norm"], np.linalg.norm(full - np.outer(a, v_b), axis=1),
+    np.testing.assert_allclose(result.series["a"], a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.series["r_norm"], np.linalg.norm(full - np.outer(a, v_b), axis=1),
                                rtol=1e-4, atol=1e-6)
-    assert result["series"]["a"][-1] > 0  # sign convention
+    assert result.series["a"][-1] > 0  # sign convention
     # rotation: sliding windows of 5 checkpoints after Θ₀, stride one, each anchored at its own first
     backbones = []
     for start in range(1, len(steps) - 4):
@@ -67,19 +67,19 @@ def test_backbone_against_numpy(ctx, trajectory):
         backbones.append(numpy_pca(window, normalize=True)[1])
     expected_rho = [abs(u @ v) for u, v in zip(backbones, backbones[1:])]
     assert len(expected_rho) == len(steps) - 1 - 5
-    np.testing.assert_allclose(result["series"]["rotation_rho"], expected_rho, atol=1e-6)
+    np.testing.assert_allclose(result.series["rotation_rho"], expected_rho, atol=1e-6)
     assert s["rotation_mean"] == pytest.approx(np.mean(expected_rho), abs=1e-6)
     assert s["rotation_min"] == pytest.approx(np.min(expected_rho), abs=1e-6)
     # PC1 with the top-10 denominator, as the source published its trunk PC1
     _, sv, _ = np.linalg.svd(delta / np.linalg.norm(delta, axis=1, keepdims=True), full_matrices=False)
     assert s["pc1_top10"] == pytest.approx(sv[0] ** 2 / (sv[:10] ** 2).sum(), abs=1e-6)
     # power laws in half-open windows, against numpy's polyfit on the same points
-    for row in result["tables"]["fits"]:
+    for row in result.tables["fits"]:
         inside = [i for i, t in enumerate(steps) if row["start"] < t <= row["end"] and abs(a[i]) > 0]
         if len(inside) >= 2:
             slope = np.polyfit(np.log(np.array(steps)[inside]), np.log(np.abs(a[inside])), 1)[0]
             assert row["gamma_a"] == pytest.approx(slope, abs=1e-6)
-    blocks = {row["block"]: row["pc1"] for row in result["tables"]["per_block"]}
+    blocks = {row["block"]: row["pc1"] for row in result.tables["per_block"]}
     assert set(blocks) == {0, 1} and all(0 < v <= 1 for v in blocks.values())
 
 
@@ -95,16 +95,16 @@ def test_backbone_window_needs_checkpoints(ctx):
 def test_alignment_against_numpy(ctx, trajectory):
     steps, names, thetas = trajectory
     result = run_metrics(ctx, ["alignment"], options={"alignment": options("alignment", control_batches=3)})["alignment"]
-    assert result["status"] == "ok", result.get("error")
+    assert result.status == "ok", result.error
     _, v_b = numpy_pca(thetas[1:] - thetas[0], normalize=True)
     updates = np.diff(thetas, axis=0)
     expected = updates @ v_b / np.linalg.norm(updates, axis=1)
-    np.testing.assert_allclose(result["series"]["cos"], expected, atol=1e-6)
+    np.testing.assert_allclose(result.series["cos"], expected, atol=1e-6)
     # the control, recomputed with a plain backward pass
     model = ctx.setup.model_at(steps[-1])
     lam = lambda_at(ctx.config.train.lambda_schedule, steps[-1])
     params = dict(model.named_parameters())
-    for cos, (inputs, targets, mask) in zip(result["series"]["control_cos"], ctx.setup.batches(3)):
+    for cos, (inputs, targets, mask) in zip(result.series["control_cos"], ctx.setup.batches(3)):
         model.zero_grad()
         composite_loss(model(inputs), targets, mask, lam).backward()
         g = np.concatenate([params[n].grad.double().numpy().ravel() for n in names])
@@ -116,13 +116,13 @@ def test_alignment_over_a_fixed_step_interval_against_numpy(ctx, trajectory):
     steps, _, thetas = trajectory
     result = run_metrics(ctx, ["alignment"], options={"alignment": options("alignment", interval=4,
                                                                            control_batches=0)})["alignment"]
-    assert result["status"] == "ok", result.get("error")
+    assert result.status == "ok", result.error
     _, v_b = numpy_pca(thetas[1:] - thetas[0], normalize=True)
     later = [s for s in steps if s - 4 in steps]
     updates = np.stack([thetas[steps.index(s)] - thetas[steps.index(s - 4)] for s in later])
-    assert result["series"]["steps"] == later and len(later) < len(steps) - 1
-    np.testing.assert_allclose(result["series"]["cos"], updates @ v_b / np.linalg.norm(updates, axis=1), atol=1e-6)
-    assert "θ_(s−4)" in result["variant"]
+    assert result.series["steps"] == later and len(later) < len(steps) - 1
+    np.testing.assert_allclose(result.series["cos"], updates @ v_b / np.linalg.norm(updates, axis=1), atol=1e-6)
+    assert "θ_(s−4)" in result.variant
 
 
 def test_alignment_source_variant_against_numpy(ctx, trajectory):
@@ -131,14 +131,14 @@ def test_alignment_source_variant_against_numpy(ctx, trajectory):
     opts = options("alignment", backbone="raw", per_block=True, control_scope="block:0", control_batches=2,
                    control_checkpoints=2)
     result = run_metrics(ctx, ["alignment"], options={"alignment": opts})["alignment"]
-    assert result["status"] == "ok", result.get("error")
+    assert result.status == "ok", result.error
 
     def block_rows(i):
         names = ctx.trajectory.scope(f"block:{i}")
         return names, np.stack([np.concatenate([ctx.trajectory.load_checkpoint(s)[n].double().numpy().ravel() for n in names])
                                 for s in steps])
 
-    for row in result["tables"]["per_block"]:
+    for row in result.tables["per_block"]:
         _, thetas = block_rows(row["block"])
         _, v_raw = numpy_pca(thetas[1:] - thetas[0], normalize=False)
         updates = np.diff(thetas, axis=0)
@@ -147,7 +147,7 @@ def test_alignment_source_variant_against_numpy(ctx, trajectory):
     names, thetas = block_rows(0)
     _, v_raw = numpy_pca(thetas[1:] - thetas[0], normalize=False)
     at = ctx.trajectory.spread([], 2)
-    assert at == [steps[0], steps[-1]] and result["scalars"]["control_checkpoints"] == 2
+    assert at == [steps[0], steps[-1]] and result.scalars["control_checkpoints"] == 2
     expected = []
     for step in at:
         model = ctx.setup.model_at(step)
@@ -158,15 +158,15 @@ def test_alignment_source_variant_against_numpy(ctx, trajectory):
             composite_loss(model(inputs), targets, mask, lam).backward()
             g = np.concatenate([params[n].grad.double().numpy().ravel() for n in names])
             expected.append(g @ v_raw / np.linalg.norm(g))
-    np.testing.assert_allclose(result["series"]["control_cos"], expected, atol=1e-5)
-    assert "raw v_b" in result["variant"] and "block:0 scope" in result["variant"]
+    np.testing.assert_allclose(result.series["control_cos"], expected, atol=1e-5)
+    assert "raw v_b" in result.variant and "block:0 scope" in result.variant
 
 
 def test_fisher_with_a_fixed_lambda_and_the_raw_backbone(ctx, trajectory):
     steps, names, thetas = trajectory
     result = run_metrics(ctx, ["fisher"], options={"fisher": options(
         "fisher", steps=[steps[-1]], batches=3, random_directions=2, backbone="raw", lam=2.0)})["fisher"]
-    assert result["status"] == "ok", result.get("error")
+    assert result.status == "ok", result.error
     _, v_raw = numpy_pca(thetas[1:] - thetas[0], normalize=False)
     model = ctx.setup.model_at(steps[-1])
     params = dict(model.named_parameters())
@@ -176,8 +176,8 @@ def test_fisher_with_a_fixed_lambda_and_the_raw_backbone(ctx, trajectory):
         composite_loss(model(inputs), targets, mask, 2.0).backward()
         G.append(np.concatenate([params[n].grad.double().numpy().ravel() for n in names]))
     q_b = np.mean((np.array(G) @ v_raw) ** 2)
-    assert result["tables"]["fisher"][0]["q_b"] == pytest.approx(q_b, rel=1e-4)
-    assert "λ = 2" in result["variant"] and "raw v_b" in result["variant"]
+    assert result.tables["fisher"][0]["q_b"] == pytest.approx(q_b, rel=1e-4)
+    assert "λ = 2" in result.variant and "raw v_b" in result.variant
 
 
 def test_fisher_checkpoints_from_a_step_on(ctx, trajectory):
@@ -188,8 +188,8 @@ def test_fisher_checkpoints_from_a_step_on(ctx, trajectory):
     assert ctx.trajectory.spread([], len(later)) != later and ctx.trajectory.spread([], len(later))[0] == steps[0]
     result = run_metrics(ctx, ["fisher"], options={"fisher": options(
         "fisher", count=3, from_step=10, batches=2, random_directions=1)})["fisher"]
-    assert result["status"] == "ok", result.get("error")
-    chosen = [row["step"] for row in result["tables"]["fisher"]]
+    assert result.status == "ok", result.error
+    chosen = [row["step"] for row in result.tables["fisher"]]
     assert len(chosen) == 3 and min(chosen) >= 10 and chosen[-1] == steps[-1]
 
 
@@ -221,7 +221,7 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, 
     rows = delta / np.linalg.norm(delta, axis=1, keepdims=True) if variant == "rownorm" else delta
     _, _, vt = np.linalg.svd(rows, full_matrices=False)
     v_b = vt[0] if vt[0] @ delta[-1] > 0 else -vt[0]
-    found = result["tables"]["switches"]
+    found = result.tables["switches"]
     assert [(r["peak"], r["trough"]) for r in found] == [(steps[3], steps[5]), (steps[10], steps[12])]
     for r in found:
         v = thetas[steps.index(r["peak"])] - thetas[steps.index(r["trough"])]
@@ -239,7 +239,7 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, 
     everything = np.stack([np.concatenate([ctx.trajectory.load_checkpoint(s)[n].double().numpy().ravel()
                                            for n in ctx.trajectory.scope("all")]) for s in steps])
     index = {n: (offsets[i], offsets[i + 1]) for i, n in enumerate(ctx.trajectory.scope("all"))}
-    for r in result["tables"]["per_block"]:
+    for r in result.tables["per_block"]:
         cols = np.concatenate([np.arange(*index[n]) for n in ctx.trajectory.scope(f"block:{r['block']}")])
         block = everything[:, cols]
         d = block[1:] - block[0]
@@ -247,7 +247,7 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, 
         vb = np.linalg.svd(rows, full_matrices=False)[2][0]
         v = block[steps.index(r["peak"])] - block[steps.index(r["trough"])]
         assert r["abs_cos_vb"] == pytest.approx(abs(v @ vb) / np.linalg.norm(v), abs=1e-6)
-    assert "raw PCA" in result["variant"] if variant == "raw" else "row-normalized PCA" in result["variant"]
+    assert "raw PCA" in result.variant if variant == "raw" else "row-normalized PCA" in result.variant
 
 
 def test_switching_needs_three_evaluations(ctx, monkeypatch):
@@ -279,11 +279,11 @@ def test_fisher_and_interference_on_the_run(ctx, trajectory):
     results = run_metrics(ctx, ["fisher", "interference"], options={
         "fisher": options("fisher", steps=[steps[-1]], batches=4, random_directions=3),
         "interference": options("interference", steps=[steps[-1]], batches=2)})
-    assert results["fisher"]["status"] == "ok", results["fisher"].get("error")
-    row = results["fisher"]["tables"]["fisher"][0]
+    assert results["fisher"].status == "ok", results["fisher"].error
+    row = results["fisher"].tables["fisher"][0]
     assert row["step"] == steps[-1] and row["anisotropy"] > 0 and 0 <= row["top_overlap"] <= 1
     inter = results["interference"]
-    assert inter["status"] == "ok", inter.get("error")
+    assert inter.status == "ok", inter.error
     model = ctx.setup.model_at(steps[-1])
     params = [dict(model.named_parameters())[n] for n in names]
     cosines = []
@@ -296,7 +296,7 @@ def test_fisher_and_interference_on_the_run(ctx, trajectory):
         cosines.append(float(torch.nn.functional.cosine_similarity(g_lm, g_probe, dim=0)))
         if len(cosines) == 2:
             break
-    assert inter["tables"]["interference"][0]["cos_lm_probe"] == pytest.approx(np.mean(cosines), abs=1e-5)
+    assert inter.tables["interference"][0]["cos_lm_probe"] == pytest.approx(np.mean(cosines), abs=1e-5)
 
 
 def test_per_token_gradients_equal_one_backward_per_token(ctx):
@@ -332,13 +332,13 @@ def test_spectrum_and_split_band_on_known_matrices():
 def test_grad_structure_on_the_run(ctx):
     result = run_metrics(ctx, ["grad_structure"], options={"grad_structure": options("grad_structure", tokens=200)})
     out = result["grad_structure"]
-    assert out["status"] == "ok", out.get("error")
-    buckets = out["tables"]["buckets"]
+    assert out.status == "ok", out.error
+    buckets = out.tables["buckets"]
     assert len(buckets) == 5 and sum(b["tokens"] for b in buckets) == 200
-    cross = np.array(out["series"]["cross_bucket_cos"])
+    cross = np.array(out.series["cross_bucket_cos"])
     np.testing.assert_allclose(np.diag(cross), 1.0, atol=1e-5)
     np.testing.assert_allclose(cross, cross.T, atol=1e-6)
-    probe = out["tables"]["probe"][0]
+    probe = out.tables["probe"][0]
     assert probe["prompt"] == "all" and probe["correct"] + probe["incorrect"] == 40
 
 
@@ -362,9 +362,9 @@ def test_reheat_summary_on_a_known_curve():
 def test_a_reheat_may_train_at_another_probe_rate(ctx):
     result = run_metrics(ctx, ["reheat"], options={"reheat": options(
         "reheat", steps=2, warmup=1, eval_every=2, lrs="[1e-3]", p_probe=0.0)})["reheat"]
-    assert result["status"] == "ok", result.get("error")
+    assert result.status == "ok", result.error
     derived = ctx.run.path / "derived" / "reheat-from30-lr0.001"
-    assert "p_probe: 0.0" in (derived / "config.yaml").read_text() and "p_probe 0;" in result["variant"]
+    assert "p_probe: 0.0" in (derived / "config.yaml").read_text() and "p_probe 0;" in result.variant
     with pytest.raises(UsageError, match="must keep the probe settings"):
         ctx.retrain(step=ctx.trajectory.checkpoint_steps()[-1], name="other-gap", overrides={"probe.train_gap": [1, 2]})
 
@@ -377,13 +377,13 @@ def test_reheat_trains_a_fresh_optimizer_and_leaves_the_source_alone(ctx):
     source_final = ctx.evals[-1]
     result = run_metrics(ctx, ["reheat"], options={"reheat": options(
         "reheat", steps=4, warmup=1, eval_every=2, lrs="[1e-3, 3e-4]")})["reheat"]
-    assert result["status"] == "ok", result.get("error")
-    rows = result["tables"]["reheat"]
+    assert result.status == "ok", result.error
+    rows = result.tables["reheat"]
     assert [r["lr"] for r in rows] == [1e-3, 3e-4]
     for r in rows:
         assert r["gain"] >= 0 and r["peak_p_ood"] >= r["start_p_ood"]
-        assert r["start_p_ood"] == pytest.approx(source_final["p_ood"])  # the start is the checkpoint itself
-    assert {c["step"] for c in result["tables"]["curves"]} == {0, 1, 2, 4}
+        assert r["start_p_ood"] == pytest.approx(source_final.p_ood)  # the start is the checkpoint itself
+    assert {c["step"] for c in result.tables["curves"]} == {0, 1, 2, 4}
     derived = ctx.run.path / "derived" / "reheat-from30-lr0.001"
     assert (derived / "evals.jsonl").exists() and "lambda_schedule:\n  - - 0\n    - 4.0" in (derived / "config.yaml").read_text()
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ctx.run.checkpoints.iterdir())}
@@ -409,12 +409,12 @@ def test_basin_perturbation_and_tests(ctx):
     result = run_metrics(ctx, ["basin"], options={"basin": options(
         "basin", recovery_steps=2, relax_steps=2, relax_batch=4, sigmas="[0, 0.3]", eval_every=1, threshold=0.0,
         recovery_grad_accum=2)})["basin"]
-    assert result["status"] == "ok", result.get("error")
+    assert result.status == "ok", result.error
     b1 = sorted((ctx.run.path / "derived").glob("b1-from*"))
     assert b1 and all("grad_accum: 2\n" in (d / "config.yaml").read_text() for d in b1)  # the B1 batch, as asked
-    assert all(r["steps_to_threshold"] == 0 for r in result["tables"]["b1_recovery"])  # threshold 0: at the start
-    assert [r["sigma"] for r in result["tables"]["b6_depth"]] == [0.0, 0.3]
-    assert all(0 <= r["depth"] <= 1 for r in result["tables"]["b6_depth"])
+    assert all(r["steps_to_threshold"] == 0 for r in result.tables["b1_recovery"])  # threshold 0: at the start
+    assert [r["sigma"] for r in result.tables["b6_depth"]] == [0.0, 0.3]
+    assert all(0 <= r["depth"] <= 1 for r in result.tables["b6_depth"])
 
 
 def test_the_gradient_control_at_given_checkpoints(ctx, trajectory):
@@ -422,6 +422,6 @@ def test_the_gradient_control_at_given_checkpoints(ctx, trajectory):
     chosen = [steps[0], steps[3], steps[-1]]
     result = run_metrics(ctx, ["alignment"], options={"alignment": options(
         "alignment", control_batches=1, control_steps=chosen)})["alignment"]
-    assert result["status"] == "ok", result.get("error")
-    assert result["scalars"]["control_checkpoints"] == 3 and len(result["series"]["control_cos"]) == 3
-    assert f"({', '.join(map(str, chosen))})" in result["variant"]
+    assert result.status == "ok", result.error
+    assert result.scalars["control_checkpoints"] == 3 and len(result.series["control_cos"]) == 3
+    assert f"({', '.join(map(str, chosen))})" in result.variant

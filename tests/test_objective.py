@@ -169,4 +169,4 @@ def test_training_through_the_chunked_head_equals_training_on_the_logits(tmp_pat
     for key in w_logits:
         torch.testing.assert_close(w_head[key], w_logits[key], rtol=1e-4, atol=1e-5)
     for a, b in zip(e_logits, e_head):
-        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4) and b["p_ood"] == a["p_ood"]
+        assert b.val_loss == pytest.approx(a.val_loss, rel=1e-4) and b.p_ood == a.p_ood

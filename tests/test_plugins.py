@@ -6,7 +6,9 @@ import torch
 from conftest import FAST
 from geobench import Param, config, hookimpl, report
 from geobench.analysis import of_run, run_metrics
-from geobench.api import MetricPlugin, ModelPlugin, OptimizerPlugin, ParameterLayout, UsageError
+from geobench.api import MetricPlugin, MetricResult, ModelPlugin, OptimizerPlugin, ParameterLayout, UsageError
+from geobench.api.documents import to_json
+from geobench.documents import CellOutcome, report_from_json
 from geobench.registry import make_registry
 from geobench.rundir import RunDir
 from geobench.runner import open_analysis
@@ -50,7 +52,7 @@ class Watcher:
     @hookimpl
     def geobench_on_report(self, run, report):
         self.reports += 1
-        report["extensions"]["watcher"] = {"steps_seen": len(self.steps)}
+        report.extensions["watcher"] = {"steps_seen": len(self.steps)}
 
 
 def build_sgd(*, parameters, hp, device, schedule):
@@ -65,8 +67,8 @@ def drift(*, ctx, options):
     steps = ctx.trajectory.checkpoint_steps()
     first, last = ctx.trajectory.load_checkpoint(steps[0]), ctx.trajectory.load_checkpoint(steps[-1])
     total = sum(float(((last[n] - first[n]) ** 2).sum()) for n in first)
-    return {"scalars": {"drift": options["scale"] * total ** 0.5}, "series": {"steps": steps},
-            "tables": {"checkpoints": [{"step": s} for s in steps]}}
+    return MetricResult(scalars={"drift": options["scale"] * total ** 0.5}, series={"steps": steps},
+                        tables={"checkpoints": [{"step": s} for s in steps]})
 
 
 def broken(*, ctx, options):
@@ -98,20 +100,20 @@ def test_lifecycle_hooks_see_every_step_eval_and_checkpoint(watched_run):
     watcher, reg, cfg, run, out, outcome = watched_run
     assert outcome.status == "completed" and outcome.last_step == 12
     assert [s for s, _, _ in watcher.steps] == list(range(1, 13))
-    assert [r["step"] for r in watcher.evals] == [1, 6, 12] == [r["step"] for r in out.read_evals()]
+    assert [r.step for r in watcher.evals] == [1, 6, 12] == [r.step for r in out.read_evals()]
     assert watcher.checkpoints == [1, 4, 8, 12] == out.checkpoint_steps()
 
 
 def test_metrics_run_and_one_failure_does_not_stop_the_others(watched_run):
     watcher, reg, cfg, run, out, outcome = watched_run
     results = run_metrics(of_run(out, cfg, reg), ["broken", "drift"])
-    assert results["broken"]["status"] == "failed" and "broken on purpose" in results["broken"]["error"]
+    assert results["broken"].status == "failed" and "broken on purpose" in results["broken"].error
     first, last = out.load_checkpoint(1), out.load_checkpoint(12)
     expected = torch.sqrt(sum(((last[n] - first[n]) ** 2).sum() for n in first)).item()
-    assert results["drift"]["status"] == "ok"
-    assert results["drift"]["scalars"]["drift"] == pytest.approx(expected, rel=1e-5)
+    assert results["drift"].status == "ok"
+    assert results["drift"].scalars["drift"] == pytest.approx(expected, rel=1e-5)
 
-    doc = minimal_report(out, results)
+    doc = report_from_json(to_json(minimal_report(out, results)), "the test's report")
     report.write(out, doc, reg.hooks)
     assert watcher.reports == 1
     text = out.report_md.read_text()
@@ -125,6 +127,7 @@ def test_metrics_run_and_one_failure_does_not_stop_the_others(watched_run):
 
 def minimal_report(out, metrics):
     evals = out.read_evals()
+    final = report.final_summary(evals)
     return {
         "schema_version": "1.0", "geobench_version": "test",
         "run": {"name": "watched", "status": "completed", "last_step": 12, "steps_planned": 12, "diverged_at": None,
@@ -136,7 +139,7 @@ def minimal_report(out, metrics):
         "model": {"family": "gpt", "parameters": {"total": 1, "trunk": 1}},
         "optimizer": {"name": "plain-sgd", "source": "test", "params": {}},
         "config": {}, "throughput": {"train_seconds": 1.0, "tokens": 1, "tokens_per_second": 1.0},
-        "evals": evals, "final": report.final_summary(evals), "metrics": metrics, "extensions": {},
+        "evals": to_json(evals), "final": to_json(final), "metrics": metrics, "extensions": {},
     }
 
 
@@ -144,13 +147,13 @@ def test_report_schema_rejects_what_tools_could_not_parse(watched_run, tmp_path)
     import jsonschema
 
     *_, out, _ = watched_run
-    doc = report.finite(minimal_report(out, {}))
+    doc = to_json(minimal_report(out, {}))
     report.validate(doc)
     for broken_doc in ({**doc, "schema_version": "0.9"}, {**doc, "run": {**doc["run"], "status": "exploded"}},
                        {k: v for k, v in doc.items() if k != "evals"}):
         with pytest.raises(jsonschema.ValidationError):
             report.validate(broken_doc)
-    assert report.finite({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
+    assert to_json({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
 
 
 def test_a_name_registered_twice_is_an_error():
@@ -170,11 +173,11 @@ def test_a_metric_result_outside_the_schema_is_recorded_as_failed(watched_run):
         @hookimpl
         def geobench_register_metrics(self, register):
             register(MetricPlugin("sloppy", "returns a mapping where a list belongs", {},
-                                  compute=lambda *, ctx, options: {"series": {"x": {"a": 1}}}))
+                                  compute=lambda *, ctx, options: MetricResult(series={"x": {"a": 1}})))
 
     sloppy_reg = make_registry(extra_plugins=(Sloppy(),))
     result = run_metrics(of_run(out, cfg, sloppy_reg), ["sloppy"])["sloppy"]
-    assert result["status"] == "failed" and "does not fit the report schema: series/x" in result["error"]
+    assert result.status == "failed" and "does not fit the report schema: series/x" in result.error
 
 
 def test_every_hookspec_has_an_implementation_here_and_was_called(watched_run):
@@ -209,7 +212,7 @@ def test_a_plugin_registered_at_runtime_works_on_every_path(tmp_path):
 
     results = run_metrics(ctx, ["alignment", "reheat", "drift"], metric_options(["alignment", "reheat", "drift"],
                                                                               given, reg))
-    assert {name: r["status"] for name, r in results.items()} == {"alignment": "ok", "reheat": "ok", "drift": "ok"}
+    assert {name: r.status for name, r in results.items()} == {"alignment": "ok", "reheat": "ok", "drift": "ok"}
     derived = yaml.safe_load((out.path / "derived" / "reheat-from12-lr0.05" / "config.yaml").read_text())
     assert derived["optimizer"] == {"name": "plain-sgd", "params": {"lr": 0.05}}
     assert len(watcher.steps) == trained_steps + 3  # the derived run's steps reached the run's hooks
@@ -217,8 +220,8 @@ def test_a_plugin_registered_at_runtime_works_on_every_path(tmp_path):
     suite_file = tmp_path / "suite.yaml"
     base = dict(pair.split("=", 1) for pair in FAST if not pair.startswith("metrics"))
     suite_file.write_text(yaml.safe_dump({"name": "runtime", "base": base, "grid": {"optimizer": ["plain-sgd"]},
-                                          "metrics": ["drift"], "table": "main"}))
+                                          "metrics": ["drift"], "table": {"heading": "optimizer"}}))
     suite = suites.load(str(suite_file), "tiny", {}, str(tmp_path / "suite"), reg)
-    assert suites.run(suite) == {"plain-sgd": "completed"}
+    assert suites.run(suite) == {"plain-sgd": CellOutcome("completed")}
     comparison = (tmp_path / "suite" / "comparison.json").read_text()
     assert '"optimizer": "plain-sgd"' in comparison

@@ -71,8 +71,8 @@ def test_schedule_free_checkpoints_and_evaluations_hold_x_not_y(tmp_path):
     assert gap > 1e-3  # y is not what was recorded
     record = out.read_evals()[-1]
     model = copy.deepcopy(setup.model)
-    assert setup.evaluator(load_weights(model, saved))["val_loss"] == record["val_loss"]
-    assert setup.evaluator(setup.model)["val_loss"] != record["val_loss"]
+    assert setup.evaluator(load_weights(model, saved)).val_loss == record.val_loss
+    assert setup.evaluator(setup.model).val_loss != record.val_loss
     doc_trajectory = optim.describe(setup.optimizer_plugin, setup.optimizer, setup.parameters)["trajectory"]
     assert doc_trajectory.startswith("eval-mode weights")
 

@@ -5,6 +5,7 @@ imports nothing else of geobench.
 - the plugin descriptors `OptimizerPlugin`, `MetricPlugin`, `ModelPlugin` with `ParameterLayout`,
   and the protocols of the functions they carry;
 - `Batch`, `Parameters` (the model's parameters with their roles), `TrainingSchedule`;
+- `EvalRecord` (one evaluation of a run) and `MetricResult` (what a metric returns);
 - `MetricContext`, what a metric's `compute` receives, and the views it is made of;
 - `Config` and its sections, the typed run configuration a check or a builder receives;
 - `hookimpl`, to mark the functions of a plugin module.
@@ -27,6 +28,7 @@ from geobench.api.context import (
     TrajectoryView,
     UndeclaredNeed,
 )
+from geobench.api.documents import EvalRecord, Measures, MetricResult
 from geobench.api.errors import UsageError, did_you_mean
 from geobench.api.hookspecs import hookimpl
 from geobench.api.params import Param, seed_param
@@ -66,11 +68,14 @@ __all__ = [
     "ComputeMetric",
     "Config",
     "DataConfig",
+    "EvalRecord",
     "EvaluationSets",
     "GradientRule",
     "GramView",
+    "Measures",
     "MetricContext",
     "MetricPlugin",
+    "MetricResult",
     "ModelConfig",
     "ModelPlugin",
     "OptimizerConfig",

@@ -27,6 +27,7 @@ import torch
 if TYPE_CHECKING:
     from geobench.api.batch import Batch
     from geobench.api.config import Config
+    from geobench.api.documents import EvalRecord
 
 
 BACKBONE_CHECKPOINTS = 3  # Θ₀ and two more: a trajectory PCA of fewer has no second direction
@@ -156,7 +157,7 @@ class TrainedSetup(Protocol):
 
 class Retrain(Protocol):
     def __call__(self, *, step: int, name: str, overrides: dict[str, Any],
-                 perturb: Callable[[torch.nn.Module], None] | None = None) -> list[dict[str, Any]]:
+                 perturb: Callable[[torch.nn.Module], None] | None = None) -> list[EvalRecord]:
         """Train from checkpoint `step` with a fresh optimizer under the run's config changed by
         `overrides` (dotted keys), into `<run>/derived/<name>/`; `perturb(model)` may change the
         weights first. The evaluations, the first (step 0) before any update; a diverged derived run
@@ -175,7 +176,7 @@ class MetricContext(Protocol):
         ...
 
     @property
-    def evals(self) -> list[dict[str, Any]]: ...
+    def evals(self) -> list[EvalRecord]: ...
 
     @property
     def setup(self) -> TrainedSetup: ...

@@ -28,13 +28,15 @@ def geobench_register_models(register):
 
 @hookspec
 def geobench_on_step(run, step, loss, lr):
-    """For every step, once the host has read its composite loss `loss` (before the step's update is
-    applied; on CUDA the losses are read in batches of up to 8 steps); `run` is the live `RunDir`."""
+    """For every step whose composite loss `loss` the host has read, with the lr it ran at; `run` is
+    the live `RunDir`. The loss is read after the step's gradient and before its update is applied,
+    on a CPU at once, on CUDA in batches of up to 8 steps (so calls come in bursts, in step order).
+    The step whose loss is not finite is reported too; the run stops after it."""
 
 
 @hookspec
 def geobench_on_eval(run, step, record):
-    """After every evaluation: `record` is the dict written to evals.jsonl."""
+    """After every evaluation: `record` is the `EvalRecord` written to evals.jsonl."""
 
 
 @hookspec
@@ -44,4 +46,6 @@ def geobench_on_checkpoint(run, step, path):
 
 @hookspec
 def geobench_on_report(run, report):
-    """Before report.json is validated and written; add to `report["extensions"][name]`."""
+    """Before report.json is validated and written: `report` is the typed report (a RunReport, or a
+    TrajectoryReport of a manifest's checkpoints); add JSON-serializable data under
+    `report.extensions[NAME]`."""

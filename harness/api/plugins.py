@@ -21,6 +21,7 @@ from geobench.api.params import Param
 if TYPE_CHECKING:
     from geobench.api.config import Config, ModelConfig
     from geobench.api.context import MetricContext
+    from geobench.api.documents import MetricResult
 
 # What a parameter is to an optimizer; a model family's layout assigns one role to each parameter.
 ROLES = {
@@ -101,10 +102,9 @@ class GradientRule(Protocol):
 
 
 class ComputeMetric(Protocol):
-    def __call__(self, *, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
-        """A JSON-serializable result with any of `scalars` (name → number), `series` (name → list),
-        `tables` (name → list of row dicts), `figures` (paths relative to the run directory) and
-        `no_signal` (a sentence: why the numbers mean nothing for this run)."""
+    def __call__(self, *, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
+        """The metric's numbers on the run `ctx` shows (see `MetricResult`); `options` are validated
+        against the plugin's declared options. Raise a UsageError when the run lacks what it needs."""
         ...
 
 
@@ -128,12 +128,14 @@ class Plugins(Protocol):
 
 
 class ComparisonFigures(Protocol):
-    def __call__(self, *, runs: list[tuple[str, dict[str, Any]]], groups: list[dict[str, Any]],
+    def __call__(self, *, runs: list[tuple[str, MetricResult]], groups: list[dict[str, Any]],
                  references: list[dict[str, Any]], plt: Any, save: Callable[[Any, str], None]) -> None:
         """Draw this metric's figures of a comparison: `runs` are (label, this metric's result) of
-        the runs where it succeeded, `groups` the comparison's configurations (mean columns and
-        their params), `references` the published series shown beside them; `plt` is pyplot and
-        `save(fig, name)` adds a figure."""
+        the runs where it succeeded; `groups` the comparison's configurations (runs that differ
+        only in their seed), each a mapping of `group`, `runs`, `statuses`, `optimizer`, `params`,
+        every column's mean under its id and its bootstrap interval under `<id>_interval`;
+        `references` the published series shown beside them; `plt` is pyplot and `save(fig, name)`
+        adds a figure."""
         ...
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench.api import MetricPlugin, Param, hookimpl
+from geobench.api import MetricPlugin, MetricResult, Param, hookimpl
 from geobench.objective import lambda_at
 from geobench.plugins.ep import relaxation as ep
 
@@ -47,7 +47,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     hp = ctx.run_config().optimizer.params if ctx.run_config().optimizer.name == "ep" else {}
     trained_with = hp.get("estimator", "symmetric")
     estimator = options["estimator"] or (trained_with if trained_with in ep.EP_ESTIMATORS else "symmetric")
@@ -92,7 +92,7 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
     checked = "chosen with ep.estimator" if options["estimator"] else (
         "the run's" if estimator == trained_with else f"the run trained with the exact {trained_with} gradient")
     variant = f"EP estimator {estimator} ({checked}) against the {options['exact']} gradient"
-    return {"scalars": scalars, "tables": {"ep": rows}, "figures": [plot(ctx, rows)], "variant": variant}
+    return MetricResult(scalars=scalars, tables={"ep": rows}, figures=[plot(ctx, rows)], variant=variant)
 
 
 def plot(ctx, rows) -> str:
@@ -122,7 +122,7 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, result in runs:
-        table = result["tables"]["ep"]
+        table = result.tables["ep"]
         ax.plot([r["step"] for r in table], [r["cos_all"] for r in table], marker="o", ms=3, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("cos(g_EP, g_exact)")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, Param, UsageError, hookimpl
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, MetricResult, Param, UsageError, hookimpl
 
 if TYPE_CHECKING:
     from geobench.api import MetricContext
@@ -63,7 +63,7 @@ def backbone_direction(bb, variant: str) -> np.ndarray:
     return (bb.pca if variant == "rownorm" else bb.pca_raw).directions[0]
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     window = tuple(options["window"])
     bb = ctx.trajectory.backbone(options["scope"], window)
     steps, signed = update_cosines(bb, backbone_direction(bb, options["backbone"]), options["interval"])
@@ -103,7 +103,7 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
                + (f"; control: {options['control_batches']} per-batch gradients at each of "
                   f"{len(at)} checkpoint(s) ({', '.join(map(str, at))}), "
                   f"{control_scope} scope" if options["control_batches"] else ""))
-    return {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series)], "variant": variant}
+    return MetricResult(scalars=scalars, series=series, tables=tables, figures=[plot(ctx, series)], variant=variant)
 
 
 def gradient_control(ctx, bb, step: int, n: int, direction: np.ndarray) -> list[float]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geobench import series as series_math
-from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, Param, hookimpl
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, MetricResult, Param, hookimpl
 from geobench.linalg import pca
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ OPTIONS = {
 }
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     bb = ctx.trajectory.backbone(options["scope"], tuple(options["window"]))
     gram, steps = bb.gram, bb.gram.steps
     G = gram.gram
@@ -78,7 +78,7 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
                "source published its trunk PC1); *_raw: raw rows; fits: half-open windows (lo, hi], least squares on "
                f"logs; rotation: sliding windows of {options['rotation_window']} checkpoints after the anchor, stride 1"
                + (f"; per_block: PCA per block on {thinned(every)}" if options["per_block"] else ""))
-    return {"scalars": scalars, "series": series, "tables": tables, "figures": figures, "variant": variant}
+    return MetricResult(scalars=scalars, series=series, tables=tables, figures=figures, variant=variant)
 
 
 def thinned(every: int) -> str:
@@ -187,15 +187,15 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
     if runs:
         fig, ax = plt.subplots(figsize=(5, 4))
         for label, result in runs:
-            ax.plot(result["series"]["a"], result["series"]["r_norm"], marker="o", ms=2, label=label)
+            ax.plot(result.series["a"], result.series["r_norm"], marker="o", ms=2, label=label)
         ax.set_xlabel("a(t) = ⟨Δθ_t, v_b⟩")
         ax.set_ylabel("‖r(t)‖")
         ax.legend(fontsize=7)
         save(fig, "backbone_planes")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for label, result in runs:
-        left.plot(result["series"]["steps"], np.abs(result["series"]["a"]), label=label)
-        right.plot(result["series"]["steps"], result["series"]["r_norm"], label=label)
+        left.plot(result.series["steps"], np.abs(result.series["a"]), label=label)
+        right.plot(result.series["steps"], result.series["r_norm"], label=label)
     plot_references(left, references, "a")
     plot_references(right, references, "r_norm")
     for ax, name in ((left, "|a(t)|"), (right, "‖r(t)‖")):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from geobench import series as series_math
-from geobench.api import MetricPlugin, Param, hookimpl
+from geobench.api import MetricPlugin, MetricResult, Param, hookimpl
 from geobench.schedule import check_checkpoint_steps
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def check(*, config: Config, options: Mapping[str, Any], reg: Plugins) -> None:
         check_checkpoint_steps(config, [options["depth_from"]], "basin.depth_from")
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     t = options["threshold"]
     recovery = []
     b1 = constant_adamw(options["recovery_steps"], options["recovery_lr"], options["recovery_lam"], options["eval_every"])
@@ -82,9 +82,9 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
         b1["train.grad_accum"] = options["recovery_grad_accum"]
     for step in options["recovery_from"] or default_recovery_points(ctx):
         evals = ctx.retrain(step=step, name=f"b1-from{step}", overrides=b1)
-        reached = next((e["step"] for e in evals if e.get("p_ood", -1) >= t), None)
-        recovery.append({"from_step": step, "start_p_ood": evals[0]["p_ood"], "steps_to_threshold": reached,
-                         "best_p_ood": max(e.get("p_ood", 0.0) for e in evals)})
+        reached = next((e.step for e in evals if e.p_ood is not None and e.p_ood >= t), None)
+        recovery.append({"from_step": step, "start_p_ood": evals[0].p_ood, "steps_to_threshold": reached,
+                         "best_p_ood": max(e.p_ood if e.p_ood is not None else 0.0 for e in evals)})
     step = ctx.trajectory.checkpoint_steps()[-1] if options["depth_from"] is None else options["depth_from"]
     relax = constant_adamw(options["relax_steps"], options["relax_lr"], options["relax_lam"], options["relax_steps"])
     relax["train.batch_size"], relax["train.grad_accum"] = options["relax_batch"], 1
@@ -94,14 +94,15 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
         for seed in range(options["repeats"]):
             evals = ctx.retrain(step=step, name=f"b6-from{step}-sigma{sigma:g}-seed{seed}", overrides=relax,
                                perturb=perturbation(sigma, seed, trunk))
-            finals.append(evals[-1].get("p_ood", float("nan")))
+            final = evals[-1].p_ood
+            finals.append(final if final is not None else float("nan"))
         depth.append({"sigma": sigma, "depth": float(np.mean(finals)), "p_ood_after": finals})
     scalars = {"depth_at_largest_sigma": depth[-1]["depth"],
                "recovered": sum(r["steps_to_threshold"] is not None for r in recovery), "recovery_runs": len(recovery)}
-    result: dict = {"scalars": scalars, "tables": {"b1_recovery": recovery, "b6_depth": depth}}
+    result = MetricResult(scalars=scalars, tables={"b1_recovery": recovery, "b6_depth": depth})
     least = min(depth, key=lambda row: row["sigma"], default=None)
     if least and not least["depth"] >= series_math.PROBE_LEARNED:  # also NaN
-        result["no_signal"] = (f"no basin: p_ood after relaxing the smallest perturbation (σ = {least['sigma']:g}) "
+        result.no_signal = (f"no basin: p_ood after relaxing the smallest perturbation (σ = {least['sigma']:g}) "
                                f"is {least['depth']:.3g} < {series_math.PROBE_LEARNED:g}; there is no learned probe to "
                                "perturb")
     return result

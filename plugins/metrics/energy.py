@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geobench.api import SCOPE, MetricPlugin, Param, Plugins, UsageError, hookimpl
+from geobench.api import SCOPE, MetricPlugin, MetricResult, Param, Plugins, UsageError, hookimpl
 from geobench.shared_direction import energy_rows, to_csv
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def check(*, config: Config, options: Mapping[str, Any], reg: Plugins) -> None:
         raise UsageError(f"energy.reference={reference!r} is not a geobench run directory (no config.yaml)")
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     config = ctx.run_config()
     steps = ctx.trajectory.window([], minimum=2)
     names = ctx.trajectory.scope(options["scope"])
@@ -62,9 +62,14 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
     last = rows[-1]
     scalars = {"cos_eff_final": last["cos_eff"], "p_phi_final": last["p_phi"], "E_tau_final": last["E_tau"],
                "E_perp_final": last["E_perp"]}
-    return {"scalars": scalars, "tables": {"energy": rows}, "figures": [plot(ctx, rows)],
-            "files": [ctx.write_file("energy.csv", to_csv(rows))],
-            "reference": str(path if path is not None else ctx.directory)}
+    variant = (f"φ̂: the unit final drift (last − first checkpoint) of {'run ' + str(path) if path else 'this run itself'}; "
+               f"τ from this run's first checkpoint, {options['scope']} scope")
+    result = MetricResult(scalars=scalars, tables={"energy": rows}, figures=[plot(ctx, rows)],
+                          files=[ctx.write_file("energy.csv", to_csv(rows))], variant=variant)
+    if path is None:
+        result.notes.append("measured against the run's own final drift, cos_eff ends at 1 by construction; set "
+                            "energy.reference to another run (e.g. sibling:adamw) for a comparison")
+    return result
 
 
 def plot(ctx, rows) -> str:

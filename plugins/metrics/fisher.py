@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, Param, hookimpl, seed_param
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, MetricResult, Param, hookimpl, seed_param
 
 if TYPE_CHECKING:
     from geobench.api import MetricContext
@@ -53,7 +53,7 @@ def fisher_summary(G: torch.Tensor, v_b: torch.Tensor, n_random: int, generator:
             "trace": float(K.trace())}
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     bb = ctx.trajectory.backbone(options["scope"])
     names = bb.gram.names
     direction = (bb.pca if options["backbone"] == "rownorm" else bb.pca_raw).directions[0]
@@ -71,7 +71,7 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
     variant = (f"{options['batches']} per-batch gradients of the composite loss with "
                + (f"λ = {lam:g}" if lam is not None else "the schedule's λ at each checkpoint")
                + f"; the {'row-normalized' if options['backbone'] == 'rownorm' else 'raw'} v_b of the {options['scope']} PCA")
-    return {"scalars": scalars, "tables": {"fisher": rows}, "figures": [plot(ctx, rows)], "variant": variant}
+    return MetricResult(scalars=scalars, tables={"fisher": rows}, figures=[plot(ctx, rows)], variant=variant)
 
 
 def plot(ctx, rows) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench.api import MetricPlugin, Param, UsageError, hookimpl, seed_param
+from geobench.api import MetricPlugin, MetricResult, Param, UsageError, hookimpl, seed_param
 from geobench.objective import token_losses
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def split_band(groups: list[np.ndarray], resamples: int, rng) -> list[float] | N
     return [min(values), max(values)] if values else None
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     step = ctx.trajectory.checkpoint_steps()[-1] if options["step"] is None else ctx.trajectory.spread([options["step"]], 1)[0]
     model: Any = ctx.setup.model_at(step)  # a GPT (needs family:gpt)
     block = model.blocks[-1]
@@ -129,8 +129,8 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
     probe = probe_split(ctx, model, module, options, np.random.default_rng(options["seed"]))
     scalars = {"step": step, "pr_low_entropy": rows[0]["participation_ratio"],
                "pr_high_entropy": rows[-1]["participation_ratio"], **probe.pop("scalars")}
-    return {"scalars": scalars, "series": {"cross_bucket_cos": cross}, "tables": {"buckets": rows, **probe},
-            "figures": [plot(ctx, cross)]}
+    return MetricResult(scalars=scalars, series={"cross_bucket_cos": cross}, tables={"buckets": rows, **probe},
+                        figures=[plot(ctx, cross)])
 
 
 def probe_split(ctx, model, module, options, rng) -> dict:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from geobench.api import SCOPE, MetricPlugin, Param, UsageError, hookimpl
+from geobench.api import SCOPE, MetricPlugin, MetricResult, Param, UsageError, hookimpl
 from geobench.objective import flat_gradient, lm_and_probe_losses
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ OPTIONS = {
 }
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     names = ctx.trajectory.scope(options["scope"])
     rows = []
     for step in ctx.trajectory.spread(options["steps"], options["count"]):
@@ -50,7 +50,7 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
     scalars = {"mean_cos": float(np.mean([r["cos_lm_probe"] for r in rows])), "last_cos": rows[-1]["cos_lm_probe"]}
     variant = (f"cos(g_LM, g_probe) over the {options['scope']} parameters, mean over {options['batches']} batches with "
                "probe targets at each checkpoint, the two terms of the composite loss differentiated apart")
-    return {"scalars": scalars, "tables": {"interference": rows}, "variant": variant}
+    return MetricResult(scalars=scalars, tables={"interference": rows}, variant=variant)
 
 
 @hookimpl

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geobench import series as series_math
-from geobench.api import MetricPlugin, Param, UsageError, hookimpl
+from geobench.api import MetricPlugin, MetricResult, Param, UsageError, hookimpl
 from geobench.schedule import check_checkpoint_steps
 
 if TYPE_CHECKING:
-    from geobench.api import Config, MetricContext, Plugins
+    from geobench.api import Config, EvalRecord, MetricContext, Plugins
 
 
 OPTIONS = {
@@ -46,20 +46,20 @@ def check(*, config: Config, options: Mapping[str, Any], reg: Plugins) -> None:
             raise UsageError(f"reheat.optimizer: {exc}") from None
 
 
-def summarize(evals: list[dict], threshold: float, peak_over: str = "with_start") -> dict:
+def summarize(evals: list[EvalRecord], threshold: float, peak_over: str = "with_start") -> dict:
     """Peak, its step, the first step reaching the threshold, the final value and G = peak − start of
     a p_ood curve whose first point is the start; the peak over the whole curve ("with_start") or
     over the points after the start ("after_start")."""
-    curve = [(e["step"], e["p_ood"]) for e in evals if e.get("p_ood") is not None and np.isfinite(e["p_ood"])]
+    curve = [(e.step, e.p_ood) for e in evals if e.p_ood is not None and np.isfinite(e.p_ood)]
     steps, p = zip(*curve)
     first = 1 if peak_over == "after_start" and len(p) > 1 else 0
     peak = first + int(np.argmax(p[first:]))
     reached = next((s for s, v in curve if v >= threshold), None)
     return {"start_p_ood": p[0], "peak_p_ood": p[peak], "peak_step": steps[peak], "first_step_at_threshold": reached,
-            "final_p_ood": p[-1], "gain": p[peak] - p[0], "diverged": any(e.get("diverged") for e in evals)}
+            "final_p_ood": p[-1], "gain": p[peak] - p[0], "diverged": any(e.diverged for e in evals)}
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     rows, curves = [], []
     for step in options["from_steps"] or [ctx.trajectory.checkpoint_steps()[-1]]:
         rows_step, curves_step = reheat_from(ctx, step, options)
@@ -76,10 +76,10 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
                "G = max p_ood − p_ood at the start ("
                + ("the start evaluation included)" if options["peak"] == "with_start" else "the max over the evaluations "
                   "after the start)"))
-    result = {"scalars": scalars, "tables": {"reheat": rows, "curves": curves}, "figures": [plot(ctx, curves)],
-              "variant": variant}
+    result = MetricResult(scalars=scalars, tables={"reheat": rows, "curves": curves}, figures=[plot(ctx, curves)],
+                          variant=variant)
     if best["peak_p_ood"] < series_math.PROBE_LEARNED:
-        result["no_signal"] = (f"no re-entry: p_ood stayed below {series_math.PROBE_LEARNED:g} in every reheat "
+        result.no_signal = (f"no re-entry: p_ood stayed below {series_math.PROBE_LEARNED:g} in every reheat "
                                f"(best peak {best['peak_p_ood']:.3g}); the run has no learned probe to return to")
     return result
 
@@ -98,7 +98,7 @@ def reheat_from(ctx: MetricContext, step: int, options: Mapping[str, Any]) -> tu
         if options["p_probe"] is not None:
             overrides["probe.p_probe"] = options["p_probe"]
         evals = ctx.retrain(step=step, name=f"reheat-from{step}-lr{lr:g}", overrides=overrides)
-        curves += [{"from_step": step, "lr": lr, "step": e["step"], "p_ood": e["p_ood"]} for e in evals if "p_ood" in e]
+        curves += [{"from_step": step, "lr": lr, "step": e.step, "p_ood": e.p_ood} for e in evals if e.p_ood is not None]
         rows.append({"from_step": step, "lr": lr, **summarize(evals, options["threshold"], options["peak"])})
     return rows, curves
 
@@ -126,7 +126,7 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for label, result in runs:
-        curves = result["tables"]["curves"]
+        curves = result.tables["curves"]
         for start, lr in dict.fromkeys((c.get("from_step"), c["lr"]) for c in curves):
             points = [c for c in curves if c.get("from_step") == start and c["lr"] == lr]
             ax.plot([c["step"] for c in points], [c["p_ood"] for c in points], label=f"{label} from {start} lr {lr:g}")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geobench import series as series_math
-from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, Param, UsageError, hookimpl, seed_param
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, MetricResult, Param, UsageError, hookimpl, seed_param
 
 if TYPE_CHECKING:
     from geobench.api import MetricContext
@@ -55,10 +55,10 @@ def direction_shares(ctx, bb, pca, s_peak: int, s_trough: int, e2_6: str = "resi
     return {"v": v, "backbone_share": along**2, "abs_cos_vb": abs(along), "e2_6": e26}
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     window = options["window"]
-    evals = [(e["step"], e["p_ood"]) for e in ctx.evals if e.get("p_ood") is not None
-             and (not window or window[0] <= e["step"] <= window[1])]
+    evals = [(e.step, e.p_ood) for e in ctx.evals if e.p_ood is not None
+             and (not window or window[0] <= e.step <= window[1])]
     if len(evals) < 3:
         raise UsageError(f"run {ctx.trajectory.name!r} has only {len(evals)} evaluations of p_ood "
                          f"{'in ' + str(window) if window else ''}; switching needs at least 3")
@@ -132,10 +132,10 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
                + ("; per_block: each block against its own PCA, LayerNorms included" if options["per_block"] else "")
                + (f"; tiers by the {SIGMAS[options['sigma']]}, {options['resamples']} resamples"
                   if options["resamples"] else "; no tiers (resamples=0)"))
-    result = {"scalars": scalars, "series": series, "tables": tables, "figures": [plot(ctx, series, rows)],
-              "variant": variant}
+    result = MetricResult(scalars=scalars, series=series, tables=tables, figures=[plot(ctx, series, rows)],
+                          variant=variant)
     if not rows:
-        result["no_signal"] = "no switching: " + (
+        result.no_signal = "no switching: " + (
             series_math.probe_not_learned(ctx.evals)
             or f"p_ood (best {p.max():.3g}) has no peak of prominence >= {options['prominence']:g} "
                "followed by a trough")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from geobench.api import MetricContext, MetricPlugin, Param, UsageError, hookimpl
+from geobench.api import MetricContext, MetricPlugin, MetricResult, Param, UsageError, hookimpl
 
 __version__ = "0.1.0"
 
@@ -29,7 +29,7 @@ def scope_norms(weights: Mapping[str, Any], names: list[str]) -> float:
     return math.sqrt(sum(float((weights[n].double() ** 2).sum()) for n in names))
 
 
-def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     trajectory = ctx.trajectory
     steps = trajectory.window(options["window"], minimum=2)
     scopes = {"trunk": trajectory.scope("trunk"),
@@ -49,10 +49,10 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> dict[str, Any]
         raise UsageError(f"the trunk did not move over steps {steps[0]}..{steps[-1]}")
     trunk = [row["trunk"] for row in rows]
     series = {"steps": [row["step"] for row in rows], **{scope: [row[scope] for row in rows] for scope in scopes}}
-    return {"scalars": {"trunk_mean": float(np.mean(trunk)), "trunk_last": trunk[-1]},
-            "series": series, "tables": {"updates": rows}, "figures": [plot(ctx, series, scopes)],
-            "variant": ("‖θ_t − θ_s‖ / (t − s) between consecutive checkpoints"
-                        + (", divided by ‖θ_t‖ of the scope" if options["relative"] else ""))}
+    return MetricResult(scalars={"trunk_mean": float(np.mean(trunk)), "trunk_last": trunk[-1]},
+                        series=series, tables={"updates": rows}, figures=[plot(ctx, series, scopes)],
+                        variant=("‖θ_t − θ_s‖ / (t − s) between consecutive checkpoints"
+                                 + (", divided by ‖θ_t‖ of the scope" if options["relative"] else "")))
 
 
 def plot(ctx: MetricContext, series: dict, scopes: Mapping[str, list[str]]) -> str:
@@ -75,7 +75,7 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, result in runs:
-        ax.plot(result["series"]["steps"], result["series"]["trunk"], label=label)
+        ax.plot(result.series["steps"], result.series["trunk"], label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("trunk update length per step")

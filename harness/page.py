@@ -1,0 +1,126 @@
+"""One model of a human-readable page, rendered two ways: Markdown (report.md, comparison.md, the
+energy page) and one self-contained HTML file with the same content (figures inlined). Every
+report builds a `Page`; nothing else writes Markdown or HTML."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import re
+from pathlib import Path
+
+from geobench.files import atomic_write_text
+
+
+@dataclasses.dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclasses.dataclass
+class Paragraph:
+    text: str  # inline Markdown: `code`, **bold**, *emphasis*
+
+
+@dataclasses.dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclasses.dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclasses.dataclass
+class Figure:
+    path: str  # relative to the page's directory
+    caption: str
+
+
+Block = Heading | Paragraph | Bullets | Table | Figure
+
+
+@dataclasses.dataclass
+class Page:
+    title: str
+    blocks: list[Block] = dataclasses.field(default_factory=list)
+
+    def add(self, *blocks: Block) -> Page:
+        self.blocks.extend(blocks)
+        return self
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(page: Page) -> str:
+    lines = [f"# {page.title}", ""]
+    for block in page.blocks:
+        if isinstance(block, Heading):
+            lines += ["#" * block.level + " " + block.text, ""]
+        elif isinstance(block, Paragraph):
+            lines += [block.text, ""]
+        elif isinstance(block, Bullets):
+            lines += [f"- {item}" for item in block.items] + [""]
+        elif isinstance(block, Table):
+            if block.caption:
+                lines += [f"**{block.caption}**", ""]
+            lines += ["| " + " | ".join(map(_cell, block.header)) + " |", "|" + "---|" * len(block.header)]
+            lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in block.rows] + [""]
+        elif isinstance(block, Figure):
+            lines += [f"![{block.caption}]({block.path})", "", f"*{block.caption}*", ""]
+    return "\n".join(lines)
+
+
+def inline_html(text: str) -> str:
+    """Inline Markdown (`code`, **bold**, *emphasis*) as HTML, everything else escaped."""
+    out = html.escape(text, quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", out)
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+         ".table{overflow-x:auto;margin:0 0 1em}table{border-collapse:collapse;font-size:0.9em}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#eee}"
+         "td:first-child,th:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%}"
+         "figcaption{font-style:italic;color:#444}code{background:#f4f4f4;padding:0 3px}")
+
+
+def to_html(page: Page, directory: Path) -> str:
+    """The page as one HTML file: the same blocks as `markdown`, figures inlined as data URIs."""
+    esc = inline_html
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(page.title)}</title>",
+             f"<style>{STYLE}</style></head><body>", f"<h1>{esc(page.title)}</h1>"]
+    for block in page.blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
+            parts.append(f"<p>{esc(block.text)}</p>")
+        elif isinstance(block, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block.items) + "</ul>")
+        elif isinstance(block, Table):
+            caption = f"<caption>{esc(block.caption)}</caption>" if block.caption else ""
+            head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.header) + "</tr>"
+            body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            parts.append(f"<div class='table'><table>{caption}{head}{body}</table></div>")
+        elif isinstance(block, Figure):
+            data = base64.b64encode((directory / block.path).read_bytes()).decode()
+            parts.append(f"<figure><img alt='{html.escape(block.caption)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write(page: Page, directory: Path, stem: str) -> tuple[Path, Path]:
+    """`stem`.md and `stem`.html in `directory` (atomically)."""
+    md, page_html = directory / f"{stem}.md", directory / f"{stem}.html"
+    atomic_write_text(md, markdown(page))
+    atomic_write_text(page_html, to_html(page, directory))
+    return md, page_html
