@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import FAST, run_cli
-from geobench import comparison, report
+from geobench import comparison, report, series
 
 MINI = {
     "name": "mini",
@@ -17,7 +17,7 @@ MINI = {
     "grid": {"optimizer": ["adamw", "sgd"], "seed": [1, 2]},
     "metrics": ["backbone"],
     "metric_options": {"backbone": {"per_block": False}},
-    "table": "main",
+    "table": {"heading": "configuration"},
 }
 
 
@@ -44,15 +44,16 @@ def test_a_suite_runs_every_cell_skips_done_ones_and_compares(tmp_path):
     assert [r["label"] for r in doc["runs"]] == ["adamw-seed=1", "adamw-seed=2", "sgd-seed=1", "sgd-seed=2"]
     groups = {g["group"]: g for g in doc["groups"]}
     assert set(groups) == {"adamw", "sgd"} and groups["adamw"]["runs"] == 2
-    pc1 = [r["pc1"] for r in doc["runs"][:2]]
-    assert groups["adamw"]["pc1"] == pytest.approx(np.mean(pc1))
-    lo, hi = groups["adamw"]["pc1_interval"]
+    pc1 = [r["values"]["pc1"] for r in doc["runs"][:2]]
+    assert groups["adamw"]["values"]["pc1"] == pytest.approx(np.mean(pc1))
+    lo, hi = groups["adamw"]["intervals"]["pc1"]
     assert min(pc1) - 1e-12 <= lo <= hi <= max(pc1) + 1e-12
     html = (tmp_path / "out" / "comparison.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     assert "adamw | 2 |" in (tmp_path / "out" / "comparison.md").read_text()
     index = json.loads((tmp_path / "out" / "suite.json").read_text())
-    assert [c["status"] for c in index["cells"]] == ["completed"] * 4
+    assert [c["outcome"]["state"] for c in index["cells"]] == ["completed"] * 4
+    assert index["table"] == {"heading": "configuration"} and [c["group"] for c in index["cells"]][:2] == ["adamw"] * 2
 
     again = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -62,7 +63,12 @@ def test_a_suite_runs_every_cell_skips_done_ones_and_compares(tmp_path):
                      "--out", "side", cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr
     side = json.loads((tmp_path / "side" / "comparison.json").read_text())
-    assert len(side["runs"]) == 2 and side["table"] == "main"
+    assert len(side["runs"]) == 2 and side["table"] == {"heading": "configuration"}
+
+    rebuilt = run_cli("report", "out", cwd=tmp_path)  # from suite.json alone
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    again_doc = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert again_doc["title"] == doc["title"] and again_doc["groups"] == doc["groups"]
 
 
 def test_a_diverging_cell_is_recorded_and_the_suite_goes_on(tmp_path):
@@ -70,8 +76,9 @@ def test_a_diverging_cell_is_recorded_and_the_suite_goes_on(tmp_path):
                                         {"label": "fine", "optimizer": "adamw"}], metrics=[], metric_options={})
     result = run_cli("bench", str(suite), "scale=tiny", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    cells = {c["label"]: c["status"] for c in json.loads((tmp_path / "out" / "suite.json").read_text())["cells"]}
-    assert cells == {"boom": "diverged", "fine": "completed"}
+    cells = {c["label"]: c["outcome"] for c in json.loads((tmp_path / "out" / "suite.json").read_text())["cells"]}
+    assert cells["boom"]["state"] == "diverged" and cells["boom"]["detail"].startswith("at step ")
+    assert cells["fine"]["state"] == "completed"
     assert "(diverged)" in (tmp_path / "out" / "comparison.md").read_text()
 
 
@@ -83,7 +90,8 @@ def test_a_diverging_cell_is_recorded_and_the_suite_goes_on(tmp_path):
     ({"metrics": ["backbone", "swiching"]}, "unknown metric 'swiching'"),
     ({"metrics": ["reheat"], "metric_options": {"reheat": {"from_steps": [7]}}},
      "reheat.from_steps: the run will have no checkpoint at step 7"),
-    ({"table": "wide"}, "table 'wide' is not one of"),
+    ({"table": "wide"}, "table must be a mapping of heading, label_by, order_by"),
+    ({"table": {"heading": "x", "labelby": "beta2"}}, "table has unknown key 'labelby' (did you mean 'label_by'?)"),
     ({"base": {"stepz": 3}}, "unknown key 'stepz'"),
 ])
 def test_bad_suites_fail_before_anything_runs(tmp_path, changes, message):
@@ -110,7 +118,7 @@ def test_builtin_tiny_suite_paper_reheat(tmp_path):
                      timeout=1800)  # a hang guard: minutes on a loaded 2-core machine
     assert result.returncode == 0, result.stderr
     doc = json.loads((tmp_path / "reheat" / "comparison.json").read_text())
-    assert doc["table"] == "reheat" and doc["runs"][0]["gain"] > 0
+    assert doc["table"]["heading"] == "configuration" and doc["runs"][0]["values"]["gain"] > 0
     assert (tmp_path / "reheat" / "figures" / "reheat_curves.png").exists()
     cell = json.loads((tmp_path / "reheat" / "adamw" / "report.json").read_text())
     rows = cell["metrics"]["reheat"]["tables"]["reheat"]
@@ -125,7 +133,7 @@ def test_builtin_tiny_suites(tmp_path, suite):
     assert result.returncode == 0, result.stderr
     doc = json.loads((tmp_path / "out" / "comparison.json").read_text())
     jsonschema.validate(doc, report.load_schema("comparison"))
-    runs = {r["label"]: r for r in doc["runs"]}
+    runs = {r["label"]: {**r, **r["values"]} for r in doc["runs"]}
     if suite == "paper-beta2":  # the paper's contrasts (docs/science.md#published-figures), at tiny scale
         zero = runs.pop("adamw-beta2=0.0")
         assert zero["status"] == "diverged" and zero["steps"] == 2000  # trained on to the end, as the source did
@@ -140,7 +148,7 @@ def test_builtin_tiny_suites(tmp_path, suite):
         assert b99["best_p_ood"] > b80["best_p_ood"] + 0.3
         assert [r["name"] for r in doc["references"]][:1] == ["mini_gpt-beta2-0.99"]
     if suite == "optimizer-zoo":  # every optimizer ranked, its geometry measured, the energy along AdamW's drift
-        assert doc["table"] == "leaderboard" and len(doc["groups"]) == 14
+        assert doc["table"]["order_by"] == "val_loss" and len(doc["groups"]) == 14
         assert all(g["runs"] == 2 for g in doc["groups"])
         assert runs["adamw-seed=42"]["cos_eff"] == pytest.approx(1.0)  # φ̂ is this run's own drift
         assert 0 < runs["adamw-seed=271"]["cos_eff"] < 1
@@ -155,9 +163,9 @@ def test_builtin_tiny_suites(tmp_path, suite):
 def test_bootstrap_interval_brackets_the_mean():
     rng = np.random.default_rng(0)
     values = [0.70, 0.72, 0.69]
-    lo, hi = comparison.bootstrap_interval(values, rng)
+    lo, hi = series.bootstrap_interval(values, rng)
     assert min(values) - 1e-9 <= lo <= np.mean(values) <= hi <= max(values) + 1e-9
-    assert comparison.bootstrap_interval([0.5, 0.5], rng) == (0.5, 0.5)
+    assert series.bootstrap_interval([0.5, 0.5], rng) == (0.5, 0.5)
 
 
 def test_the_beta2_suite_checkpoints_where_the_published_series_has_rows(tmp_path):
@@ -181,3 +189,13 @@ def test_published_figures_name_columns_of_their_table(tmp_path):
         for group, values in suite.published.items():
             assert set(values) <= set(comparison.columns(installed())), (name, group)
             assert group in {c.group for c in suite.cells}, (name, group)
+
+
+def test_cells_that_differ_only_in_their_seed_form_one_group_however_the_grid_names_it(tmp_path):
+    from geobench import suites
+    from geobench.registry import installed
+
+    for key in ("seed", "train.seed"):
+        suite = suites.load(str(write_suite(tmp_path, grid={"optimizer": ["adamw", "sgd"], key: [1, 2]})), "tiny", {},
+                            str(tmp_path / key), installed())
+        assert [c.group for c in suite.cells] == ["adamw", "adamw", "sgd", "sgd"], key
