@@ -3,6 +3,7 @@ optimizer, metric and model plugin — the built-ins and any package installed b
 the example geobench-lion in tox's plugin env — is held to the same contract."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -20,24 +21,30 @@ from geobench.train import prepare, train
 REG = installed()
 
 
-def invalid(spec: Param) -> str:
-    """A command-line value `spec` must refuse."""
-    if spec.choices is not None:
-        return "not-one-of-the-choices"
-    kind = spec.value_type
-    if kind in (int, float) and spec.low is not None:
-        return str(spec.low if spec.low_open else spec.low - 1)
-    if kind in (int, float) and spec.high is not None:
-        return str(spec.high if spec.high_open else spec.high + 1)
-    return {bool: "maybe", int: "1.5", float: "abc", str: "[1, 2]", list: "{a: 1}", tuple: "{a: 1}"}[kind]
-
-
 def refused(argv: list[str], key: str, tmp_path, capsys) -> None:
+    """`argv` ends with KEY=VALUE, a value the declaration of KEY refuses: exit 2, one line."""
     code = cli.main([*argv, "--out", str(tmp_path / "never")])
     err = capsys.readouterr().err
     assert code == 2, (argv, err)
     assert len(err.strip().splitlines()) == 1 and err.startswith("geobench: error: ") and key in err, err
     assert not (tmp_path / "never").exists()
+
+
+def declared(params) -> list:
+    """The declarations that refuse some value (a free-form string admits every one)."""
+    return [(key, spec) for key, spec in params.items() if spec.invalid_example() is not None]
+
+
+def test_invalid_examples_come_from_the_constraints_and_are_refused():
+    from geobench.api import UsageError
+
+    for spec in (Param(1, low=0), Param(0.5, low=0, high=1, high_open=True), Param("a", choices=("a", "b")),
+                 Param("trunk", pattern=r"trunk|all"), Param(True), Param([], items=int), Param([1, 2]),
+                 Param(2.0), Param({}, kind=dict)):
+        with pytest.raises(UsageError):
+            spec.check("key", spec.invalid_example())
+    assert Param("x", "free-form").invalid_example() is None
+    assert Param(None, "a name or none", kind=str, nullable=True).invalid_example() is None
 
 
 def concrete_optimizers() -> list[str]:
@@ -55,8 +62,8 @@ def optimizer_for(family: str) -> str:
 
 @pytest.mark.parametrize("name", concrete_optimizers())
 def test_every_optimizer_hyperparameter_refuses_an_invalid_value(name, tmp_path, capsys):
-    for key, spec in REG.optimizer(name).params.items():
-        refused(["run", name, *FAST, f"{key}={invalid(spec)}"], key, tmp_path, capsys)
+    for key, spec in declared(REG.optimizer(name).params):
+        refused(["run", name, *FAST, f"{key}={spec.invalid_example()}"], key, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("name", [n for n, p in REG.optimizers.items() if p.variants is not None])
@@ -66,8 +73,8 @@ def test_an_optimizer_with_variants_refuses_its_bare_name(name, tmp_path, capsys
 
 @pytest.mark.parametrize("family", sorted(REG.models))
 def test_every_model_parameter_refuses_an_invalid_value(family, tmp_path, capsys):
-    for key, spec in REG.model(family).params.items():
-        refused(["run", optimizer_for(family), *FAST, f"model.family={family}", f"model.{key}={invalid(spec)}"],
+    for key, spec in declared(REG.model(family).params):
+        refused(["run", optimizer_for(family), *FAST, f"model.family={family}", f"model.{key}={spec.invalid_example()}"],
                 key, tmp_path, capsys)
 
 
@@ -83,8 +90,8 @@ def applicable_run(metric: str) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(REG.metrics))
 def test_every_metric_option_refuses_an_invalid_value(name, tmp_path, capsys):
-    for key, spec in REG.metric(name).options.items():
-        refused([*applicable_run(name), f"metrics=[{name}]", f"{name}.{key}={invalid(spec)}"], f"{name}.{key}",
+    for key, spec in declared(REG.metric(name).options):
+        refused([*applicable_run(name), f"metrics=[{name}]", f"{name}.{key}={spec.invalid_example()}"], f"{name}.{key}",
                 tmp_path, capsys)
 
 
@@ -134,6 +141,45 @@ def test_every_metric_gives_a_result_or_a_declared_skip(tiny_run):
     # a default plan of the same run skips exactly what cannot apply
     planned, plan_skipped = plan_metrics(dataclasses.replace(cfg, metrics=None), REG)
     assert set(plan_skipped) <= set(skipped) and not set(planned) & set(skipped)
+
+
+def test_every_checkpoint_only_metric_gives_a_result_on_a_manifests_checkpoints(tiny_run, tmp_path):
+    """What a manifest's checkpoints can give (no config, no evaluations, no model) is what a
+    metric that declares only `checkpoints` (and `evals`) receives; each of them works on one."""
+    from geobench.analysis import of_manifest
+
+    run = tiny_run.run
+    entries = [{"iter": s, "hf_path": str(run.checkpoint_path(s))} for s in run.checkpoint_steps()]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"optimizers": {"run": {"checkpoints": entries}}}))
+    names = [name for name in REG.metrics if REG.unmet_need(name, None) is None]
+    assert "backbone" in names and "energy" not in names  # energy needs a geobench run ("run")
+    given = {f"{m}.{k}": str(v) for m, opts in {**QUICK, "backbone": {"per_block": False}}.items() if m in names
+             for k, v in opts.items() if k in REG.metric(m).options}
+    given.update({f"{m}.scope": "all" for m in names if "scope" in REG.metric(m).options})
+    results = run_metrics(of_manifest(manifest, "run", ".", tmp_path / "out", REG), names,
+                          metric_options(names, given, REG))
+    for name, result in results.items():
+        assert result.status == "ok", (name, result.error, result.traceback)
+
+
+def test_a_metric_that_uses_what_it_did_not_declare_fails_here(tiny_run):
+    """The context holds what `needs` declares: reaching for more is a defect of the plugin, caught
+    by this test rather than by a user's run (whose applicability check trusted the declaration)."""
+    from geobench.analysis import compute
+    from geobench.api import MetricPlugin, MetricResult, UndeclaredNeed
+
+    def sneaky(*, ctx, options):
+        return MetricResult(scalars={"evals": len(ctx.evals)})
+
+    for needs in (("checkpoints",), ("checkpoints", "model")):
+        outcome = compute(tiny_run, MetricPlugin("sneaky", "reads the evaluations", {}, sneaky, needs=needs), {},
+                          strict=False)
+        assert outcome.status == "failed" and UndeclaredNeed.__name__ in outcome.error
+        assert "declares needs=" in outcome.error and "add 'evals' to its needs" in outcome.error
+    honest = compute(tiny_run, MetricPlugin("honest", "declares it", {}, sneaky, needs=("checkpoints", "evals")), {},
+                     strict=False)
+    assert honest.status == "ok" and honest.scalars["evals"] == len(tiny_run.evals)
 
 
 # --- optimizer plugins: resume, the schedule they follow, the state they keep

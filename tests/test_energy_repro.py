@@ -254,12 +254,18 @@ def test_backbone_of_a_manifest_trajectory_against_numpy(repro, tmp_path, opt):
         assert doc["metrics"]["backbone"]["scalars"][key] == pytest.approx(s[0] ** 2 / (s**2).sum(), abs=1e-9)
     assert doc["metrics"]["backbone"]["scalars"]["drift"] == pytest.approx(np.linalg.norm(delta[-1]), rel=1e-9)
     assert "no training section" in (out / "report.md").read_text()
+    assert "no training section" in (out / "report.html").read_text()
+
+    compared = run_cli("report", str(out), "--out", str(tmp_path / "cmp"))  # there is no training to compare
+    assert compared.returncode == 2 and len(compared.stderr.strip().splitlines()) == 1, compared.stderr
+    assert "is the report of a manifest's checkpoints" in compared.stderr and not (tmp_path / "cmp").exists()
 
 
 def test_manifest_analysis_refuses_what_checkpoints_cannot_give(repro, tmp_path):
     root, *_ = repro
     base = ["analyze", "--manifest", str(root / "manifest.json"), "--opt", "sgd", "--out", str(tmp_path / "a")]
     for extra, message in ((["--metric", "alignment"], "metric 'alignment' cannot apply to a manifest: it needs the run's model"),
+                           (["--metric", "energy"], "metric 'energy' cannot apply to a manifest: it needs a geobench run"),
                            (["backbone.scope=trunk"], "scope='trunk': a manifest's trajectory has only the parameters"),
                            (["--params", "nothing"], "--params 'nothing' matches no parameter")):
         result = run_cli(*base, *extra)

@@ -1,5 +1,8 @@
 """Every hookspec, exercised through a plugin registered the way pluggy registers any plugin."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -225,3 +228,50 @@ def test_a_plugin_registered_at_runtime_works_on_every_path(tmp_path):
     assert suites.run(suite) == {"plain-sgd": CellOutcome("completed")}
     comparison = (tmp_path / "suite" / "comparison.json").read_text()
     assert '"optimizer": "plain-sgd"' in comparison
+
+
+def test_on_step_reports_the_step_whose_loss_is_not_finite(tmp_path):
+    """A watcher learns of a divergence at the step that caused it: the non-finite step is reported,
+    and the run stops after it."""
+    class Exploding:
+        @hookimpl
+        def geobench_register_optimizers(self, register):
+            register(OptimizerPlugin("exploding-sgd", "SGD with an infinite step", {}, schedule="self",
+                                     build=lambda *, parameters, hp, device, schedule: torch.optim.SGD(
+                                         parameters.tensors(), lr=float("inf"))))
+
+    watcher = Watcher()
+    reg = make_registry(extra_plugins=(watcher, Exploding()))
+    cfg = config.resolve("exploding-sgd", config.parse_pairs(FAST + ["grad_clip=0"]), None, reg, "tiny")
+    outcome = train(prepare(cfg, reg), RunDir(tmp_path / "boom"))
+    assert outcome.status == "diverged" and outcome.last_step < cfg.train.steps
+    steps = [step for step, _, _ in watcher.steps]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1  # every step read, in order, the bad one last
+    assert not math.isfinite(watcher.steps[-1][1]) and all(math.isfinite(loss) for _, loss, _ in watcher.steps[:-1])
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ("[+reheat]", ["alignment", "backbone", "energy", "fisher", "grad_structure", "interference", "switching", "reheat"]),
+    ("[-fisher,-energy]", ["alignment", "backbone", "grad_structure", "interference", "switching"]),
+    ("[backbone]", ["backbone"]),
+])
+def test_metrics_plus_and_minus_change_the_default_set(metrics, expected):
+    from geobench.analysis import plan_metrics
+    from geobench.registry import installed
+
+    cfg = config.resolve("adamw", config.parse_pairs([f"metrics={metrics}"]), None, installed(), "tiny")
+    assert plan_metrics(cfg, installed())[0] == expected
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ("[+fishr]", "unknown metric 'fishr' (did you mean 'fisher'?)"),
+    ("[backbone,+reheat]", "mixes names with +NAME/-NAME"),
+    ("[+ep]", "metric 'ep' cannot apply to this run: it needs model family eqformer"),
+])
+def test_a_bad_plus_or_minus_is_one_line(metrics, message):
+    from geobench.analysis import plan_metrics
+    from geobench.registry import installed
+
+    cfg = config.resolve("adamw", config.parse_pairs([f"metrics={metrics}"]), None, installed(), "tiny")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        plan_metrics(cfg, installed())

@@ -58,6 +58,23 @@ class Param:
             bounds.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
         return " ".join([self.value_type.__name__, " and ".join(bounds)]).strip() + either
 
+    def invalid_example(self) -> str | None:
+        """A command-line value this declaration refuses, generated from its constraints (for tests
+        that hold every declared option to its declaration), or None when it admits every string
+        (a free-form string)."""
+        if self.choices is not None:
+            return "not-one-of-the-choices"
+        kind = self.value_type
+        if kind in (int, float) and self.low is not None:
+            return _number(self.low if self.low_open else self.low - 1)
+        if kind in (int, float) and self.high is not None:
+            return _number(self.high if self.high_open else self.high + 1)
+        if kind is str:
+            return None if self.pattern is None else "\n"  # no pattern geobench declares matches a newline
+        if self.items is not None:
+            return "[[], {a: 1}]"
+        return {bool: "maybe", int: "1.5", float: "abc", list: "{a: 1}", tuple: "{a: 1}", dict: "[1, 2]"}.get(kind)
+
     def check(self, key: str, raw: Any) -> Any:
         if self.nullable and (raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "~"))):
             return None
@@ -233,6 +250,10 @@ def coerce(key: str, raw: Any, kind: type) -> Any:
         if isinstance(value, (dict, list)):
             raise bad
         return str(value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
     if kind in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
