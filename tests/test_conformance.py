@@ -12,9 +12,9 @@ from conftest import FAST
 from geobench import cli, config, optim
 from geobench.analysis import metric_options, plan_metrics, run_metrics
 from geobench.api import Param, TrainingSchedule
+from geobench.documents import MetricOutcome
 from geobench.registry import installed
 from geobench.rundir import RunDir
-from geobench.documents import MetricOutcome
 from geobench.runner import open_analysis
 from geobench.train import prepare, train
 
