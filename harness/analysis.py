@@ -27,8 +27,12 @@ from geobench.api import (
     BACKBONE_CHECKPOINTS,
     Batch,
     Config,
+    GramView,
+    MetricContext,
     MetricPlugin,
     ParameterLayout,
+    TrainedSetup,
+    TrajectoryView,
     UndeclaredNeed,
     UsageError,
     did_you_mean,
@@ -40,7 +44,7 @@ from geobench.device import pick_device
 from geobench.documents import MetricOutcome
 from geobench.figures import save_figure
 from geobench.files import atomic_write_text
-from geobench.linalg import PCA, TrajectoryGram, pca
+from geobench.linalg import PCA, TrajectoryGram, materialize, pca
 from geobench.objective import composite_loss, flat_gradient, lambda_at
 from geobench.registry import Registry
 from geobench.rundir import RunDir
@@ -187,8 +191,8 @@ class Trajectory:
         picks = np.linspace(len(available) - 1, 0, min(count, len(available))).round().astype(int)
         return [available[i] for i in sorted(set(picks))]
 
-    def materialize(self, gram: TrajectoryGram, coefficients: np.ndarray) -> dict[str, torch.Tensor]:
-        return gram.materialize([self.reader(s) for s in gram.steps], self.reader(gram.anchor), coefficients)
+    def materialize(self, gram: GramView, coefficients: np.ndarray) -> dict[str, torch.Tensor]:
+        return materialize(gram.names, [self.reader(s) for s in gram.steps], self.reader(gram.anchor), coefficients)
 
 
 class TrainedModel:
@@ -211,7 +215,8 @@ class TrainedModel:
         for i in range(n):
             yield Batch(*(x.to(self.device) for x in stream.batch(after + first + i, 0)))
 
-    def batch_gradients(self, step: int, names: list[str], n: int, lam: float | None = None) -> Iterator[torch.Tensor]:
+    def batch_gradients(self, step: int, names: Sequence[str], n: int,
+                        lam: float | None = None) -> Iterator[torch.Tensor]:
         model = self.model_at(step)
         params = dict(model.named_parameters())
         chosen = [params[name] for name in names]
@@ -221,7 +226,7 @@ class TrainedModel:
                 logits = model(inputs)
             yield flat_gradient(composite_loss(logits, targets, mask, lam), chosen)
 
-    def flatten(self, tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    def flatten(self, tensors: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
         return torch.cat([tensors[n].reshape(-1).to(self.device, torch.float32) for n in names])
 
 
@@ -472,3 +477,10 @@ def compute(analysis: Analysis, plugin: MetricPlugin, options: dict[str, Any], *
         return failed(f"UsageError: {exc}")
     except Exception as exc:  # one broken metric must not cost the others their results
         return failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=5))
+
+
+
+def _conforms(trajectory: Trajectory, setup: TrainedModel, context: Context) -> None:
+    """The concrete views are the api's protocols (checked by mypy; never called)."""
+    views: tuple[TrajectoryView, TrainedSetup, MetricContext] = (trajectory, setup, context)
+    del views

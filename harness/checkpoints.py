@@ -16,13 +16,16 @@ from safetensors import SafetensorError, safe_open
 
 from geobench.api import UsageError
 
+__all__ = ["CheckpointReader", "NpzDirectory", "Source", "load_weights", "open_source"]
+
 INDEX = "model.safetensors.index.json"
 
 
 class Source(Protocol):
     """Per-parameter tensors: a checkpoint, or θ₀ / φ̂ as shipped by repro_pkg."""
 
-    path: Path
+    @property
+    def path(self) -> Path: ...
 
     def names(self) -> list[str]: ...
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["Composite"]
+
 
 class Composite(torch.optim.Optimizer):
     """Several optimizers over disjoint parameters, stepped as one: Muon for the hidden matrices and

@@ -20,7 +20,7 @@ import importlib.util
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +260,7 @@ def _outcome(job: CellJob, value: Any, error: BaseException | None) -> CellOutco
 
 
 def _settle(statuses: dict[str, CellOutcome], job: CellJob, outcome: CellOutcome, chosen: Settings,
-            say: Callable[[str], None], others: list[tuple[CellJob, Callable[[], Any]]], took: str = "") -> bool:
+            say: Callable[[str], None], others: Sequence[tuple[CellJob, Callable[[], Any]]], took: str = "") -> bool:
     """Record how `job` ended; with fail_fast and a failure, cancel the `others` still running or
     waiting (each recorded as cancelled) and return True: the suite stops."""
     statuses[job.label] = outcome
@@ -271,6 +271,10 @@ def _settle(statuses: dict[str, CellOutcome], job: CellJob, outcome: CellOutcome
         cancel()
         statuses[other.label] = CellOutcome("cancelled", "fail_fast")
     return True
+
+
+def _numbered(say: Callable[[str], None], prefix: str, line: str) -> None:
+    say(f"{prefix} {line}")
 
 
 def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry,
@@ -289,7 +293,7 @@ def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry,
             outcome = CellOutcome("failed", f"{type(exc).__name__}: {exc}")
         durations.append(time.monotonic() - start)
         # the cells after a fail-fast failure never started: nothing to cancel
-        if _settle(statuses, job, outcome, chosen, lambda line, i=i: say(f"[{i}/{len(jobs)}] {line}"), [],
+        if _settle(statuses, job, outcome, chosen, functools.partial(_numbered, say, f"[{i}/{len(jobs)}]"), [],
                    f" in {report.duration(durations[-1])}") or outcome.state == "interrupted":
             break
     return statuses

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["plot_references", "pyplot", "save_figure"]
+
 
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (imported on first use: it is slow)."""

@@ -14,6 +14,8 @@ from typing import Any
 
 from geobench.api import UsageError
 
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "read_json", "writing"]
+
 
 @contextlib.contextmanager
 def writing(path: str | Path, *partial: Path) -> Iterator[None]:

@@ -27,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from geobench.api import UsageError
 from geobench.checkpoints import CheckpointReader
 
+__all__ = ["PCA", "TrajectoryGram", "materialize", "pca"]
+
 CHUNK_ELEMENTS = 2**22
 
 
@@ -121,19 +123,21 @@ class TrajectoryGram:
         e[self.index(step)] = 1.0
         return e
 
-    def materialize(self, paths: Sequence[Checkpoint], anchor_path: Checkpoint, coefficients: np.ndarray,
-                    chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
-        """The direction Σ c_t Δ_t as float32 tensors, one per parameter of the scope."""
-        c = torch.from_numpy(coefficients)
-        out = {}
-        with contextlib.ExitStack() as stack:
-            handles = _Handles(stack, [*paths, anchor_path])
-            for name in self.names:
-                shape = handles.shape(name)
-                parts = [c @ handles.rows(name, rows, not shape, torch.device("cpu"))
-                         for rows in _row_chunks(shape, chunk_elements, len(paths) + 1)]
-                out[name] = torch.cat(parts).reshape(shape).to(torch.float32)
-        return out
+
+def materialize(names: Sequence[str], paths: Sequence[Checkpoint], anchor_path: Checkpoint, coefficients: np.ndarray,
+                chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
+    """The direction Σ c_t Δ_t (Δ_t = checkpoint t − the anchor) as float32 tensors, one per
+    parameter of `names`, streamed from the checkpoints."""
+    c = torch.from_numpy(coefficients)
+    out = {}
+    with contextlib.ExitStack() as stack:
+        handles = _Handles(stack, [*paths, anchor_path])
+        for name in names:
+            shape = handles.shape(name)
+            parts = [c @ handles.rows(name, rows, not shape, torch.device("cpu"))
+                     for rows in _row_chunks(shape, chunk_elements, len(paths) + 1)]
+            out[name] = torch.cat(parts).reshape(shape).to(torch.float32)
+    return out
 
 
 @dataclasses.dataclass

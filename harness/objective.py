@@ -13,6 +13,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "composite_loss",
+    "composite_weights",
+    "flat_gradient",
+    "has_head",
+    "head_composite_loss",
+    "head_token_stats",
+    "lambda_at",
+    "lm_and_probe_losses",
+    "token_losses",
+]
+
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-position cross-entropy (float32); positions with target < 0 get 0."""

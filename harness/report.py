@@ -220,8 +220,8 @@ def page(report: Report, figures: list[str]) -> pages.Page:
     if isinstance(report, TrajectoryReport):
         return trajectory_page(report)
     run, env = report.run, report.environment
-    status = run.status
-    if status == "diverged":
+    status: str = run.status
+    if run.status == "diverged":
         status += f" at step {run.diverged_at} ({run.divergence or 'non-finite loss'})"
     if run.stopped_early_at:
         status += f", stopped early at step {run.stopped_early_at} (train.early_stop)"

@@ -7,6 +7,17 @@ import math
 
 from geobench.api import Config, UsageError
 
+__all__ = [
+    "check_checkpoint_steps",
+    "checkpoint_windows",
+    "first_scheduled",
+    "is_boundary",
+    "is_checkpoint_step",
+    "is_eval_step",
+    "is_state_step",
+    "lr_factor",
+]
+
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     """Linear warmup to 1 over `warmup` steps, then a cosine from 1 toward 0 over the remaining

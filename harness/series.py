@@ -10,6 +10,26 @@ import numpy as np
 
 from geobench.api import EvalRecord
 
+__all__ = [
+    "CORR_POINTS",
+    "PROBE_LEARNED",
+    "PROMINENCE",
+    "REACH",
+    "bootstrap_interval",
+    "bootstrap_means",
+    "bootstrap_sigma",
+    "default_fit_windows",
+    "detect_switches",
+    "explained_ratios",
+    "in_window",
+    "p_ood_at",
+    "pair_switches",
+    "power_law_fit",
+    "probe_not_learned",
+    "tier",
+    "window_fits",
+]
+
 Values = Sequence[float] | np.ndarray
 
 PROMINENCE = 0.03  # the source's frozen detection constants

@@ -28,6 +28,18 @@ import torch
 from geobench.api import UsageError
 from geobench.checkpoints import CheckpointReader, Source, open_source
 
+__all__ = [
+    "COLUMNS",
+    "Measurement",
+    "chosen_optimizers",
+    "energy_rows",
+    "manifest_energy",
+    "measure",
+    "read_manifest",
+    "select",
+    "to_csv",
+]
+
 COLUMNS = ["opt", "iter", "n_params", "E_tau", "E_phi", "E_perp", "p_phi", "p_perp", "cos_eff"]
 UNIT_TOLERANCE = 1e-3  # a given φ̂ whose norm is further than this from 1 is normalized, with a notice
 

@@ -35,6 +35,7 @@ from geobench.data.corpus import Corpus, load_corpus
 from geobench.data.probe import ProbeTask, codeword_pool, select_codewords
 from geobench.data.tokenizer import TextTokenizer, load_tokenizer, tokenize_stories
 from geobench.device import autocast, pick_device
+from geobench.documents import RunStatus
 from geobench.evaluate import Evaluator
 from geobench.files import atomic_write_text
 from geobench.monitor import SYNC_EVERY_CUDA, DivergenceMonitor, LossReader, ctrl_c_at_step_end, early_stop_reached
@@ -186,7 +187,7 @@ class Progress:
 
 @dataclasses.dataclass
 class Outcome:
-    status: str  # completed | diverged | interrupted
+    status: RunStatus
     last_step: int
     diverged_at: int | None
     train_seconds: float
@@ -365,7 +366,8 @@ def train(setup: Setup, out: RunDir, *, here: distributed.World = distributed.Wo
         if here.writer:
             bar.write(line)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
-    status, stopped_early_at, compile_seconds = "completed", None, None
+    status: RunStatus = "completed"
+    stopped_early_at, compile_seconds = None, None
     moved_to = progress.step  # the step the weights are at (ahead of progress.step while a step's writes are pending)
 
     def read_losses() -> tuple[int, float] | None:

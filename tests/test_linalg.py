@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from sklearn.decomposition import TruncatedSVD
 
-from geobench.linalg import TrajectoryGram, pca
+from geobench.linalg import TrajectoryGram, materialize, pca
 
 SHAPES = {"a.weight": (7, 5), "b.weight": (3, 11), "c.bias": (4,)}
 
@@ -56,7 +56,7 @@ def test_pca_matches_numpy_svd_and_sklearn(tmp_path):
     v_b = result.directions[0] @ rows
     assert v_b @ rows[-1] > 0  # sign convention: along the final drift
     np.testing.assert_allclose(np.abs(v_b), np.abs(vt[0]), atol=1e-8)
-    materialized = g.materialize(paths, paths[0], result.directions[0])
+    materialized = materialize(g.names, paths, paths[0], result.directions[0])
     flat = np.concatenate([materialized[n].numpy().ravel() for n in SHAPES])
     np.testing.assert_allclose(flat, v_b, atol=1e-5)
 

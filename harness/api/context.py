@@ -40,7 +40,14 @@ class UndeclaredNeed(RuntimeError):
 class CheckpointSource(Protocol):
     """One checkpoint, read tensor by tensor."""
 
+    @property
+    def path(self) -> Path: ...
+
     def names(self) -> list[str]: ...
+
+    def where(self, name: str) -> Path:
+        """The file that holds `name` (a checkpoint may be sharded)."""
+        ...
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
@@ -52,19 +59,33 @@ class PCAView(Protocol):
     trajectory, as coefficient rows over the Gram's checkpoints), `sigma` (singular values),
     `ratios` (explained variance ratios)."""
 
-    directions: np.ndarray
-    sigma: np.ndarray
-    ratios: np.ndarray
+    @property
+    def directions(self) -> np.ndarray: ...
+
+    @property
+    def sigma(self) -> np.ndarray: ...
+
+    @property
+    def ratios(self) -> np.ndarray: ...
 
     def k_for(self, fraction: float) -> int: ...
 
 
 class GramView(Protocol):
-    """Δ_t = θ_t − θ_anchor over `steps` and their inner products `gram` (steps × steps)."""
+    """Δ_t = θ_t − θ_anchor over `steps`, restricted to the parameters `names`, and their inner
+    products `gram` (steps × steps)."""
 
-    steps: tuple[int, ...]
-    anchor: int
-    gram: np.ndarray
+    @property
+    def steps(self) -> Sequence[int]: ...
+
+    @property
+    def names(self) -> Sequence[str]: ...
+
+    @property
+    def anchor(self) -> int: ...
+
+    @property
+    def gram(self) -> np.ndarray: ...
 
     def inner(self, u: np.ndarray, v: np.ndarray) -> float: ...
 
@@ -73,9 +94,14 @@ class BackboneView(Protocol):
     """The row-normalized (`pca`) and raw (`pca_raw`) trajectory PCA of a scope; `v_b`, the
     backbone, is the first row-normalized direction, signed so that ⟨Δθ_final, v_b⟩ > 0."""
 
-    gram: GramView
-    pca: PCAView
-    pca_raw: PCAView
+    @property
+    def gram(self) -> GramView: ...
+
+    @property
+    def pca(self) -> PCAView: ...
+
+    @property
+    def pca_raw(self) -> PCAView: ...
 
     @property
     def v_b(self) -> np.ndarray: ...
@@ -84,9 +110,16 @@ class BackboneView(Protocol):
 class TrajectoryView(Protocol):
     """The checkpoints of one run, streamed parameter by parameter."""
 
-    name: str  # how messages name the run (its directory)
-    parameter_shapes: dict[str, tuple[int, ...]]
-    device: torch.device
+    @property
+    def name(self) -> str:
+        """How messages name the run (its directory)."""
+        ...
+
+    @property
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     def checkpoint_steps(self) -> list[int]: ...
 
@@ -120,9 +153,16 @@ class TrajectoryView(Protocol):
 class EvaluationSets(Protocol):
     """The run's fixed evaluation sets: validation batches (inputs, targets) and the OOD probe set."""
 
-    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
-    probe_ood: Any  # inputs, targets, mask arrays (one row per example)
-    batch_size: int
+    @property
+    def val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    @property
+    def probe_ood(self) -> Any:
+        """inputs, targets and mask arrays, one row per example."""
+        ...
+
+    @property
+    def batch_size(self) -> int: ...
 
     def ood_correct(self, model: torch.nn.Module) -> np.ndarray:
         """Per-example exact match on the OOD probe set."""
@@ -133,8 +173,11 @@ class TrainedSetup(Protocol):
     """The run's model family, data stream and evaluation sets, rebuilt from its config (or the
     ones that trained it, right after training)."""
 
-    device: torch.device
-    evaluator: EvaluationSets
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def evaluator(self) -> EvaluationSets: ...
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager: ...
@@ -147,12 +190,13 @@ class TrainedSetup(Protocol):
         """`n` training-distribution batches the run never trained on (its stream continued)."""
         ...
 
-    def batch_gradients(self, step: int, names: list[str], n: int, lam: float | None = None) -> Iterator[torch.Tensor]:
+    def batch_gradients(self, step: int, names: Sequence[str], n: int,
+                        lam: float | None = None) -> Iterator[torch.Tensor]:
         """Flat gradients of the composite loss (λ given, or the schedule's at `step`) at checkpoint
         `step` over the parameters `names`, one per batch of `batches(n)`."""
         ...
 
-    def flatten(self, tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor: ...
+    def flatten(self, tensors: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor: ...
 
 
 class Retrain(Protocol):
@@ -166,9 +210,18 @@ class Retrain(Protocol):
 
 
 class MetricContext(Protocol):
-    trajectory: TrajectoryView
-    config: Config | None  # None: checkpoints geobench did not write (a manifest); not None under need "run"
-    directory: Path  # where this analysis writes: the run directory, or a manifest analysis's --out
+    @property
+    def trajectory(self) -> TrajectoryView: ...
+
+    @property
+    def config(self) -> Config | None:
+        """The run's config; None for checkpoints geobench did not write (a manifest)."""
+        ...
+
+    @property
+    def directory(self) -> Path:
+        """Where this analysis writes: the run directory, or a manifest analysis's --out."""
+        ...
 
     def run_config(self) -> Config:
         """`config`, for a metric that cannot do without it: declare the need "run" (or one that

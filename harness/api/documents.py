@@ -14,11 +14,14 @@ import math
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from geobench.api.errors import UsageError, shown
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def key(name: str) -> dict[str, Any]:
@@ -89,7 +92,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             except UsageError as exc:
                 errors.append(str(exc))
         raise UsageError(errors[0])
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_json(hint, value, where)
     if origin in (list, tuple) or hint in (list, tuple):
         if not isinstance(value, list):
@@ -97,7 +100,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         item = args[0] if args else Any
         converted = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(converted) if (origin or hint) is tuple else converted
-    if origin is dict or hint is dict:
+    if origin in (dict, Mapping) or hint is dict:
         if not isinstance(value, dict):
             raise UsageError(f"{where} is {shown(value)}, not a mapping")
         item = args[1] if len(args) == 2 else Any
@@ -139,7 +142,7 @@ def from_json(cls: type[T], data: Any, what: str) -> T:
             raise UsageError(f"{what} lacks {json_key!r}")
     if has_extra:
         values["extra"] = {k: data[k] for k in unknown}
-    return cls(**values)  # type: ignore[return-value]
+    return cls(**values)
 
 
 @dataclasses.dataclass
@@ -193,7 +196,7 @@ class MetricResult:
     - `notes`: what else the reader must know (a part of the metric that was skipped, and why).
     """
 
-    scalars: dict[str, int | float | None] = dataclasses.field(default_factory=dict)
+    scalars: Mapping[str, int | float | None] = dataclasses.field(default_factory=dict)
     series: dict[str, list] = dataclasses.field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     figures: list[str] = dataclasses.field(default_factory=list)

@@ -86,9 +86,9 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
                    outside_unit_circle=abs(lead) >= 1)
         rows.append(row)
     crossed = [r["step"] for r in rows if r["outside_unit_circle"]]
-    scalars = {"mean_cos": float(np.mean([r["cos_all"] for r in rows])), "min_cos": min(r["cos_all"] for r in rows),
-               "max_eig_abs": max(r["eig_abs"] for r in rows), "crossed_unit_circle": int(bool(crossed)),
-               "first_crossing_step": crossed[0] if crossed else None}
+    scalars = {"mean_cos": float(np.mean([r["cos_all"] for r in rows])), "min_cos": float(min(r["cos_all"] for r in rows)),
+               "max_eig_abs": float(max(r["eig_abs"] for r in rows)), "crossed_unit_circle": int(bool(crossed)),
+               "first_crossing_step": int(crossed[0]) if crossed else None}
     checked = "chosen with ep.estimator" if options["estimator"] else (
         "the run's" if estimator == trained_with else f"the run trained with the exact {trained_with} gradient")
     variant = f"EP estimator {estimator} ({checked}) against the {options['exact']} gradient"
