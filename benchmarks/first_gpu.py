@@ -73,7 +73,7 @@ def results(out: Path) -> dict:
                               "device": doc["environment"]["device"], **doc.get("throughput", {})}
     index = out / "paper-beta2" / "suite.json"
     if index.exists():
-        found["paper_beta2"] = {c["label"]: c["status"] for c in json.loads(index.read_text())["cells"]}
+        found["paper_beta2"] = {c["label"]: c["outcome"]["state"] for c in json.loads(index.read_text())["cells"]}
     return found
 
 

@@ -256,10 +256,10 @@ def print_results(results: dict[str, MetricOutcome], kept: Sequence[str] = ()) -
             line += f" ({result.reason})"
         else:
             line += "; " + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.scalars.items())[:6])
-        if result.seconds is not None:
-            line += f"; {report.duration(result.seconds)}"
         if name in kept:
             line += "; the report keeps its earlier result"
+        if result.seconds is not None:
+            line += f"; {report.duration(result.seconds)}"
         print(line)
     return 1 if any(r.status == "failed" for r in results.values()) else 0
 

@@ -42,11 +42,9 @@ class MetricPlan:
 def check(cfg: Config, out: RunDir, reg: Registry, metric_pairs: dict | None = None) -> MetricPlan:
     """Everything about the config and the run directory that must hold before a file is written;
     returns the plan of the end-of-run metrics (`metric_pairs`: {"NAME.option": value})."""
-    from geobench.analysis import metric_options, plan_metrics
-
     check_fits(cfg, pick_device(cfg.train.device))
-    names, skipped = plan_metrics(cfg, reg)
-    plan = MetricPlan(names, metric_options(names, metric_pairs or {}, reg), skipped)
+    names, skipped = analysis.plan_metrics(cfg, reg)
+    plan = MetricPlan(names, analysis.metric_options(names, metric_pairs or {}, reg), skipped)
     for name in names:
         plugin = reg.metric(name)
         if plugin.check is not None:

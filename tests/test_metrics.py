@@ -7,7 +7,7 @@ import torch
 
 from geobench import series
 from geobench.analysis import metric_options, run_metrics
-from geobench.api import UsageError
+from geobench.api import EvalRecord, UsageError
 from geobench.objective import composite_loss, lambda_at, lm_and_probe_losses
 from geobench.plugins.metrics import fisher, grad_structure, switching
 from geobench.registry import installed
@@ -207,7 +207,7 @@ def test_bootstrap_sigma_of_a_rate_and_of_a_paired_difference():
 def planted_evals(steps):
     """p_ood with two clear switches (peaks at checkpoints 3 and 10, troughs at 5 and 12)."""
     level = {3: 0.6, 10: 0.6, 5: 0.05, 12: 0.05}
-    return [{"step": s, "p_ood": level.get(i, 0.3)} for i, s in enumerate(steps)]
+    return [EvalRecord(step=s, p_ood=level.get(i, 0.3)) for i, s in enumerate(steps)]
 
 
 @pytest.mark.parametrize("variant, e2_6", [("rownorm", "residual"), ("raw", "residual"), ("rownorm", "whole")])
@@ -251,7 +251,7 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, 
 
 
 def test_switching_needs_three_evaluations(ctx, monkeypatch):
-    monkeypatch.setattr(type(ctx), "evals", property(lambda self: [{"step": 1, "p_ood": 0.0}]))
+    monkeypatch.setattr(type(ctx), "evals", property(lambda self: [EvalRecord(step=1, p_ood=0.0)]))
     with pytest.raises(UsageError, match="has only 1 evaluations of p_ood"):
         switching.compute(ctx=ctx.context(installed().metric("switching")), options=options("switching"))
 
@@ -345,8 +345,8 @@ def test_grad_structure_on_the_run(ctx):
 def test_reheat_summary_on_a_known_curve():
     from geobench.plugins.metrics.reheat import summarize
 
-    evals = [{"step": 0, "p_ood": 0.1}, {"step": 1, "p_ood": 0.05}, {"step": 200, "p_ood": 0.65},
-             {"step": 400, "p_ood": 0.8}, {"step": 600, "p_ood": 0.7}]
+    evals = [EvalRecord(step=0, p_ood=0.1), EvalRecord(step=1, p_ood=0.05), EvalRecord(step=200, p_ood=0.65),
+             EvalRecord(step=400, p_ood=0.8), EvalRecord(step=600, p_ood=0.7)]
     assert summarize(evals, 0.6) == {"start_p_ood": 0.1, "peak_p_ood": 0.8, "peak_step": 400,
                                      "first_step_at_threshold": 200, "final_p_ood": 0.7,
                                      "gain": pytest.approx(0.7), "diverged": False}

@@ -87,12 +87,12 @@ def test_evaluator_against_hand_counts():
     probe = [ce(inputs[b, t], targets[b, t]) for b, t in zip(*np.nonzero(mask))]
     other = [ce(inputs[b, t], targets[b, t]) for b, t in zip(*np.nonzero((targets >= 0) & ~mask))]
     everything = [ce(inputs[b, t], targets[b, t]) for b, t in zip(*np.nonzero(targets >= 0))]
-    assert result["p_in"] == result["p_ood"] == pytest.approx(2 / 3)
-    assert result["nll_ood"] == pytest.approx(np.mean(probe), rel=1e-5)
-    assert result["lm_ood"] == pytest.approx(np.mean(other), rel=1e-5)
-    assert result["r_ood"] == pytest.approx(np.mean(probe) / np.mean(other), rel=1e-5)
-    assert result["val_loss"] == pytest.approx(np.mean(everything), rel=1e-5)
-    assert math.isfinite(result["val_loss"])
+    assert result.p_in == result.p_ood == pytest.approx(2 / 3)
+    assert result.nll_ood == pytest.approx(np.mean(probe), rel=1e-5)
+    assert result.lm_ood == pytest.approx(np.mean(other), rel=1e-5)
+    assert result.r_ood == pytest.approx(np.mean(probe) / np.mean(other), rel=1e-5)
+    assert result.val_loss == pytest.approx(np.mean(everything), rel=1e-5)
+    assert math.isfinite(result.val_loss)
     # the source's lm_ood also counts the EOS padding targets after the query
     padding = targets < 0
     padded = EvalSet(inputs, targets, mask, padding=padding)
@@ -100,7 +100,7 @@ def test_evaluator_against_hand_counts():
         FixedLogits(table))
     with_padding = other + [ce(inputs[b, t], 5) for b, t in zip(*np.nonzero(padding))]
     assert source["lm_ood"] == pytest.approx(np.mean(with_padding), rel=1e-5)
-    assert source["nll_ood"] == pytest.approx(result["nll_ood"]) and source["p_ood"] == result["p_ood"]
+    assert source["nll_ood"] == pytest.approx(result.nll_ood) and source["p_ood"] == result.p_ood
 
 
 @pytest.mark.parametrize("case", ["mixed", "no_probe", "all_ignored"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from geobench import published, series
+from geobench.api import EvalRecord
 
 ANALYSIS = resources.files("geobench.reference_series").joinpath("mini_gpt/analysis")
 
@@ -138,11 +139,13 @@ def test_the_two_correlation_rules_differ_by_the_origin_point():
 def test_probe_not_learned_says_why_in_words():
     from geobench.series import probe_not_learned
 
-    learned = [{"p_ood": 0.0, "p_in": 0.0}, {"p_ood": 0.1, "p_in": 0.3}]
-    assert probe_not_learned(learned) is None  # the threshold itself counts as learned
-    flat = [{"p_ood": 0.0, "p_in": 0.01}, {"p_ood": 0.02, "p_in": 0.004}]
+    def evals(*pairs):
+        return [EvalRecord(step=i + 1, p_ood=p_ood, p_in=p_in) for i, (p_ood, p_in) in enumerate(pairs)]
+
+    assert probe_not_learned(evals((0.0, 0.0), (0.1, 0.3))) is None  # the threshold itself counts as learned
+    flat = evals((0.0, 0.01), (0.02, 0.004))
     assert probe_not_learned(flat) == "best p_ood 0.02 < 0.1 (best p_in 0.01): the probe was not learned"
-    in_only = [{"p_ood": 0.05, "p_in": 0.9}, {"p_ood": float("nan"), "p_in": 0.95}]
+    in_only = evals((0.05, 0.9), (float("nan"), 0.95))
     assert probe_not_learned(in_only) == ("best p_ood 0.05 < 0.1 (best p_in 0.95): the probe was learned in "
                                           "distribution but never out of it")
-    assert probe_not_learned([{"step": 1}]) == "no evaluation of p_ood"
+    assert probe_not_learned([EvalRecord(step=1)]) == "no evaluation of p_ood"
