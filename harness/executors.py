@@ -194,7 +194,7 @@ def _output_to(path: Path) -> Iterator[None]:
 def cell_state(job: CellJob) -> CellOutcome:
     """Where a cell stands, read from its run directory, its lock, its error file and the engine's
     record of the submission: finished (completed, diverged), running, queued, failed, interrupted
-    or pending (never started)."""
+    (it started and stopped; it continues from its state) or pending (it never started)."""
     out = RunDir(job.run_dir)
     if out.report_json.exists():
         report = out.read_report()
@@ -209,7 +209,7 @@ def cell_state(job: CellJob) -> CellOutcome:
     queued = _queued(job)
     if queued:
         return CellOutcome("queued", queued)
-    if out.report_json.exists():
+    if not out.is_empty():  # it started: a killed or interrupted cell
         return CellOutcome("interrupted", f"continues from its state when the suite runs again (log {job.log})")
     return CellOutcome("pending")
 

@@ -352,7 +352,7 @@ def test_reheat_summary_on_a_known_curve():
                                      "gain": pytest.approx(0.7), "diverged": False}
     assert summarize(evals[:2], 0.6)["gain"] == 0.0 and summarize(evals[:2], 0.6)["first_step_at_threshold"] is None
     # the source's β₂ table: the peak over the evaluations after the start, so a reheat that only loses is negative
-    falling = [{"step": 0, "p_ood": 0.5}, {"step": 1, "p_ood": 0.3}, {"step": 200, "p_ood": 0.4}]
+    falling = [EvalRecord(step=0, p_ood=0.5), EvalRecord(step=1, p_ood=0.3), EvalRecord(step=200, p_ood=0.4)]
     assert summarize(falling, 0.6)["gain"] == 0.0 and summarize(falling, 0.6)["peak_step"] == 0
     after = summarize(falling, 0.6, "after_start")
     assert after["peak_step"] == 200 and after["gain"] == pytest.approx(-0.1)

@@ -99,8 +99,8 @@ def test_evaluator_against_hand_counts():
     source = Evaluator(val, padded, padded, batch_size=2, device=torch.device("cpu"), lm_ood_padding_eos=5)(
         FixedLogits(table))
     with_padding = other + [ce(inputs[b, t], 5) for b, t in zip(*np.nonzero(padding))]
-    assert source["lm_ood"] == pytest.approx(np.mean(with_padding), rel=1e-5)
-    assert source["nll_ood"] == pytest.approx(result.nll_ood) and source["p_ood"] == result.p_ood
+    assert source.lm_ood == pytest.approx(np.mean(with_padding), rel=1e-5)
+    assert source.nll_ood == pytest.approx(result.nll_ood) and source.p_ood == result.p_ood
 
 
 @pytest.mark.parametrize("case", ["mixed", "no_probe", "all_ignored"])

@@ -96,7 +96,7 @@ def test_a_suite_through_local_processes_survives_a_kill_and_completes_when_run_
     status = run_cli("bench", str(suite), "scale=tiny", "--out", "out", "status", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()}
-    assert states == {"adamw": "missing", "sgd": "missing"}
+    assert states["adamw"] == "interrupted" and states["sgd"] in ("interrupted", "pending"), states
 
     again = run_cli("bench", str(suite), "scale=tiny", "executor=local", "--out", "out", cwd=tmp_path)
     assert again.returncode == 0, again.stderr + again.stdout
@@ -109,7 +109,7 @@ def test_a_suite_through_local_processes_survives_a_kill_and_completes_when_run_
     assert [c["outcome"]["state"] for c in index["cells"]] == ["completed", "completed"]
     assert (tmp_path / "out" / "comparison.md").exists()
     status = run_cli("bench", str(suite), "scale=tiny", "--out", "out", "status", cwd=tmp_path)
-    assert [line.split()[1] for line in status.stdout.splitlines()] == ["finished", "finished"]
+    assert [line.split()[1] for line in status.stdout.splitlines()] == ["completed", "completed"]
 
 
 def test_a_cell_that_cannot_see_the_suite_directory_fails_with_a_clear_line(tmp_path):
