@@ -20,5 +20,5 @@ def test_a_suite_runs_as_ray_tasks_and_compares_like_inline(tmp_path):
     by_ray, by_inline = (json.loads((tmp_path / d / "comparison.json").read_text()) for d in ("ray", "inline"))
     assert [r["label"] for r in by_ray["runs"]] == [r["label"] for r in by_inline["runs"]] == ["adamw", "sgd"]
     for a, b in zip(by_ray["runs"], by_inline["runs"]):  # the same cells, whatever executed them
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        assert a["values"]["val_loss"] == pytest.approx(b["values"]["val_loss"], rel=1e-4)
     assert "geobench: completed" in (tmp_path / "ray" / "logs" / "sgd.log").read_text()

@@ -24,7 +24,7 @@ def geobench(*args, cwd=None):
 def test_listed_with_its_package():
     listing = json.loads(geobench("plugins", "--json").stdout)
     assert listing["metrics"]["update_norms"]["source"] == "geobench-update-norms 0.1.0"
-    assert listing["metrics"]["update_norms"]["needs"] == ["checkpoints", "model"]
+    assert listing["metrics"]["update_norms"]["needs"] == ["checkpoints", "run"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_a_comparison_shows_its_column_and_figure(runs):
     assert result.returncode == 0, result.stderr
     doc = json.loads((runs / "cmp" / "comparison.json").read_text())
     assert "update_norm" in doc["columns"] and doc["metric_of"]["update_norm"] == "update_norms"
-    assert all(row["update_norm"] > 0 for row in doc["runs"])
+    assert all(row["values"]["update_norm"] > 0 for row in doc["runs"])
     assert "figures/update_norms_trunk.png" in doc["figures"]
     assert "| trunk update/step |" in (runs / "cmp" / "comparison.md").read_text().replace(" | ", " |\n| ")
 
