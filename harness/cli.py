@@ -410,22 +410,24 @@ def cmd_energy(args: argparse.Namespace) -> int:
     return 0
 
 
+def declared(params: dict[str, Param]) -> dict[str, dict[str, Any]]:
+    """The declarations of a plugin's parameters or options, as `geobench plugins` lists them."""
+    return {k: {"default": v.default, "allowed": v.allowed(), "help": v.help} for k, v in params.items()}
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     reg = plugin_registry.installed()
     listing: dict[str, dict[str, Any]] = {
         "optimizers": {name: {"source": p.source, "help": p.help, "unavailable": p.unavailable(),
                               "schedule": p.schedule, "closure": p.closure, "second_order": p.second_order,
                               "requires": list(p.requires),
-                              "params": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
-                                         for k, v in p.params.items()}}
+                              "params": declared(p.params)}
                        for name, p in reg.optimizers.items()},
-        "metrics": {name: {"source": p.source, "help": p.help, "needs": list(p.needs),
-                           "options": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
-                                       for k, v in p.options.items()}}
+        "metrics": {name: {"source": p.source, "help": p.help, "needs": list(p.needs), "default": p.default,
+                           "options": declared(p.options)}
                     for name, p in reg.metrics.items()},
         "models": {name: {"source": p.source, "help": p.help, "differentiable": p.differentiable,
-                          "params": {k: {"default": v.default, "allowed": v.allowed(), "help": v.help}
-                                     for k, v in p.params.items()}}
+                          "params": declared(p.params)}
                    for name, p in reg.models.items()},
     }
     if args.json:
@@ -443,6 +445,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                       if info.get(flag)] + (["its own schedule"] if info.get("schedule") == "self" else [])
             if drives:
                 print(f"      its step takes {', '.join(drives)}")
+            if info.get("default"):
+                print("      in the default metric set (metrics=[-NAME] leaves it out)")
             for key, spec in {**info.get("params", {}), **info.get("options", {})}.items():
                 print(f"      {key} = {spec['default']!r}  ({spec['allowed']})  {spec['help']}")
     return 0
