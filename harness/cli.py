@@ -13,7 +13,7 @@ import dataclasses
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -410,7 +410,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
     return 0
 
 
-def declared(params: dict[str, Param]) -> dict[str, dict[str, Any]]:
+def declared(params: Mapping[str, Param]) -> dict[str, dict[str, Any]]:
     """The declarations of a plugin's parameters or options, as `geobench plugins` lists them."""
     return {k: {"default": v.default, "allowed": v.allowed(), "help": v.help} for k, v in params.items()}
 
