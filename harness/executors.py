@@ -209,7 +209,7 @@ def cell_state(job: CellJob) -> CellOutcome:
     queued = _queued(job)
     if queued:
         return CellOutcome("queued", queued)
-    if not out.is_empty():  # it started: a killed or interrupted cell
+    if out.path.is_dir() and not out.is_empty():  # it started: a killed or interrupted cell
         return CellOutcome("interrupted", f"continues from its state when the suite runs again (log {job.log})")
     return CellOutcome("pending")
 
