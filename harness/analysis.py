@@ -442,17 +442,24 @@ def too_short(plugin: MetricPlugin, cfg: Config) -> str | None:
 
 
 def run_metrics(analysis: Analysis, names: list[str], options: dict[str, dict] | None = None, *,
-                strict: bool = False, skipped: dict[str, str] | None = None) -> dict[str, MetricOutcome]:
+                strict: bool = False, skipped: dict[str, str] | None = None,
+                say: Callable[[str], None] | None = None) -> dict[str, MetricOutcome]:
     """Compute each metric; a failure is recorded and the others still run. With `strict`, a metric
     that finds the run lacking what it needs (a UsageError) stops everything instead. `skipped`
     metrics (name → reason) are recorded as such. A metric that uses an undeclared part of the
-    context fails (a defect of the plugin, found by its conformance test)."""
+    context fails (a defect of the plugin, found by its conformance test). `say` gets a line as each
+    metric starts and ends (the metric phase of a run can take minutes)."""
     reg = analysis.reg
     options = options or metric_options(names, {}, reg)
     results = {name: MetricOutcome(status="skipped", source=reg.metric(name).source, reason=reason)
                for name, reason in (skipped or {}).items()}
-    for name in names:
+    for i, name in enumerate(names, 1):
+        if say:
+            say(f"geobench: metric {i}/{len(names)} {name}: computing")
         results[name] = compute(analysis, reg.metric(name), options[name], strict=strict)
+        if say:
+            say(f"geobench: metric {i}/{len(names)} {name}: {results[name].status} in "
+                f"{report.duration(results[name].seconds or 0.0)}")
     return results
 
 

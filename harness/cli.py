@@ -235,7 +235,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise UsageError(f"name a metric with --metric (available: {', '.join(reg.metrics) or 'none installed'})")
     options = metric_options(names, config.parse_pairs(args.pairs), reg)
     with run.lock("analyze"):
-        results = run_metrics(analysis, names, options, strict=True, skipped=skipped)
+        results = run_metrics(analysis, names, options, strict=True, skipped=skipped, say=print)
         kept = [name for name, result in results.items() if result.status != "ok"
                 and name in previous.metrics and previous.metrics[name].status == "ok"]
         previous.metrics.update({name: result for name, result in results.items() if name not in kept})

@@ -53,17 +53,25 @@ def classify(rows: list[dict], step_energy: list[float], limits: Thresholds) -> 
            "perp_over_phi_final": moved[-1]["E_perp"] / moved[-1]["E_phi"] if moved and moved[-1]["E_phi"] > 0 else None,
            "E_tau_growth": moved[-1]["E_tau"] / moved[0]["E_tau"] if moved else None,
            "spike_iter": spike([r["iter"] for r in rows], step_energy, limits.spike_factor)}
-    falling = [b <= a for a, b in zip(cos, cos[1:])]
+    falling = float(np.mean([b <= a for a, b in zip(cos, cos[1:])])) if len(cos) >= 2 else 0.0
+    drop = cos[0] - cos[-1] if cos else 0.0
+    ratio = out["perp_over_phi_final"] or 0.0
+    diffuse = {f"cos_eff fell {drop:.3g}": drop >= limits.decline,
+               f"{falling:.0%} of its steps went down": falling >= 0.75,
+               f"E_perp/E_phi ended at {ratio:.3g}": ratio >= limits.perp_ratio}
+    bounds = (f">= {limits.decline:g}", ">= 75%", f">= {limits.perp_ratio:g}")
     if out["spike_iter"] is not None:
-        verdict = "step-energy collapse"
+        verdict, why = "step-energy collapse", (f"at iter {out['spike_iter']} the step energy per iter exceeds "
+                                                f"{limits.spike_factor:g} × the median before it")
     elif cos and min(cos) >= limits.healthy_cos:
-        verdict = "healthy"
-    elif (len(cos) >= 2 and cos[0] - cos[-1] >= limits.decline and np.mean(falling) >= 0.75
-          and (out["perp_over_phi_final"] or 0) >= limits.perp_ratio):
-        verdict = "diffuse"
+        verdict, why = "healthy", f"cos_eff >= {limits.healthy_cos:g} at every checkpoint (min {min(cos):.3g})"
+    elif len(cos) >= 2 and all(diffuse.values()):
+        verdict, why = "diffuse", "; ".join(f"{fact} ({bound})" for fact, bound in zip(diffuse, bounds))
     else:
-        verdict = "mixed"
-    return {**out, "verdict": verdict}
+        failed = [f"{fact} (not {bound})" for (fact, held), bound in zip(diffuse.items(), bounds) if not held]
+        verdict, why = "mixed", (f"not healthy: cos_eff min {min(cos):.3g} < {limits.healthy_cos:g}; not diffuse: "
+                                 + "; ".join(failed) if cos else "no checkpoint moved")
+    return {**out, "verdict": verdict, "why": why}
 
 
 def verdicts(measurement: Measurement, limits: Thresholds) -> list[dict]:
@@ -88,7 +96,7 @@ def figure(measurement: Measurement, directory: Path, name: str) -> str:
     return save_figure(fig, directory, name)
 
 
-VERDICT_COLUMNS = ["opt", "verdict", "cos_eff_first", "cos_eff_final", "cos_eff_min", "perp_over_phi_final",
+VERDICT_COLUMNS = ["opt", "verdict", "why", "cos_eff_first", "cos_eff_final", "cos_eff_min", "perp_over_phi_final",
                    "E_tau_growth", "spike_iter", "checkpoints"]
 
 

@@ -16,6 +16,7 @@ from geobench.files import atomic_write_json, atomic_write_text
 from geobench.memory import check_fits
 from geobench.registry import Registry
 from geobench.rundir import RunDir
+from geobench.schedule import inconsistencies
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -87,6 +88,8 @@ def execute(cfg: Config, out: RunDir, reg: Registry, preset_reason: str, plan: M
         say(f"geobench: warning: preset=paper on a CPU: one step takes {step:.1f} s here (measured, eager), so "
             f"{cfg.train.steps} steps take about {report.duration(step * cfg.train.steps)} before evaluations and checkpoints; "
             "the preset is meant for a CUDA GPU", flush=True)
+    for problem in inconsistencies(cfg):
+        say(f"geobench: warning: {problem}", flush=True)
     say(f"geobench: run directory {out}", flush=True)
 
     if here.writer:
@@ -100,7 +103,8 @@ def execute(cfg: Config, out: RunDir, reg: Registry, preset_reason: str, plan: M
         return None
     # the metrics that need the model and data reuse the setup that trained the run
     measured = analysis.of_run(out, cfg, reg, setup_factory=lambda: setup, train_derived=train_derived)
-    metrics = analysis.run_metrics(measured, plan.names, plan.options, skipped=plan.skipped)
+    metrics = analysis.run_metrics(measured, plan.names, plan.options, skipped=plan.skipped,
+                                   say=lambda line: print(line, flush=True))
     doc = report.assemble(setup, out, outcome, metrics, started=started, preset_reason=preset_reason,
                           processes=here.size)
     report.write(out, doc, reg.hooks)

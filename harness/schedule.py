@@ -11,6 +11,7 @@ __all__ = [
     "check_checkpoint_steps",
     "checkpoint_windows",
     "first_scheduled",
+    "inconsistencies",
     "is_boundary",
     "is_checkpoint_step",
     "is_eval_step",
@@ -80,3 +81,19 @@ def check_checkpoint_steps(cfg: Config, steps: list[int], option: str) -> None:
         if not 1 <= step <= cfg.train.steps or not is_checkpoint_step(step, cfg):
             raise UsageError(f"{option}: the run will have no checkpoint at step {step} "
                              f"({cfg.train.steps} steps, a checkpoint every {cfg.train.checkpoint_every})")
+
+
+def inconsistencies(cfg: Config) -> list[str]:
+    """What in the schedule of `cfg` cannot be what its user meant (overrides that shortened a run
+    and left its warmup, λ switch or evaluations behind), in words; empty when nothing is off."""
+    t, found = cfg.train, []
+    if t.warmup >= t.steps:
+        found.append(f"train.warmup={t.warmup} >= train.steps={t.steps}: the learning rate never leaves its warmup")
+    late = [step for step, _ in t.lambda_schedule[1:] if step > t.steps]
+    if late:
+        found.append(f"the λ switch at step {late[0]} comes after the last step (train.steps={t.steps})")
+    evals = first_scheduled(cfg, "eval", 3)
+    if len(evals) < 3:
+        found.append(f"{len(evals)} evaluation{'s' if len(evals) != 1 else ''} (train.eval_every={t.eval_every}, "
+                     f"train.steps={t.steps}): too few for a curve")
+    return found

@@ -56,6 +56,18 @@ def test_run_writes_a_complete_run_directory(finished_run):
     assert run.checkpoint_steps() == [1, 4, 8, 12]
     assert len(json.loads((run.path / "codewords.json").read_text())) == 32
     assert "## Final evaluation" in run.report_md.read_text()
+    assert "<h2>Final evaluation</h2>" in (run.path / "report.html").read_text()
+    assert "warning" not in result.stdout  # FAST's schedule is consistent
+
+
+def test_a_schedule_left_behind_by_overrides_warns_in_one_line_each(tmp_path):
+    result = run_cli("run", "adamw", *FAST, "steps=5", "--out", "short", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("geobench: warning:")]
+    assert len(warnings) == 2, warnings
+    assert any("the λ switch at step 6 comes after the last step (train.steps=5)" in w for w in warnings)
+    assert any("2 evaluations (train.eval_every=6, train.steps=5): too few for a curve" in w for w in warnings)
+    assert not any("warmup" in w for w in warnings)  # warmup 3 < 5 steps
 
 
 def test_the_saved_config_reproduces_the_run(finished_run):
@@ -216,6 +228,10 @@ def test_default_metrics_run_at_the_end_and_analyze_recomputes(tmp_path):
     report.validate(doc)
     assert {k: v["status"] for k, v in doc["metrics"].items()} == dict.fromkeys(
         ["backbone", "alignment", "switching", "energy"], "ok")
+    # the metric phase says what it is doing, metric by metric, and the report keeps each one's time
+    assert "geobench: metric 1/4 backbone: computing" in result.stdout
+    assert "geobench: metric 4/4 energy: ok in " in result.stdout
+    assert all(v["seconds"] >= 0 for v in doc["metrics"].values())
     assert (run.path / "energy.csv").exists() and (run.path / "figures" / "backbone_spectrum.png").exists()
     assert "## Metric `backbone`" in run.report_md.read_text()
 
@@ -251,16 +267,17 @@ def test_analyze_needs_a_run_directory(tmp_path):
 
 
 def test_a_failing_metric_is_recorded_and_the_others_still_run(tmp_path):
-    # a window with one evaluation: too few for switching, which only the metric itself can tell (too few in
-    # the whole run is refused before training)
-    result = run_cli("run", "adamw", *FAST, "metrics=switching,backbone", "switching.window=[1,5]", "--out", "partly",
-                     cwd=tmp_path)
+    # a backbone window with two checkpoints, which only the metric itself can tell (too few in the whole
+    # run is refused before training); switching's window holds one evaluation: a result with no signal
+    result = run_cli("run", "adamw", *FAST, "metrics=switching,backbone", "backbone.window=[1,5]",
+                     "switching.window=[1,5]", "--out", "partly", cwd=tmp_path)
     assert result.returncode == 1, result.stderr  # as analyze: the report is written, a metric failed
-    assert "geobench: metrics failed: switching (see the report)" in result.stdout
+    assert "geobench: metrics failed: backbone (see the report)" in result.stdout
     doc = json.loads((tmp_path / "partly" / "report.json").read_text())
-    assert doc["metrics"]["switching"]["status"] == "failed"
-    assert "has only 1 evaluations of p_ood" in doc["metrics"]["switching"]["error"]
-    assert doc["metrics"]["backbone"]["status"] == "ok"
+    assert doc["metrics"]["backbone"]["status"] == "failed"
+    assert "holds 2 checkpoints" in doc["metrics"]["backbone"]["error"]
+    switching = doc["metrics"]["switching"]
+    assert switching["status"] == "ok" and switching["no_signal"].startswith("no switching to detect: 1 evaluation")
 
 
 def test_report_places_published_series_beside_a_run(finished_run, tmp_path):

@@ -226,7 +226,14 @@ def test_reading_guide_classes_on_planted_trajectories():
     assert healthy["verdict"] == "healthy" and healthy["spike_iter"] is None
     assert diffuse["verdict"] == "diffuse" and diffuse["perp_over_phi_final"] > 3
     assert collapse["verdict"] == "step-energy collapse" and collapse["spike_iter"] == 700
-    assert classify(*planted("x", 0.1, lambda t: 0.06 * t), limits)["verdict"] == "mixed"  # cos_eff 0.86, flat
+    mixed = classify(*planted("x", 0.1, lambda t: 0.06 * t), limits)  # cos_eff 0.86, flat
+    assert mixed["verdict"] == "mixed"
+    # each verdict names the threshold that decided it; "mixed" says which conditions failed
+    assert healthy["why"].startswith("cos_eff >= 0.9 at every checkpoint (min ")
+    assert collapse["why"] == "at iter 700 the step energy per iter exceeds 10 × the median before it"
+    assert diffuse["why"].count(">=") == 3 and "E_perp/E_phi ended at" in diffuse["why"]
+    assert mixed["why"].startswith("not healthy: cos_eff min 0.8") and "< 0.9; not diffuse: cos_eff fell" in mixed["why"]
+    assert "(not >= 0.1)" in mixed["why"]
     assert spike([10, 20, 30, 40], [100.0, 1.0, 1.0, 1.0], 10) is None  # the first step from θ₀ is history only
     assert Measurement([], {}, np.eye(2) * 4, ["a", "b"]).final_cosines().tolist() == [[1.0, 0.0], [0.0, 1.0]]
 

@@ -250,10 +250,12 @@ def test_switch_directions_against_numpy(ctx, trajectory, monkeypatch, variant, 
     assert "raw PCA" in result.variant if variant == "raw" else "row-normalized PCA" in result.variant
 
 
-def test_switching_needs_three_evaluations(ctx, monkeypatch):
+def test_switching_on_a_run_that_stopped_early_has_no_signal(ctx, monkeypatch):
     monkeypatch.setattr(type(ctx), "evals", property(lambda self: [EvalRecord(step=1, p_ood=0.0)]))
-    with pytest.raises(UsageError, match="has only 1 evaluations of p_ood"):
-        switching.compute(ctx=ctx.context(installed().metric("switching")), options=options("switching"))
+    result = switching.compute(ctx=ctx.context(installed().metric("switching")), options=options("switching"))
+    assert result.no_signal == ("no switching to detect: 1 evaluation of p_ood (the last at step 1); the detector "
+                                "needs at least 3")
+    assert result.scalars == {"n_switches": 0}
 
 
 def test_fisher_summary_against_an_explicit_fisher_matrix():
@@ -340,6 +342,13 @@ def test_grad_structure_on_the_run(ctx):
     np.testing.assert_allclose(cross, cross.T, atol=1e-6)
     probe = out.tables["probe"][0]
     assert probe["prompt"] == "all" and probe["correct"] + probe["incorrect"] == 40
+    # the comparison needs min_group retrievals on each side; fewer: no cosine, and a note says why
+    few = min(probe["correct"], probe["incorrect"])
+    strict = run_metrics(ctx, ["grad_structure"], options={"grad_structure": options(
+        "grad_structure", tokens=200, min_group=few + 1)})["grad_structure"]
+    assert strict.scalars["probe_cos_correct_incorrect"] is None
+    assert strict.notes == [f"correct vs incorrect not compared: {probe['correct']} correct and {probe['incorrect']} "
+                            f"incorrect retrievals, and each side needs {few + 1} (grad_structure.min_group)"]
 
 
 def test_reheat_summary_on_a_known_curve():

@@ -170,3 +170,19 @@ def test_training_through_the_chunked_head_equals_training_on_the_logits(tmp_pat
         torch.testing.assert_close(w_head[key], w_logits[key], rtol=1e-4, atol=1e-5)
     for a, b in zip(e_logits, e_head):
         assert b.val_loss == pytest.approx(a.val_loss, rel=1e-4) and b.p_ood == a.p_ood
+
+
+def test_schedule_inconsistencies_are_each_named():
+    from geobench import config
+    from geobench.registry import installed
+    from geobench.schedule import inconsistencies
+
+    def found(*pairs):
+        return inconsistencies(config.resolve("adamw", config.parse_pairs(list(pairs)), None, installed(), "tiny"))
+
+    assert found() == []  # the tiny preset's own schedule
+    assert found("steps=60") == ["the λ switch at step 200 comes after the last step (train.steps=60)"]
+    assert found("warmup=500") == ["train.warmup=500 >= train.steps=500: the learning rate never leaves its warmup"]
+    assert found("eval_every=400", "steps=300", "lambda=[[0, 2.0]]") == [
+        "2 evaluations (train.eval_every=400, train.steps=300): too few for a curve"]
+    assert found("steps=200") == []  # the switch at the last step itself is inside the run

@@ -66,9 +66,9 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
                f"τ from this run's first checkpoint, {options['scope']} scope")
     result = MetricResult(scalars=scalars, tables={"energy": rows}, figures=[plot(ctx, rows)],
                           files=[ctx.write_file("energy.csv", to_csv(rows))], variant=variant)
-    if path is None:
-        result.notes.append("measured against the run's own final drift, cos_eff ends at 1 by construction; set "
-                            "energy.reference to another run (e.g. sibling:adamw) for a comparison")
+    if path is None or path.resolve() == ctx.directory.resolve():
+        result.no_signal = ("φ̂ is this run's own final drift, so cos_eff ends at 1 by construction; set "
+                            "energy.reference to another run (e.g. sibling:adamw) to measure the shared direction")
     return result
 
 

@@ -33,6 +33,8 @@ OPTIONS = {
     "tokens": Param(4096, "validation tokens to collect", low=10),
     "buckets": Param(5, "entropy-quantile buckets", low=2),
     "resamples": Param(20, "random half-splits for the control band", low=1),
+    "min_group": Param(10, "correct and incorrect retrievals each needs before their mean gradients are compared",
+                       low=1),
     "seed": seed_param(0, "seed of the half-splits"),
 }
 
@@ -129,8 +131,9 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     probe = probe_split(ctx, model, module, options, np.random.default_rng(options["seed"]))
     scalars = {"step": step, "pr_low_entropy": rows[0]["participation_ratio"],
                "pr_high_entropy": rows[-1]["participation_ratio"], **probe.pop("scalars")}
+    notes = probe.pop("notes")
     return MetricResult(scalars=scalars, series={"cross_bucket_cos": cross}, tables={"buckets": rows, **probe},
-                        figures=[plot(ctx, cross)])
+                        figures=[plot(ctx, cross)], notes=notes)
 
 
 def probe_split(ctx, model, module, options, rng) -> dict:
@@ -151,14 +154,17 @@ def probe_split(ctx, model, module, options, rng) -> dict:
     table = []
     for name, keep in [("all", np.ones(len(ok), bool))] + [(f"template {t}", tpl == t) for t in np.unique(tpl)]:
         right, wrong = G[keep & ok], G[keep & ~ok]
-        both = len(right) and len(wrong)
+        enough = min(len(right), len(wrong)) >= options["min_group"]
         table.append({"prompt": name, "correct": int(len(right)), "incorrect": int(len(wrong)),
-                      "cos_correct_incorrect": cosine(right.mean(0), wrong.mean(0)) if both else None,
-                      "control_band": split_band([right, wrong], options["resamples"], rng)})
+                      "cos_correct_incorrect": cosine(right.mean(0), wrong.mean(0)) if enough else None,
+                      "control_band": split_band([right, wrong], options["resamples"], rng) if enough else None})
     overall = table[0]
+    notes = [] if overall["cos_correct_incorrect"] is not None else [
+        f"correct vs incorrect not compared: {overall['correct']} correct and {overall['incorrect']} incorrect "
+        f"retrievals, and each side needs {options['min_group']} (grad_structure.min_group)"]
     return {"scalars": {"probe_cos_correct_incorrect": overall["cos_correct_incorrect"],
                         "probe_correct": overall["correct"], "probe_incorrect": overall["incorrect"]},
-            "probe": table}
+            "probe": table, "notes": notes}
 
 
 def plot(ctx, cross) -> str:

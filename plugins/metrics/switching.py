@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geobench import series as series_math
-from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, MetricResult, Param, UsageError, hookimpl, seed_param
+from geobench.api import BACKBONE_CHECKPOINTS, SCOPE, MetricPlugin, MetricResult, Param, hookimpl, seed_param
 
 if TYPE_CHECKING:
     from geobench.api import MetricContext
@@ -59,9 +59,11 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     window = options["window"]
     evals = [(e.step, e.p_ood) for e in ctx.evals if e.p_ood is not None
              and (not window or window[0] <= e.step <= window[1])]
-    if len(evals) < 3:
-        raise UsageError(f"run {ctx.trajectory.name!r} has only {len(evals)} evaluations of p_ood "
-                         f"{'in ' + str(window) if window else ''}; switching needs at least 3")
+    if len(evals) < 3:  # a run that stopped early (diverged, interrupted): a result with no signal, not a failure
+        last = ctx.evals[-1].step if ctx.evals else 0
+        return MetricResult(scalars={"n_switches": 0}, no_signal=(
+            f"no switching to detect: {len(evals)} evaluation{'s' if len(evals) != 1 else ''} of p_ood"
+            f"{' in ' + str(window) if window else ''} (the last at step {last}); the detector needs at least 3"))
     steps = [s for s, _ in evals]
     p = np.array([v for _, v in evals])
     peaks, troughs = series_math.detect_switches(p, options["prominence"], options["reach"])
