@@ -57,13 +57,15 @@ def test_run_writes_a_complete_run_directory(finished_run):
     assert len(json.loads((run.path / "codewords.json").read_text())) == 32
     assert "## Final evaluation" in run.report_md.read_text()
     assert "<h2>Final evaluation</h2>" in (run.path / "report.html").read_text()
-    assert "warning" not in result.stdout  # FAST's schedule is consistent
+    before_training = result.stdout.split("geobench: run directory")[0]
+    assert "warning" not in before_training  # FAST's schedule is consistent
 
 
 def test_a_schedule_left_behind_by_overrides_warns_in_one_line_each(tmp_path):
     result = run_cli("run", "adamw", *FAST, "steps=5", "--out", "short", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    warnings = [line for line in result.stdout.splitlines() if line.startswith("geobench: warning:")]
+    before_training = result.stdout.split("geobench: run directory")[0]  # (after it: the probe-not-learned one)
+    warnings = [line for line in before_training.splitlines() if line.startswith("geobench: warning:")]
     assert len(warnings) == 2, warnings
     assert any("the λ switch at step 6 comes after the last step (train.steps=5)" in w for w in warnings)
     assert any("2 evaluations (train.eval_every=6, train.steps=5): too few for a curve" in w for w in warnings)
