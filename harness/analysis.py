@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from geobench import config as config_mod
-from geobench import report
+from geobench import formatting, report
 from geobench.api import (
     BACKBONE_CHECKPOINTS,
     Batch,
@@ -252,6 +252,7 @@ class Analysis:
     reg: Registry
     setup_factory: Callable[[], Setup] | None = None
     train_derived: TrainDerived | None = None
+    say: Callable[[str], None] | None = None  # progress lines (a derived run takes minutes)
 
     @functools.cached_property
     def evals(self) -> list[EvalRecord]:
@@ -287,8 +288,14 @@ class Analysis:
         for key, value in overrides.items():
             config_mod.set_path(tree, key, value)
         cfg = config_mod.build(tree, self.reg)
-        return self.train_derived(self.setup.trained, cfg, weights, RunDir(self.run.path / "derived" / name),
-                                  perturb=perturb, baseline=self.baseline_val_loss())
+        started = time.perf_counter()
+        if self.say:
+            self.say(f"geobench:   derived run {name} (from step {step}, {cfg.train.steps} steps): training")
+        evals = self.train_derived(self.setup.trained, cfg, weights, RunDir(self.run.path / "derived" / name),
+                                   perturb=perturb, baseline=self.baseline_val_loss())
+        if self.say:
+            self.say(f"geobench:   derived run {name}: done in {formatting.duration(time.perf_counter() - started)}")
+        return evals
 
     def context(self, plugin: MetricPlugin) -> Context:
         return Context(self, plugin)
@@ -305,6 +312,7 @@ class Context:
     def __init__(self, analysis: Analysis, plugin: MetricPlugin):
         self._analysis, self._plugin = analysis, plugin
         self.trajectory, self.config, self.directory = analysis.trajectory, analysis.config, analysis.run.path
+        self.captions: dict[str, str] = {}  # figure path → caption, from ctx.figure
 
     def _declared(self, part: str, needs: tuple[str, ...]) -> None:
         if not set(needs) & set(self._plugin.needs):
@@ -332,8 +340,11 @@ class Context:
         self._declared("training from a checkpoint (ctx.retrain)", ("training",))
         return self._analysis.retrain
 
-    def figure(self, fig: Any, name: str) -> str:
-        return save_figure(fig, self.directory, name)
+    def figure(self, fig: Any, name: str, *, caption: str = "") -> str:
+        path = save_figure(fig, self.directory, name)
+        if caption:
+            self.captions[path] = caption
+        return path
 
     def write_file(self, name: str, text: str) -> str:
         atomic_write_text(self.directory / name, text)
@@ -453,13 +464,14 @@ def run_metrics(analysis: Analysis, names: list[str], options: dict[str, dict] |
     options = options or metric_options(names, {}, reg)
     results = {name: MetricOutcome(status="skipped", source=reg.metric(name).source, reason=reason)
                for name, reason in (skipped or {}).items()}
+    analysis.say = say
     for i, name in enumerate(names, 1):
         if say:
             say(f"geobench: metric {i}/{len(names)} {name}: computing")
         results[name] = compute(analysis, reg.metric(name), options[name], strict=strict)
         if say:
             say(f"geobench: metric {i}/{len(names)} {name}: {results[name].status} in "
-                f"{report.duration(results[name].seconds or 0.0)}")
+                f"{formatting.duration(results[name].seconds or 0.0)}")
     return results
 
 
@@ -472,9 +484,11 @@ def compute(analysis: Analysis, plugin: MetricPlugin, options: dict[str, Any], *
                              seconds=round(time.perf_counter() - started, 3))
 
     try:
-        output = plugin.compute(ctx=analysis.context(plugin), options=options)
+        context = analysis.context(plugin)
+        output = plugin.compute(ctx=context, options=options)
         if not isinstance(output, MetricResult):
             raise TypeError(f"compute returned {type(output).__name__}, not a geobench.api.MetricResult")
+        output = dataclasses.replace(output, captions={**context.captions, **output.captions})
         outcome = MetricOutcome.ok(output, source=plugin.source, options=options, seconds=time.perf_counter() - started)
         problem = report.metric_problem(outcome)
         return failed(f"the metric's result does not fit the report schema: {problem}") if problem else outcome

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from geobench import __version__, config, distributed, report, runner
+from geobench import __version__, config, distributed, formatting, report, runner
 from geobench import registry as plugin_registry
 from geobench.api import Config, Param, UsageError
 from geobench.api.documents import from_json
@@ -239,7 +239,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         kept = [name for name, result in results.items() if result.status != "ok"
                 and name in previous.metrics and previous.metrics[name].status == "ok"]
         previous.metrics.update({name: result for name, result in results.items() if name not in kept})
-        report.write(run, previous, reg.hooks)
+        report.write(run, previous, reg)
     code = print_results(results, kept)
     print(f"geobench: report {run.report_md}")
     return code
@@ -255,11 +255,11 @@ def print_results(results: dict[str, MetricOutcome], kept: Sequence[str] = ()) -
         elif result.status == "skipped":
             line += f" ({result.reason})"
         else:
-            line += "; " + ", ".join(f"{k} {report.fmt(v)}" for k, v in list(result.scalars.items())[:6])
+            line += "; " + ", ".join(f"{k} {formatting.number(v)}" for k, v in list(result.scalars.items())[:6])
         if name in kept:
             line += "; the report keeps its earlier result"
         if result.seconds is not None:
-            line += f"; {report.duration(result.seconds)}"
+            line += f"; {formatting.duration(result.seconds)}"
         print(line)
     return 1 if any(r.status == "failed" for r in results.values()) else 0
 
@@ -296,7 +296,7 @@ def analyze_manifest(args: argparse.Namespace, reg: plugin_registry.Registry) ->
             doc = report.assemble_trajectory(str(args.manifest), args.opt, args.params,
                                              analysis.trajectory.checkpoint_steps(),
                                              analysis.trajectory.parameter_shapes, results, started)
-            report.write(out, doc, reg.hooks)
+            report.write(out, doc, reg)
     code = print_results(results)
     print(f"geobench: nothing written to {str(out)!r}: {', '.join(failed)} failed" if failed
           else f"geobench: report {out.report_md}")
@@ -403,7 +403,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
         "phi_hat": args.phi_hat or f"the unit drift last − first of {reference!r}"})
     for verdict in judged:
         print(f"geobench: {verdict['opt']}: {verdict['checkpoints']} checkpoints, final cos_eff "
-              f"{report.fmt(verdict['cos_eff_final'])}: {verdict['verdict']}"
+              f"{formatting.number(verdict['cos_eff_final'])}: {verdict['verdict']}"
               + (f" at iter {verdict['spike_iter']}" if verdict["spike_iter"] is not None else ""))
     print(f"geobench: {len(measurement.rows)} rows, {measurement.rows[0]['n_params']} parameter tensors; wrote {out}, "
           f"{out.with_suffix('.md')}, {out.with_suffix('.html')}")

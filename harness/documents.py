@@ -13,7 +13,7 @@ from geobench.api.errors import UsageError
 from geobench.files import read_json
 
 SCHEMA_VERSION = "1.0"  # of report.json
-COMPARISON_SCHEMA_VERSION = "2.0"
+COMPARISON_SCHEMA_VERSION = "2.1"
 RunStatus = Literal["completed", "diverged", "interrupted"]
 
 

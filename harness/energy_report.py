@@ -14,14 +14,15 @@ Classes (repro_pkg's reading guide; the thresholds are options, defaults below):
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
 
 from geobench import page as pages
-from geobench.figures import pyplot, save_figure
+from geobench.figures import Line, draw, palette, pyplot, save_figure
 from geobench.files import atomic_write_text
-from geobench.report import fmt
+from geobench.formatting import number
 from geobench.shared_direction import COLUMNS, Measurement, to_csv
 
 
@@ -79,21 +80,56 @@ def verdicts(measurement: Measurement, limits: Thresholds) -> list[dict]:
             for o in measurement.opts]
 
 
-def figure(measurement: Measurement, directory: Path, name: str) -> str:
+def figure(measurement: Measurement, judged: list[dict], directory: Path, name: str) -> str:
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    colour = palette(measurement.opts)
+    spikes = {v["opt"]: v["spike_iter"] for v in judged if v["spike_iter"] is not None}
+    cos, energy = [], []
     for o in measurement.opts:
         rows = [r for r in measurement.rows if r["opt"] == o]
-        left.plot([r["iter"] for r in rows], [r["cos_eff"] for r in rows], marker="o", ms=3, label=o)
-        right.plot([r["iter"] for r in rows], [r["E_tau"] for r in rows], marker="o", ms=3, label=o)
-    left.set_ylim(0, 1.02)
-    left.set_ylabel("cos_eff")
-    right.set_ylabel("E_tau")
-    for ax in (left, right):
-        ax.set_xlabel("iter")
-        ax.legend(fontsize=7)
+        marks = {"step-energy spike": spikes[o]} if o in spikes else {}
+        iters = [r["iter"] for r in rows]
+        cos.append(Line(o, iters, [_defined(r["cos_eff"]) for r in rows], colour=colour[o], marks=marks))
+        energy.append(Line(o, iters, [r["E_tau"] for r in rows], colour=colour[o], marks=marks))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    draw(left, cos, ylabel="cos_eff = √(E_phi / E_tau)", xlabel="iter", ylim=(0, 1.02))
+    draw(right, energy, ylabel="E_tau = ‖θ_t − θ₀‖² (squared parameter units)", xlabel="iter")
     fig.tight_layout()
     return save_figure(fig, directory, name)
+
+
+def _defined(value: float) -> float | None:
+    """NaN (cos_eff, p_phi where the checkpoint is θ₀ itself, E_tau = 0) as a missing value."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+TERMS = {
+    "θ₀": "the origin every drift is measured from",
+    "φ̂": "the shared direction: a unit vector per parameter tensor",
+    "E_tau": "‖θ_t − θ₀‖², the drift's energy (summed over the measured tensors)",
+    "E_phi": "Σ_p ⟨θ_t,p − θ₀,p, φ̂_p⟩², the energy along φ̂",
+    "E_perp": "E_tau − E_phi, the energy across φ̂",
+    "p_phi, p_perp": "E_phi / E_tau and 1 − p_phi, the shares along and across φ̂",
+    "cos_eff": "√p_phi, the effective cosine between the drift and φ̂ (undefined, —, where E_tau = 0)",
+    "step energy": "‖θ_i − θ_(i−1)‖² between consecutive checkpoints, per iteration in the collapse test",
+    "perp_over_phi_final": "E_perp / E_phi at the last checkpoint",
+    "E_tau_growth": "E_tau at the last checkpoint over E_tau at the first that moved",
+    "spike_iter": "the first iter whose step energy per iteration exceeds spike_factor × the median before it",
+}
+
+
+def headline(measurement: Measurement, judged: list[dict], sources: dict[str, str]) -> list[str]:
+    sentences = [f"{len(judged)} trajectories measured along φ̂ ({sources['phi_hat']}) from θ₀ ({sources['theta0']})."]
+    sentences.append("; ".join(f"{v['opt']} is {v['verdict']} ({v['why']})" for v in judged) + ".")
+    opts = measurement.opts
+    if len(opts) >= 2:
+        cos = measurement.final_cosines()
+        pairs = [(cos[i, j], a, b) for i, a in enumerate(opts) for j, b in enumerate(opts) if i < j]
+        high, low = max(pairs), min(pairs)
+        sentences.append(f"The final drifts are closest between {high[1]} and {high[2]} (cosine {number(high[0])})"
+                         + (f" and furthest between {low[1]} and {low[2]} ({number(low[0])})." if len(pairs) > 1
+                            else "."))
+    return sentences
 
 
 VERDICT_COLUMNS = ["opt", "verdict", "why", "cos_eff_first", "cos_eff_final", "cos_eff_min", "perp_over_phi_final",
@@ -103,24 +139,29 @@ VERDICT_COLUMNS = ["opt", "verdict", "why", "cos_eff_first", "cos_eff_final", "c
 def page(measurement: Measurement, judged: list[dict], limits: Thresholds, csv_name: str, fig: str,
          sources: dict[str, str]) -> pages.Page:
     cos = measurement.final_cosines()
-    out = pages.Page("Shared-direction energy")
+    out = pages.Page("Shared-direction energy", headline=headline(measurement, judged, sources))
     out.add(pages.Paragraph(f"θ₀: {sources['theta0']}. φ̂: {sources['phi_hat']}. Parameters: "
                             f"{measurement.rows[0]['n_params']} tensors. Rows: `{csv_name}`."),
             pages.Heading("Verdict per optimizer"),
             pages.Paragraph(f"Thresholds: healthy if cos_eff ≥ {limits.healthy_cos:g} throughout; step-energy collapse "
                             f"if a step's energy per iter exceeds {limits.spike_factor:g} × the median before it; "
                             f"diffuse if cos_eff falls by ≥ {limits.decline:g}, mostly monotonically, with "
-                            f"E_perp ≥ {limits.perp_ratio:g} × E_phi at the end. \"Weak\" (healthy geometry, low "
-                            "reward) is not judged: the manifest carries no reward."),
-            pages.Table(VERDICT_COLUMNS, [[fmt(v.get(c)) for c in VERDICT_COLUMNS] for v in judged]),
+                            f"E_perp ≥ {limits.perp_ratio:g} × E_phi at the end; mixed: none of these, the \"why\" "
+                            "column names the threshold each missed. \"Weak\" (healthy geometry, low reward) is not "
+                            "judged: the manifest carries no reward."),
+            pages.table(VERDICT_COLUMNS, [[v.get(c) for c in VERDICT_COLUMNS] for v in judged]),
             pages.Heading("Do the optimizers share one direction?"),
             pages.Paragraph("Cosine of the final drifts θ_final − θ₀ over the whole parameter set (each parameter "
                             "weighted by its drift energy):"),
-            pages.Table(["", *measurement.opts], [[a, *(f"{cos[i, j]:.4f}" for j in range(len(measurement.opts)))]
+            pages.table(["", *measurement.opts], [[a, *(float(cos[i, j]) for j in range(len(measurement.opts)))]
                                                   for i, a in enumerate(measurement.opts)]),
-            pages.Figure(fig, "energy"),
+            pages.Figure(fig, "Left: cos_eff, the effective cosine between each trajectory's drift from θ₀ and φ̂, at "
+                              "every checkpoint (1: all of the drift lies along φ̂). Right: the drift's energy E_tau; "
+                              "an X marks a step-energy spike."),
             pages.Heading("Trajectories"),
-            pages.Table(COLUMNS, [[fmt(r[c]) for c in COLUMNS] for r in measurement.rows]))
+            pages.table(COLUMNS, [[_defined(r[c]) for c in COLUMNS] for r in measurement.rows]),
+            pages.Heading("Terms"),
+            pages.Terms(TERMS))
     return out
 
 
@@ -129,7 +170,7 @@ def write(measurement: Measurement, csv_path: Path, limits: Thresholds, sources:
     directory = csv_path.parent
     directory.mkdir(parents=True, exist_ok=True)
     judged = verdicts(measurement, limits)
-    fig = figure(measurement, directory, csv_path.stem)
+    fig = figure(measurement, judged, directory, csv_path.stem)
     atomic_write_text(csv_path, to_csv(measurement.rows))
     pages.write(page(measurement, judged, limits, csv_path.name, fig, sources), directory, csv_path.stem)
     return judged

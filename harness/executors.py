@@ -27,7 +27,7 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable
 
-from geobench import report
+from geobench import formatting
 from geobench.api import Config, Param, UsageError, did_you_mean
 from geobench.documents import CellOutcome
 from geobench.files import atomic_write_json, atomic_write_text, read_json
@@ -282,7 +282,7 @@ def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry,
     statuses: dict[str, CellOutcome] = {}
     durations: list[float] = []
     for i, job in enumerate(jobs, 1):
-        eta = f"; ETA {report.duration(sum(durations) / len(durations) * (len(jobs) - i + 1))}" if durations else ""
+        eta = f"; ETA {formatting.duration(sum(durations) / len(durations) * (len(jobs) - i + 1))}" if durations else ""
         say(f"[{i}/{len(jobs)}] {job.label}: running{eta}")
         start = time.monotonic()
         try:
@@ -294,7 +294,7 @@ def _inline(jobs: list[CellJob], chosen: Settings, *, reg: Registry,
         durations.append(time.monotonic() - start)
         # the cells after a fail-fast failure never started: nothing to cancel
         if _settle(statuses, job, outcome, chosen, functools.partial(_numbered, say, f"[{i}/{len(jobs)}]"), [],
-                   f" in {report.duration(durations[-1])}") or outcome.state == "interrupted":
+                   f" in {formatting.duration(durations[-1])}") or outcome.state == "interrupted":
             break
     return statuses
 
@@ -326,7 +326,7 @@ def _local(jobs, chosen, *, wait, say, cluster) -> dict[str, CellOutcome]:
                 free += gpu
                 others = [(other_job, other.cancel) for other_job, other, _, _ in running.values()]
                 if _settle(statuses, job, _collect(job, handle), chosen, say, others,
-                           f" in {report.duration(time.monotonic() - started)}"):
+                           f" in {formatting.duration(time.monotonic() - started)}"):
                     return statuses
         time.sleep(0.5)
     return statuses

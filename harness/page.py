@@ -1,6 +1,8 @@
 """One model of a human-readable page, rendered two ways: Markdown (report.md, comparison.md, the
 energy page) and one self-contained HTML file with the same content (figures inlined). Every
-report builds a `Page`; nothing else writes Markdown or HTML."""
+report builds a `Page`: a title, a headline of two or three sentences that state the result, then
+blocks; nothing else writes Markdown or HTML. Tables made with `table` format their numbers a
+column at a time (geobench.formatting)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import html
 import re
 from pathlib import Path
 
+from geobench import formatting
 from geobench.files import atomic_write_text
 
 
@@ -37,22 +40,37 @@ class Table:
 
 
 @dataclasses.dataclass
+class Terms:
+    """What the page's names mean: term → definition, each defined once on the page."""
+
+    definitions: dict[str, str]
+
+
+@dataclasses.dataclass
 class Figure:
     path: str  # relative to the page's directory
     caption: str
 
 
-Block = Heading | Paragraph | Bullets | Table | Figure
+Block = Heading | Paragraph | Bullets | Table | Terms | Figure
 
 
 @dataclasses.dataclass
 class Page:
     title: str
     blocks: list[Block] = dataclasses.field(default_factory=list)
+    headline: list[str] = dataclasses.field(default_factory=list)  # sentences, inline Markdown
 
     def add(self, *blocks: Block) -> Page:
         self.blocks.extend(blocks)
         return self
+
+
+def table(header: list[str], rows: list[list[object]], caption: str = "") -> Table:
+    """A table whose numbers are formatted a column at a time: one notation and one number of
+    decimals per column; strings stay as they are, None is —."""
+    columns = [formatting.column(list(values)) for values in zip(*rows)] if rows else []
+    return Table(header, [list(cells) for cells in zip(*columns)], caption)
 
 
 def _cell(text: str) -> str:
@@ -61,6 +79,8 @@ def _cell(text: str) -> str:
 
 def markdown(page: Page) -> str:
     lines = [f"# {page.title}", ""]
+    if page.headline:
+        lines += ["> " + " ".join(page.headline), ""]
     for block in page.blocks:
         if isinstance(block, Heading):
             lines += ["#" * block.level + " " + block.text, ""]
@@ -73,6 +93,8 @@ def markdown(page: Page) -> str:
                 lines += [f"**{block.caption}**", ""]
             lines += ["| " + " | ".join(map(_cell, block.header)) + " |", "|" + "---|" * len(block.header)]
             lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in block.rows] + [""]
+        elif isinstance(block, Terms):
+            lines += [f"- **{term}**: {text}" for term, text in block.definitions.items()] + [""]
         elif isinstance(block, Figure):
             lines += [f"![{block.caption}]({block.path})", "", f"*{block.caption}*", ""]
     return "\n".join(lines)
@@ -90,7 +112,9 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto
          ".table{overflow-x:auto;margin:0 0 1em}table{border-collapse:collapse;font-size:0.9em}"
          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#eee}"
          "td:first-child,th:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%}"
-         "figcaption{font-style:italic;color:#444}code{background:#f4f4f4;padding:0 3px}")
+         "figcaption{font-style:italic;color:#444}code{background:#f4f4f4;padding:0 3px}"
+         ".headline{font-size:1.1em;border-left:4px solid #4a7;padding:0.3em 0.8em;background:#f3faf5}"
+         "dt{font-weight:bold;margin-top:0.3em}dd{margin:0 0 0 1.5em}")
 
 
 def to_html(page: Page, directory: Path) -> str:
@@ -98,6 +122,8 @@ def to_html(page: Page, directory: Path) -> str:
     esc = inline_html
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(page.title)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>{esc(page.title)}</h1>"]
+    if page.headline:
+        parts.append(f"<p class='headline'>{esc(' '.join(page.headline))}</p>")
     for block in page.blocks:
         if isinstance(block, Heading):
             parts.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
@@ -110,6 +136,9 @@ def to_html(page: Page, directory: Path) -> str:
             head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.header) + "</tr>"
             body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
             parts.append(f"<div class='table'><table>{caption}{head}{body}</table></div>")
+        elif isinstance(block, Terms):
+            parts.append("<dl>" + "".join(f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>"
+                                          for term, text in block.definitions.items()) + "</dl>")
         elif isinstance(block, Figure):
             data = base64.b64encode((directory / block.path).read_bytes()).decode()
             parts.append(f"<figure><img alt='{html.escape(block.caption)}' src='data:image/png;base64,{data}'>"

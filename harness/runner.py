@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from geobench import analysis, config, distributed, report, series
+from geobench import analysis, config, distributed, formatting, report, series
 from geobench.api import Config, UsageError
 from geobench.api.params import read_yaml_file
 from geobench.device import pick_device
@@ -86,7 +86,8 @@ def execute(cfg: Config, out: RunDir, reg: Registry, preset_reason: str, plan: M
     if cfg.preset == "paper" and setup.device.type == "cpu" and here.writer:
         step = seconds_per_step(setup)
         say(f"geobench: warning: preset=paper on a CPU: one step takes {step:.1f} s here (measured, eager), so "
-            f"{cfg.train.steps} steps take about {report.duration(step * cfg.train.steps)} before evaluations and checkpoints; "
+            f"{cfg.train.steps} steps take about {formatting.duration(step * cfg.train.steps)} before evaluations and "
+            "checkpoints; "
             "the preset is meant for a CUDA GPU", flush=True)
     for problem in inconsistencies(cfg):
         say(f"geobench: warning: {problem}", flush=True)
@@ -107,7 +108,7 @@ def execute(cfg: Config, out: RunDir, reg: Registry, preset_reason: str, plan: M
                                    say=lambda line: print(line, flush=True))
     doc = report.assemble(setup, out, outcome, metrics, started=started, preset_reason=preset_reason,
                           processes=here.size)
-    report.write(out, doc, reg.hooks)
+    report.write(out, doc, reg)
 
     final = doc.final
     summary = f"geobench: {outcome.status}"

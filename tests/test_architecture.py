@@ -19,7 +19,8 @@ import pytest
 import geobench
 import geobench.plugins
 
-TOOLKIT = {"geobench.checkpoints", "geobench.composite", "geobench.figures", "geobench.files", "geobench.linalg",
+TOOLKIT = {"geobench.checkpoints", "geobench.composite", "geobench.figures", "geobench.files", "geobench.formatting",
+           "geobench.linalg",
            "geobench.objective", "geobench.schedule", "geobench.series", "geobench.shared_direction"}
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -117,7 +117,7 @@ def test_metrics_run_and_one_failure_does_not_stop_the_others(watched_run):
     assert results["drift"].scalars["drift"] == pytest.approx(expected, rel=1e-5)
 
     doc = report_from_json(to_json(minimal_report(out, results)), "the test's report")
-    report.write(out, doc, reg.hooks)
+    report.write(out, doc, reg)
     assert watcher.reports == 1
     text = out.report_md.read_text()
     assert "## Metric `drift`" in text and "**failed:** RuntimeError" in text

@@ -39,6 +39,7 @@ from geobench.api.plugins import (
     BuildModel,
     BuildOptimizer,
     CheckMetric,
+    ComparedRun,
     ComparisonFigures,
     ComputeMetric,
     GradientRule,
@@ -50,6 +51,7 @@ from geobench.api.plugins import (
     Plugins,
     PrepareStep,
     RoledParameter,
+    SaveFigure,
     TrainingSchedule,
 )
 
@@ -64,6 +66,7 @@ __all__ = [
     "BuildOptimizer",
     "CheckMetric",
     "CheckpointSource",
+    "ComparedRun",
     "ComparisonFigures",
     "ComputeMetric",
     "Config",
@@ -89,6 +92,7 @@ __all__ = [
     "ProbeConfig",
     "Retrain",
     "RoledParameter",
+    "SaveFigure",
     "TrainConfig",
     "TrainedSetup",
     "TrainingSchedule",

@@ -237,8 +237,9 @@ class MetricContext(Protocol):
     @property
     def retrain(self) -> Retrain: ...
 
-    def figure(self, fig: Any, name: str) -> str:
-        """Save a matplotlib figure under the run's figures/; its path relative to the run."""
+    def figure(self, fig: Any, name: str, *, caption: str = "") -> str:
+        """Save a matplotlib figure under the run's figures/; its path relative to the run. The
+        `caption` (what the figure shows, in a sentence) goes under it on the report's page."""
         ...
 
     def write_file(self, name: str, text: str) -> str:

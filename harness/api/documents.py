@@ -190,7 +190,8 @@ class MetricResult:
 
     - `scalars`: name → number (NaN and inf are written as null);
     - `series`: name → list; `tables`: name → rows (mappings of column → value);
-    - `figures`: paths from `ctx.figure`; `files`: paths from `ctx.write_file`;
+    - `figures`: paths from `ctx.figure`; `captions`: figure path → what it shows (ctx.figure's
+      `caption` lands here); `files`: paths from `ctx.write_file`;
     - `variant`: one sentence on how the numbers were computed (which of the source's choices);
     - `no_signal`: why the numbers mean nothing for this run (the report shows it instead of them);
     - `notes`: what else the reader must know (a part of the metric that was skipped, and why).
@@ -200,6 +201,7 @@ class MetricResult:
     series: dict[str, list] = dataclasses.field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     figures: list[str] = dataclasses.field(default_factory=list)
+    captions: dict[str, str] = dataclasses.field(default_factory=dict)
     files: list[str] = dataclasses.field(default_factory=list)
     variant: str | None = None
     no_signal: str | None = None

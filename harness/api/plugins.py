@@ -127,15 +127,39 @@ class Plugins(Protocol):
     def model(self, name: str) -> ModelPlugin: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class ComparedRun:
+    """A run of a comparison as a metric's comparison figures see it: `label` is what its legend
+    entry says (its name and the settings that set it apart from the other runs), `group` its
+    configuration (runs that differ only in their seed share one), `colour` its configuration's
+    colour (the published series it pairs with have it too), `steps` the steps it was planned
+    for, `diverged_at` the step it was marked diverged at, `result` this metric's result."""
+
+    label: str
+    group: str
+    colour: str
+    status: str
+    steps: int
+    params: Mapping[str, Any]
+    result: MetricResult
+    diverged_at: int | None = None
+
+
+class SaveFigure(Protocol):
+    def __call__(self, fig: Any, name: str, *, caption: str) -> None:
+        """Add `fig` to the comparison as figures/NAME.png, under `caption` (what it shows, in a sentence)."""
+
+
 class ComparisonFigures(Protocol):
-    def __call__(self, *, runs: list[tuple[str, MetricResult]], groups: list[dict[str, Any]],
-                 references: list[dict[str, Any]], plt: Any, save: Callable[[Any, str], None]) -> None:
-        """Draw this metric's figures of a comparison: `runs` are (label, this metric's result) of
-        the runs where it succeeded; `groups` the comparison's configurations (runs that differ
-        only in their seed), each a mapping of `group`, `runs`, `statuses`, `optimizer`, `params`,
-        every column's mean under its id and its bootstrap interval under `<id>_interval`;
-        `references` the published series shown beside them; `plt` is pyplot and `save(fig, name)`
-        adds a figure."""
+    def __call__(self, *, runs: list[ComparedRun], groups: list[dict[str, Any]],
+                 references: list[dict[str, Any]], plt: Any, save: SaveFigure) -> None:
+        """Draw this metric's figures of a comparison: `runs` are the runs where it succeeded;
+        `groups` the comparison's configurations, each a mapping of `group`, `label`, `colour`,
+        `runs`, `statuses`, `optimizer`, `params`, every column's mean under its id and its
+        bootstrap interval under `<id>_interval`; `references` the published series shown beside
+        them (geobench.published's analysis, with the `colour` of the run each pairs with and the
+        `steps` it ran); `plt` is pyplot. geobench.figures.draw and published_lines draw curves
+        the way every geobench figure does."""
         ...
 
 
@@ -238,8 +262,9 @@ class MetricPlugin:
     the context `compute` receives follows from them, see `geobench.api.context`), a compute
     function and, optionally, an early check of its options against a config, and what it
     contributes to side-by-side reports: `columns` (column id → (the scalar of its result, the
-    heading)), shown wherever a run has the value, and `comparison_figures`. `default`: the metric
-    is in the default set a run computes (where it applies)."""
+    heading)), shown wherever a run has the value, and `comparison_figures`; `terms`: what the
+    names in its results and columns mean (term → definition), defined once on every page that
+    shows them. `default`: the metric is in the default set a run computes (where it applies)."""
 
     name: str
     help: str
@@ -249,6 +274,7 @@ class MetricPlugin:
     check: CheckMetric | None = None
     columns: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # id → (scalar, heading)
     comparison_figures: ComparisonFigures | None = None
+    terms: Mapping[str, str] = dataclasses.field(default_factory=dict)
     min_checkpoints: int = 0  # a run whose schedule writes fewer cannot be measured (known before training)
     min_evals: int = 0
     default: bool = False

@@ -120,21 +120,28 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
     """cos(g_EP, g_exact) by checkpoint, every run on one axis."""
     if not runs:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, result in runs:
-        table = result.tables["ep"]
-        ax.plot([r["step"] for r in table], [r["cos_all"] for r in table], marker="o", ms=3, label=label)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for run in runs:
+        table = run.result.tables["ep"]
+        ax.plot([r["step"] for r in table], [r["cos_all"] for r in table], marker="o", ms=3, color=run.colour,
+                label=run.label)
     ax.set_xlabel("step")
     ax.set_ylabel("cos(g_EP, g_exact)")
     ax.set_ylim(-1.02, 1.02)
     ax.legend(fontsize=7)
-    save(fig, "ep_cosine")
+    save(fig, "ep_cosine", caption="The cosine between the EP gradient estimate and the exact gradient at every "
+                                   "measured checkpoint of every run (1: EP follows the true gradient).")
 
 
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("ep", "EP vs exact gradient, estimator self-cosine, residuals, leading Jacobian eigenvalue",
                           OPTIONS, compute, needs=("checkpoints", "model", "data", "family:eqformer"),
-                          columns={"ep_cos": ("mean_cos", "cos(EP, exact)")}, comparison_figures=comparison_figures))
+                          columns={"ep_cos": ("mean_cos", "cos(EP, exact)")}, comparison_figures=comparison_figures,
+                          terms={"cos(EP, exact)": "the cosine between the equilibrium-propagation gradient estimate "
+                                                   "and the exact gradient, averaged over checkpoints (mean_cos)",
+                                 "residual": "‖F(h) − h‖ / ‖h‖ at the fixed point of the free or nudged phase",
+                                 "|λ_max|": "the modulus of the leading eigenvalue of ∂F/∂h at the fixed point; "
+                                            "above 1 the relaxation no longer converges"}))
 
 

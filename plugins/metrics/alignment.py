@@ -123,10 +123,21 @@ def plot(ctx, series) -> str:
     if "control_cos" in series:
         ax.axhline(np.mean(np.abs(series["control_cos"])), color="red", ls="--", label="mean |cos(g, v_b)|, per batch")
     ax.set_xlabel("step")
-    ax.set_ylabel("|cosine|")
+    ax.set_ylabel("|cos(u, v_b)|")
     ax.legend()
     fig.tight_layout()
-    return ctx.figure(fig, "alignment")
+    return ctx.figure(fig, "alignment", caption=(
+        "How much of each update u = θ(t) − θ(t − Δ) lies along the backbone v_b, per checkpoint interval"
+        + ("; dashed: the same cosine for single-batch gradients, the control" if "control_cos" in series else "")
+        + "."))
+
+
+TERMS = {
+    "mean abs cos(u, v_b)": "the mean over checkpoint intervals of |⟨u, v_b⟩| / ‖u‖, u the update over one interval "
+                            "and v_b the backbone (mean_abs_cos)",
+    "gradient control": "the mean |cos(g, v_b)| of single-batch gradients of the composite loss; its isotropic floor "
+                        "is about 1/√D (control_mean_abs_cos, isotropic_floor)",
+}
 
 
 @hookimpl
@@ -136,4 +147,5 @@ def geobench_register_metrics(register):
                           min_checkpoints=BACKBONE_CHECKPOINTS,
                           columns={"mean_abs_cos": ("mean_abs_cos", "mean abs cos(u, v_b)"),
                                    "block_mean_abs_cos": ("block_mean_abs_cos", "mean abs cos(u, v_b), per block"),
-                                   "control_mean_abs_cos": ("control_mean_abs_cos", "gradient control")}))
+                                   "control_mean_abs_cos": ("control_mean_abs_cos", "gradient control")},
+                          terms=TERMS))

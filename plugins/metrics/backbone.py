@@ -3,6 +3,7 @@ per-block table."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,11 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
 
     rho_steps, rho = rotation(gram, options["rotation_window"])
     series.update(rotation_steps=rho_steps, rotation_rho=rho)
+    notes = []
+    if not rho:
+        notes.append(f"rotation not computed: two windows of {options['rotation_window']} checkpoints after the anchor "
+                     f"need {options['rotation_window'] + 2} checkpoints, and the window has {len(steps)} "
+                     "(backbone.rotation_window, or checkpoint more often)")
     defined = [v for v in rho if math.isfinite(v)]
     if defined:
         scalars.update(rotation_mean=float(np.mean(defined)), rotation_min=float(np.min(defined)))
@@ -76,9 +82,11 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     variant = (f"{options['scope']}-scope PCA of {len(steps)} checkpoints anchored at step {steps[0]}, uncentered; "
                "v_b, pc1, k95: row-normalized rows, full-spectrum denominator; pc1_top10: top-10 denominator (how the "
                "source published its trunk PC1); *_raw: raw rows; fits: half-open windows (lo, hi], least squares on "
-               f"logs; rotation: sliding windows of {options['rotation_window']} checkpoints after the anchor, stride 1"
+               "logs"
+               + (f"; rotation: sliding windows of {options['rotation_window']} checkpoints after the anchor, stride 1"
+                  if rho else "")
                + (f"; per_block: PCA per block on {thinned(every)}" if options["per_block"] else ""))
-    return MetricResult(scalars=scalars, series=series, tables=tables, figures=figures, variant=variant)
+    return MetricResult(scalars=scalars, series=series, tables=tables, figures=figures, variant=variant, notes=notes)
 
 
 def thinned(every: int) -> str:
@@ -139,6 +147,10 @@ def per_block(ctx, window: list, every: int) -> list[dict]:
     return out
 
 
+A_LABEL = "a(t) = ⟨Δθ_t, v_b⟩ (parameter L2 units)"
+R_LABEL = "‖r(t)‖ = ‖Δθ_t − a(t) v_b‖ (parameter L2 units)"
+
+
 def plots(ctx, bb, steps, a, r, rho_steps, rho, k) -> list[str]:
     from geobench.figures import pyplot
 
@@ -151,16 +163,20 @@ def plots(ctx, bb, steps, a, r, rho_steps, rho, k) -> list[str]:
     ax.set_ylabel("explained variance ratio")
     ax.legend()
     fig.tight_layout()
-    figures = [ctx.figure(fig, "backbone_spectrum")]
+    figures = [ctx.figure(fig, "backbone_spectrum", caption=(
+        f"The share of the drift's energy along each of the first {n} principal directions of the trajectory, "
+        "with every checkpoint's drift scaled to unit length (row-normalized) and as it is (raw)."))]
 
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
     sc = ax.scatter(a, r, c=steps, cmap="viridis", s=14)
     ax.plot(a, r, lw=0.6, color="grey")
     fig.colorbar(sc, ax=ax, label="step")
-    ax.set_xlabel("a(t) = ⟨Δθ_t, v_b⟩")
-    ax.set_ylabel("‖r(t)‖ (residual)")
+    ax.set_xlabel(A_LABEL)
+    ax.set_ylabel(R_LABEL)
     fig.tight_layout()
-    figures.append(ctx.figure(fig, "backbone_plane"))
+    figures.append(ctx.figure(fig, "backbone_plane", caption=(
+        "Each checkpoint's drift from the anchor split into its component a(t) along the backbone v_b and the "
+        "length ‖r(t)‖ of the rest; colour is the step.")))
 
     if rho:
         fig, ax = plt.subplots(figsize=(6, 3))
@@ -169,72 +185,124 @@ def plots(ctx, bb, steps, a, r, rho_steps, rho, k) -> list[str]:
         ax.set_xlabel("step (midpoint of two adjacent windows)")
         ax.set_ylabel("ρ = |⟨v_w, v_w+1⟩|")
         fig.tight_layout()
-        figures.append(ctx.figure(fig, "backbone_rotation"))
+        figures.append(ctx.figure(fig, "backbone_rotation", caption=(
+            "Rotation of the backbone: the overlap ρ of the first principal directions of adjacent sliding windows "
+            "(1: the direction holds; 0: it turned by 90°).")))
     return figures
 
 
-COLUMNS = {"pc1": ("pc1", "PC1 (row-norm.)"), "pc1_top10": ("pc1_top10", "PC1 (row-norm., top-10 denom.)"),
-           "pc1_raw": ("pc1_raw", "PC1 (raw)"), "k95": ("k95", "k95"), "drift": ("drift", "drift"),
+COLUMNS = {"pc1": ("pc1", "PC1 (row-norm.)"), "k95": ("k95", "k95"), "drift": ("drift", "drift"),
+           "pc1_top10": ("pc1_top10", "PC1 (row-norm., top-10 denom.)"), "pc1_raw": ("pc1_raw", "PC1 (raw)"),
            "rotation": ("rotation_mean", "rotation ρ (mean)")}
+TERMS = {
+    "v_b": "the backbone: the first principal direction of the trajectory's drifts Δθ_t = θ_t − θ_anchor, each "
+           "drift scaled to unit length (row-normalized), uncentered",
+    "PC1 (row-norm.)": "the share of the row-normalized drifts' energy along v_b, over the full spectrum (pc1)",
+    "PC1 (row-norm., top-10 denom.)": "the same over the ten largest singular values (pc1_top10)",
+    "PC1 (raw)": "the share of the raw drifts' energy along their own first direction (pc1_raw)",
+    "k95": "the number of principal directions that hold 95% of the row-normalized energy",
+    "drift": "‖θ_last − θ_anchor‖, the L2 length of the final drift over the measured parameters",
+    "a(t), ‖r(t)‖": "the drift's component along v_b and the length of the rest",
+    "rotation ρ (mean)": "the mean overlap |⟨v_w, v_w+1⟩| of the backbones of adjacent sliding windows",
+    "phase_overlap": "|⟨v_E, v_L⟩|, the overlap of the backbones before and after the λ switch",
+}
+
+
+def _beta2_axis(beta2: float) -> float:
+    return 1.0 - beta2  # 0.99 … 0.0 spread over decades on a log axis
 
 
 def comparison_figures(*, runs, groups, references, plt, save) -> None:
     """The backbone planes and |a(t)|, ‖r(t)‖ of every run (the published series beside them);
-    where the configurations differ in β₂, trunk PC1 against β₂; where they use different
-    optimizers, trunk PC1 against the final val_loss, a marker per configuration."""
-    from geobench.figures import plot_references
+    where the configurations differ in β₂, trunk PC1 against β₂ with the published series' PC1;
+    where they use different optimizers, trunk PC1 against the final val_loss, a marker per
+    configuration."""
+    from geobench.figures import Line, draw, outliers, published_lines
+    from geobench.formatting import plain
 
+    planes = [Line(run.label, run.result.series["a"], run.result.series["r_norm"], colour=run.colour)
+              for run in runs]
+    planes += [Line(ref["name"] + " (published)", ref["series"]["a"], ref["series"]["r_norm"], colour=ref.get("colour"),
+                    dashed=True) for ref in references]
     if runs:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for label, result in runs:
-            ax.plot(result.series["a"], result.series["r_norm"], marker="o", ms=2, label=label)
-        ax.set_xlabel("a(t) = ⟨Δθ_t, v_b⟩")
-        ax.set_ylabel("‖r(t)‖")
-        ax.legend(fontsize=7)
-        save(fig, "backbone_planes")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for label, result in runs:
-        left.plot(result.series["steps"], np.abs(result.series["a"]), label=label)
-        right.plot(result.series["steps"], result.series["r_norm"], label=label)
-    plot_references(left, references, "a")
-    plot_references(right, references, "r_norm")
-    for ax, name in ((left, "|a(t)|"), (right, "‖r(t)‖")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        ax.legend(fontsize=7)
-    save(fig, "backbone_curves")
-    points = sorted((g["params"]["beta2"], g["pc1"], g["pc1_raw"]) for g in groups
+        magnitude = [Line(p.label, [], [max(abs(x), abs(y or 0.0)) for x, y in zip(p.x, p.y)]) for p in planes]
+        far = {m.label for m in outliers(magnitude)}
+        near = [p for p in planes if p.label not in far]
+        fig, axes = plt.subplots(1, 2 if far else 1, figsize=(11 if far else 6, 4.5), squeeze=False)
+        for ax, lines, title in ((axes[0][0], near, "runs on a common scale"),
+                                 *(((axes[0][1], [p for p in planes if p.label in far], "far larger drifts (own scale)"),)
+                                   if far else ())):
+            for line in lines:
+                ax.plot(line.x, line.y, marker="o" if not line.dashed else None, ms=2, color=line.colour,
+                        ls="--" if line.dashed else "-", label=line.label)
+            ax.set_xlabel(A_LABEL)
+            ax.set_ylabel(R_LABEL)
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=7)
+        save(fig, "backbone_planes", caption=(
+            "Each run's drift split into its component a(t) along its own backbone and the length of the rest, "
+            "one point per checkpoint" + (", the published series dashed" if references else "")
+            + ("; runs whose drift is over 100 times the others' are drawn in their own panel: " + ", ".join(sorted(far))
+               if far else "") + "."))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    said: list[str] = []
+    for ax, key, label in ((left, "a", "|a(t)| (parameter L2 units)"), (right, "r_norm", "‖r(t)‖ (parameter L2 units)")):
+        lines = [Line(run.label, run.result.series["steps"],
+                      [abs(v) for v in run.result.series[key]] if key == "a" else run.result.series[key],
+                      colour=run.colour, group=run.group, length=run.steps,
+                      marks={"diverged": run.diverged_at} if run.diverged_at is not None else {}) for run in runs]
+        published = published_lines(references, key)
+        if key == "a":
+            published = [dataclasses.replace(p, y=[abs(v) for v in p.y if v is not None]) for p in published]
+        said += [s for s in draw(ax, lines + published, ylabel=label) if s not in said]
+    save(fig, "backbone_curves", caption=(
+        "The drift along the backbone, |a(t)|, and across it, ‖r(t)‖, at every checkpoint"
+        + (", the published series dashed in the colour of the run they pair with" if references else "")
+        + "".join(f"; {s}" for s in said) + "."))
+    points = sorted((g["params"]["beta2"], g["pc1"], g["pc1_raw"], g["colour"]) for g in groups
                     if "beta2" in g["params"] and g.get("pc1") is not None)
-    if len({b for b, _, _ in points}) > 1 and len({g["optimizer"] for g in groups}) == 1:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        b, pc1, raw = zip(*points)
-        ax.plot(b, pc1, marker="o", label="row-normalized")
-        ax.plot(b, raw, marker="o", label="raw")
-        ax.set_xlabel("β₂")
-        ax.set_ylabel("trunk PC1")
-        ax.legend()
-        save(fig, "pc1_vs_beta2")
+    if len({b for b, *_ in points}) > 1 and len({g["optimizer"] for g in groups}) == 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        b = [_beta2_axis(p[0]) for p in points]
+        ax.plot(b, [p[1] for p in points], marker="o", color="black", label="ours, row-normalized")
+        ax.plot(b, [p[2] for p in points], marker="s", color="grey", label="ours, raw")
+        ours = [(_beta2_axis(r["beta2"]), r["pc1"]) for r in references if r.get("beta2") is not None]
+        if ours:
+            ours.sort()
+            ax.plot(*zip(*ours), marker="o", ls="--", color="black", mfc="white", label="published, row-normalized")
+        ax.set_xscale("log")
+        ticks = sorted({p[0] for p in points} | {r["beta2"] for r in references if r.get("beta2") is not None})
+        ax.set_xticks([_beta2_axis(t) for t in ticks], [plain(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("β₂ (spaced by 1 − β₂, log)")
+        ax.set_ylabel("trunk PC1 (share of drift energy)")
+        ax.legend(fontsize=8)
+        save(fig, "pc1_vs_beta2", caption=(
+            "Trunk PC1 against β₂: ours with row-normalized and raw drifts"
+            + (", and the published series' PC1 recomputed from their singular values (row-normalized, full "
+               "spectrum), dashed" if ours else "") + "; the axis spaces β₂ by 1 − β₂ so that 0.8–0.99 do not crowd."))
     scored = [g for g in groups if g.get("pc1") is not None and g.get("val_loss") is not None]
     if len({g["optimizer"] for g in scored}) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for g in scored:
             err = [[g["val_loss"] - lo, hi - g["val_loss"]] for lo, hi in [g.get("val_loss_interval") or
                                                                            (g["val_loss"], g["val_loss"])]]
             yerr = [[g["pc1"] - lo, hi - g["pc1"]] for lo, hi in [g.get("pc1_interval") or (g["pc1"], g["pc1"])]]
             ax.errorbar([g["val_loss"]], [g["pc1"]], xerr=np.transpose(err), yerr=np.transpose(yerr), marker="o",
-                        capsize=2, label=g["group"])
+                        capsize=2, color=g["colour"], label=g["label"])
             ax.annotate(g["group"], (g["val_loss"], g["pc1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("final val_loss (nats)")
         ax.set_ylabel("trunk PC1 (row-normalized)")
-        ax.set_title("one marker per configuration; bars: 95% bootstrap interval over seeds", fontsize=8)
-        save(fig, "pc1_vs_val_loss")
+        save(fig, "pc1_vs_val_loss", caption=(
+            "Trunk PC1 against the final validation loss, one marker per configuration; bars: the 95% bootstrap "
+            "interval over seeds where a configuration has several."))
 
 
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("backbone", "uncentered trajectory PCA: PC1, k95, drift, decomposition, rotation",
                           OPTIONS, compute, default=True, needs=("checkpoints", "evals"), columns=COLUMNS,
-                          min_checkpoints=BACKBONE_CHECKPOINTS,
+                          min_checkpoints=BACKBONE_CHECKPOINTS, terms=TERMS,
                           comparison_figures=comparison_figures))
 
 

@@ -112,4 +112,8 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
 def geobench_register_metrics(register):
     register(MetricPlugin("basin", "B1 recovery steps from peak/trough checkpoints and B6 basin depth",
                           OPTIONS, compute, needs=("checkpoints", "evals", "model", "data", "training"), check=check,
-                          columns={"basin_depth": ("depth_at_largest_sigma", "B6 depth at the largest σ")}))
+                          columns={"basin_depth": ("depth_at_largest_sigma", "B6 depth at the largest σ")},
+                          terms={"B1 recovery": "steps until p_ood ≥ the threshold when a fresh AdamW trains on from a "
+                                                "peak or trough checkpoint (steps_to_threshold)",
+                                 "B6 depth at the largest σ": "mean p_ood after relaxing trunk weights perturbed by "
+                                                              "σ · rms(W) · Z, at the largest σ (D_σ)"}))

@@ -81,18 +81,28 @@ def plot(ctx, rows) -> str:
     left.plot(steps, [r["E_phi"] for r in rows], marker="o", ms=3, label="E_phi (along φ̂)")
     left.plot(steps, [r["E_perp"] for r in rows], marker="o", ms=3, label="E_perp")
     left.set_xlabel("step")
-    left.set_ylabel("energy")
+    left.set_ylabel("energy (squared parameter units)")
     left.legend()
     right.plot(steps, [r["cos_eff"] for r in rows], marker="o", ms=3)
     right.set_ylim(0, 1.02)
     right.set_xlabel("step")
-    right.set_ylabel("cos_eff")
+    right.set_ylabel("cos_eff = √(E_phi / E_tau)")
     fig.tight_layout()
-    return ctx.figure(fig, "energy")
+    return ctx.figure(fig, "energy", caption=(
+        "Left: the drift's energy along the shared direction φ̂ (E_phi) and across it (E_perp). Right: the "
+        "effective cosine between the drift and φ̂."))
+
+
+TERMS = {
+    "cos_eff (final)": "√(E_phi / E_tau) at the last checkpoint: the effective cosine between the run's drift from "
+                       "θ₀ and the shared direction φ̂ (another run's unit drift)",
+    "E_tau, E_phi, E_perp": "the drift's energy ‖θ_t − θ₀‖², its part along φ̂ and the rest",
+    "p_phi": "E_phi / E_tau",
+}
 
 
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("energy", "shared-direction energy E_tau, E_phi, E_perp, p_phi, cos_eff (energy.csv)",
                           OPTIONS, compute, default=True, needs=("checkpoints", "run"), check=check, min_checkpoints=2,
-                          columns={"cos_eff": ("cos_eff_final", "cos_eff (final)")}))
+                          columns={"cos_eff": ("cos_eff_final", "cos_eff (final)")}, terms=TERMS))

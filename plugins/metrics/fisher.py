@@ -83,12 +83,24 @@ def plot(ctx, rows) -> str:
     left.semilogy(steps, [r["q_b"] for r in rows], marker="o", label="q(v_b)")
     left.semilogy(steps, [r["q_random"] for r in rows], marker="o", label="mean q(u), u ⊥ v_b")
     left.set_xlabel("step")
+    left.set_ylabel("Rayleigh quotient q(v) = ‖G v‖² / M")
     left.legend()
     right.plot(steps, [r["anisotropy"] for r in rows], marker="o")
     right.set_xlabel("step")
-    right.set_ylabel("anisotropy α")
+    right.set_ylabel("anisotropy α = q(v_b) / mean q(u)")
     fig.tight_layout()
-    return ctx.figure(fig, "fisher")
+    return ctx.figure(fig, "fisher", caption=(
+        "Left: the empirical Fisher's curvature along the backbone, q(v_b), and along random directions orthogonal "
+        "to it (log scale). Right: their ratio, the anisotropy α."))
+
+
+TERMS = {
+    "q(v)": "‖G v‖² / M, the Rayleigh quotient of the empirical Fisher, G the M single-batch gradients of the "
+            "composite loss at a checkpoint",
+    "max Fisher anisotropy α": "the largest over checkpoints of q(v_b) / mean q(u), u random unit vectors orthogonal "
+                               "to v_b (max_anisotropy)",
+    "top_overlap": "|⟨u₁, v_b⟩|, u₁ the Fisher's top eigenvector",
+}
 
 
 @hookimpl
@@ -96,4 +108,4 @@ def geobench_register_metrics(register):
     register(MetricPlugin("fisher", "Rayleigh quotients along v_b, anisotropy, top Fisher eigenvector",
                           OPTIONS, compute, default=True, needs=("checkpoints", "model", "data", "gradients"),
                           min_checkpoints=BACKBONE_CHECKPOINTS,
-                          columns={"fisher_anisotropy": ("max_anisotropy", "max Fisher anisotropy α")}))
+                          columns={"fisher_anisotropy": ("max_anisotropy", "max Fisher anisotropy α")}, terms=TERMS))

@@ -175,12 +175,19 @@ def plot(ctx, cross) -> str:
     image = ax.imshow(cross, vmin=-1, vmax=1, cmap="RdBu_r")
     fig.colorbar(image, ax=ax, label="signed cosine of top directions")
     ax.set_xlabel("entropy bucket (low → high)")
-    ax.set_ylabel("entropy bucket")
+    ax.set_ylabel("entropy bucket (low → high)")
     fig.tight_layout()
-    return ctx.figure(fig, "grad_structure")
+    return ctx.figure(fig, "grad_structure", caption=(
+        "Signed cosine between the top gradient directions of every pair of predictive-entropy buckets."))
 
 
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("grad_structure", "per-token gradient structure by entropy bucket; correct vs incorrect",
-                          OPTIONS, compute, default=True, needs=("checkpoints", "model", "data", "gradients", "family:gpt")))
+                          OPTIONS, compute, default=True, needs=("checkpoints", "model", "data", "gradients", "family:gpt"),
+                          terms={"participation ratio": "(Σσ²)² / Σσ⁴ of a bucket's per-token gradient matrix: how many "
+                                                        "directions its gradients spread over",
+                                 "rank95": "the fewest singular directions holding 95% of a bucket's gradient energy",
+                                 "cos_correct_incorrect": "the cosine between the mean gradients of correct and of "
+                                                          "incorrect codeword retrievals, in the top-entropy bucket, "
+                                                          "against a control band of random half-splits"}))

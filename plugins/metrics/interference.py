@@ -57,4 +57,7 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
 def geobench_register_metrics(register):
     register(MetricPlugin("interference", "cos(g_LM, g_probe) on the trunk at chosen checkpoints",
                           OPTIONS, compute, default=True, needs=("checkpoints", "model", "data", "gradients", "probe"),
-                          columns={"interference": ("mean_cos", "interference")}))
+                          columns={"interference": ("mean_cos", "interference")},
+                          terms={"interference": "cos(g_LM, g_probe), the cosine between the gradients of the language-model "
+                                                 "and the probe terms of the objective, averaged over batches and over the "
+                                                 "chosen checkpoints (mean_cos); negative: the two pull apart"}))

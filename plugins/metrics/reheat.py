@@ -112,32 +112,45 @@ def plot(ctx, curves: list[dict]) -> str:
         points = [c for c in curves if c["lr"] == lr and c["from_step"] == start]
         ax.plot([c["step"] for c in points], [c["p_ood"] for c in points], marker="o", ms=3,
                 label=f"from {start}, lr {lr:g}")
-    ax.set_xlabel("reheat step")
-    ax.set_ylabel("p_ood")
+    ax.set_xlabel("step of the reheat run")
+    ax.set_ylabel("p_ood (probe exact match, OOD gaps)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
     fig.tight_layout()
-    return ctx.figure(fig, "reheat")
+    return ctx.figure(fig, "reheat", caption=(
+        "p_ood while a fresh optimizer trains on from each checkpoint at each learning rate; the first point is the "
+        "checkpoint's own p_ood (the reheat start)."))
 
 
 def comparison_figures(*, runs, groups, references, plt, save) -> None:
-    """Every reheat curve of every run on one axis."""
+    """Every reheat curve of every run on one axis: a colour per run, a line style per learning rate."""
     if not runs:
         return
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, result in runs:
-        curves = result.tables["curves"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    styles = ("-", "--", ":", "-.")
+    lrs = list(dict.fromkeys(c["lr"] for run in runs for c in run.result.tables["curves"]))
+    for run in runs:
+        curves = run.result.tables["curves"]
         for start, lr in dict.fromkeys((c.get("from_step"), c["lr"]) for c in curves):
             points = [c for c in curves if c.get("from_step") == start and c["lr"] == lr]
-            ax.plot([c["step"] for c in points], [c["p_ood"] for c in points], label=f"{label} from {start} lr {lr:g}")
-    ax.set_xlabel("reheat step")
-    ax.set_ylabel("p_ood")
+            ax.plot([c["step"] for c in points], [c["p_ood"] for c in points], color=run.colour,
+                    ls=styles[lrs.index(lr) % len(styles)], marker="o", ms=2, markevery=[0],
+                    label=f"{run.label}, from step {start}, lr {lr:g}")
+    ax.set_xlabel("step of the reheat run")
+    ax.set_ylabel("p_ood (probe exact match, OOD gaps)")
+    ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
-    save(fig, "reheat_curves")
+    save(fig, "reheat_curves", caption=(
+        "p_ood while a fresh optimizer trains on from a checkpoint of each run (a colour per run, a line style per "
+        "learning rate); the marked first point is the checkpoint's own p_ood, where G is measured from."))
 
 
 @hookimpl
 def geobench_register_metrics(register):
     register(MetricPlugin("reheat", "re-train from a checkpoint with a fresh optimizer: peak p_ood and gain G per lr",
                           OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check,
-                          columns={"gain": ("best_gain", "G")}, comparison_figures=comparison_figures))
+                          columns={"gain": ("best_gain", "G")}, comparison_figures=comparison_figures,
+                          terms={"G": "the re-entry gain: the highest p_ood while a fresh optimizer trains on from the "
+                                      "checkpoint, minus p_ood at the start (so G ≥ 0); the column is the best over "
+                                      "the learning rates (best_gain)",
+                                 "peak p_ood": "the highest p_ood of a reheat run, at the step given beside it"}))

@@ -151,15 +151,28 @@ def plot(ctx, series, rows) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     ax.plot(series["steps"], series["p_ood"], marker="o", ms=3, label="p_ood")
     p = dict(zip(series["steps"], series["p_ood"]))
-    ax.scatter(series["peaks"], [p[s] for s in series["peaks"]], marker="^", color="green", s=50, label="peak", zorder=3)
-    ax.scatter(series["troughs"], [p[s] for s in series["troughs"]], marker="v", color="red", s=50, label="trough", zorder=3)
+    for steps, marker, colour, name in ((series["peaks"], "^", "green", "peak"), (series["troughs"], "v", "red", "trough")):
+        if steps:  # a legend entry only for markers that are drawn
+            ax.scatter(steps, [p[s] for s in steps], marker=marker, color=colour, s=50, label=name, zorder=3)
     for r in rows:
         ax.annotate(r.get("tier") or "", (r["peak"], r["p_peak"]), textcoords="offset points", xytext=(0, 6), ha="center")
     ax.set_xlabel("step")
-    ax.set_ylabel("p_ood")
+    ax.set_ylabel("p_ood (probe exact match, OOD gaps)")
+    ax.set_ylim(-0.02, 1.02)
     ax.legend()
     fig.tight_layout()
-    return ctx.figure(fig, "switching")
+    found = len(series["peaks"]) + len(series["troughs"])
+    return ctx.figure(fig, "switching", caption=(
+        "p_ood at every evaluation" + (" with the detected peaks (▲) and troughs (▼), each pair labelled with its tier"
+                                       if found else "; the detector found no peak or trough") + "."))
+
+
+TERMS = {
+    "switch pairs": "peaks of p_ood (interior, above both neighbours, prominence ≥ 0.03) each paired with the first "
+                    "trough after it (n_switches)",
+    "tier A": "pairs whose drop |Δp_ood| is at least 3σ, σ the bootstrap noise of p_ood (tier B: at least 2σ)",
+    "v_sw": "the unit vector of θ_peak − θ_trough; its backbone share is ⟨v_sw, v_b⟩²",
+}
 
 
 @hookimpl
@@ -167,4 +180,5 @@ def geobench_register_metrics(register):
     register(MetricPlugin("switching", "p_ood peaks/troughs, bootstrap tiers, switch directions vs the backbone",
                           OPTIONS, compute, default=True, needs=("checkpoints", "evals", "model", "data"),
                           min_checkpoints=BACKBONE_CHECKPOINTS, min_evals=3,
-                          columns={"switches": ("n_switches", "switch pairs"), "tier_a": ("tier_a", "tier A")}))
+                          columns={"switches": ("n_switches", "switch pairs"), "tier_a": ("tier_a", "tier A")},
+                          terms=TERMS))

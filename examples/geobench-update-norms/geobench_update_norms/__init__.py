@@ -63,24 +63,24 @@ def plot(ctx: MetricContext, series: dict, scopes: Mapping[str, list[str]]) -> s
         ax.plot(series["steps"], series[scope], label=scope)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("update length per step")
+    ax.set_ylabel("update length per step (parameter L2 units)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return ctx.figure(fig, "update_norms")
+    return ctx.figure(fig, "update_norms", caption="‖θ_t − θ_s‖ / (t − s) between consecutive checkpoints, per scope.")
 
 
 def comparison_figures(*, runs, groups, references, plt, save) -> None:
     """The trunk's update length per step of every run on one axis."""
     if not runs:
         return
+    from geobench.figures import Line, draw
+
+    lines = [Line(run.label, run.result.series["steps"], run.result.series["trunk"], colour=run.colour, group=run.group,
+                  length=run.steps) for run in runs]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, result in runs:
-        ax.plot(result.series["steps"], result.series["trunk"], label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("trunk update length per step")
-    ax.legend(fontsize=7)
-    save(fig, "update_norms_trunk")
+    said = draw(ax, lines, ylabel="trunk update length per step (parameter L2 units)")
+    save(fig, "update_norms_trunk", caption="The trunk's update length per step between checkpoints, every run"
+                                           + "".join(f"; {s}" for s in said) + ".")
 
 
 @hookimpl
@@ -88,4 +88,6 @@ def geobench_register_metrics(register):
     register(MetricPlugin("update_norms", "update length per step of the trunk and of every block, between checkpoints",
                           OPTIONS, compute, needs=("checkpoints", "run"),
                           columns={"update_norm": ("trunk_mean", "trunk update/step")},
-                          comparison_figures=comparison_figures))
+                          comparison_figures=comparison_figures,
+                          terms={"trunk update/step": "the mean over checkpoint intervals of the trunk's "
+                                                      "‖θ_t − θ_s‖ / (t − s) (trunk_mean)"}))
