@@ -400,7 +400,8 @@ def cmd_energy(args: argparse.Namespace) -> int:
     reference = args.ref or measurement.opts[0]
     judged = write(measurement, out, limits, {
         "theta0": args.theta0 or f"the first checkpoint of {reference!r}",
-        "phi_hat": args.phi_hat or f"the unit drift last − first of {reference!r}"})
+        "phi_hat": args.phi_hat or f"the unit drift last − first of {reference!r}"},
+        reference=None if args.phi_hat else reference)
     for verdict in judged:
         print(f"geobench: {verdict['opt']}: {verdict['checkpoints']} checkpoints, final cos_eff "
               f"{formatting.number(verdict['cos_eff_final'])}: {verdict['verdict']}"

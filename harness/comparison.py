@@ -499,7 +499,7 @@ def headline(doc: Comparison) -> list[str]:
     healthy = [g for g in groups if g.statuses != ["diverged"]]
     for col, lowest in (("val_loss", True), ("best_p_ood", False)):
         scored = [g for g in healthy if g.values.get(col) is not None and col not in g.no_signal]
-        if len(scored) >= 2:
+        if len({g.values[col] for g in scored}) >= 2:
             top = (min if lowest else max)(scored, key=lambda g: g.values[col] or 0.0)
             best.append(f"{'lowest' if lowest else 'highest'} {doc.headings[col]}: {name_of(doc, top)} "
                         f"({number(top.values[col])})")

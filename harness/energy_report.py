@@ -7,7 +7,9 @@ Classes (repro_pkg's reading guide; the thresholds are options, defaults below):
 - healthy: cos_eff ≥ `healthy_cos` at every checkpoint (E_tau's growth is reported beside it);
 - diffuse / off-axis: cos_eff falls by at least `decline` from the first checkpoint to the last, at
   least 3/4 of its steps going down, and E_perp ≥ `perp_ratio` × E_phi at the end;
-- mixed: none of these.
+- mixed: none of these;
+- reference: the trajectory whose own final drift is φ̂ (its cos_eff ends at 1 by construction, so
+  judging it against itself would say nothing).
 "Weak" (healthy geometry, low task reward) needs a reward the manifest does not carry: not judged.
 """
 
@@ -57,7 +59,8 @@ def classify(rows: list[dict], step_energy: list[float], limits: Thresholds) -> 
     falling = float(np.mean([b <= a for a, b in zip(cos, cos[1:])])) if len(cos) >= 2 else 0.0
     drop = cos[0] - cos[-1] if cos else 0.0
     ratio = out["perp_over_phi_final"] or 0.0
-    diffuse = {f"cos_eff fell {drop:.3g}": drop >= limits.decline,
+    moved_by = f"cos_eff fell {drop:.3g}" if drop >= 0 else f"cos_eff rose {-drop:.3g}"
+    diffuse = {moved_by: drop >= limits.decline,
                f"{falling:.0%} of its steps went down": falling >= 0.75,
                f"E_perp/E_phi ended at {ratio:.3g}": ratio >= limits.perp_ratio}
     bounds = (f">= {limits.decline:g}", ">= 75%", f">= {limits.perp_ratio:g}")
@@ -75,9 +78,16 @@ def classify(rows: list[dict], step_energy: list[float], limits: Thresholds) -> 
     return {**out, "verdict": verdict, "why": why}
 
 
-def verdicts(measurement: Measurement, limits: Thresholds) -> list[dict]:
-    return [classify([r for r in measurement.rows if r["opt"] == o], measurement.step_energy[o], limits)
-            for o in measurement.opts]
+REFERENCE_WHY = "φ̂ is its own final drift, so its cos_eff ends at 1 by construction; the others are measured against it"
+
+
+def verdicts(measurement: Measurement, limits: Thresholds, reference: str | None = None) -> list[dict]:
+    """The verdict of every trajectory; `reference`, the one whose own drift is φ̂, is not judged."""
+    out = []
+    for o in measurement.opts:
+        judged = classify([r for r in measurement.rows if r["opt"] == o], measurement.step_energy[o], limits)
+        out.append({**judged, "verdict": "reference", "why": REFERENCE_WHY} if o == reference else judged)
+    return out
 
 
 def figure(measurement: Measurement, judged: list[dict], directory: Path, name: str) -> str:
@@ -120,7 +130,12 @@ TERMS = {
 
 def headline(measurement: Measurement, judged: list[dict], sources: dict[str, str]) -> list[str]:
     sentences = [f"{len(judged)} trajectories measured along φ̂ ({sources['phi_hat']}) from θ₀ ({sources['theta0']})."]
-    sentences.append("; ".join(f"{v['opt']} is {v['verdict']} ({v['why']})" for v in judged) + ".")
+    by_verdict: dict[str, list[str]] = {}
+    for v in judged:
+        spike_at = f" at iter {v['spike_iter']}" if v["verdict"] == "step-energy collapse" else ""
+        by_verdict.setdefault(v["verdict"] + spike_at, []).append(v["opt"])
+    sentences.append("Verdicts: " + "; ".join(f"{', '.join(opts)} {verdict}" for verdict, opts in by_verdict.items())
+                     + " (the verdict table names the threshold that decided each).")
     opts = measurement.opts
     if len(opts) >= 2:
         cos = measurement.final_cosines()
@@ -165,11 +180,13 @@ def page(measurement: Measurement, judged: list[dict], limits: Thresholds, csv_n
     return out
 
 
-def write(measurement: Measurement, csv_path: Path, limits: Thresholds, sources: dict[str, str]) -> list[dict]:
-    """CSV, then `<stem>.md`, `<stem>.html` and `figures/<stem>.png` beside it; returns the verdicts."""
+def write(measurement: Measurement, csv_path: Path, limits: Thresholds, sources: dict[str, str],
+          reference: str | None = None) -> list[dict]:
+    """CSV, then `<stem>.md`, `<stem>.html` and `figures/<stem>.png` beside it; returns the verdicts.
+    `reference`: the trajectory whose own final drift is φ̂ (None when φ̂ came from elsewhere)."""
     directory = csv_path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    judged = verdicts(measurement, limits)
+    judged = verdicts(measurement, limits, reference)
     fig = figure(measurement, judged, directory, csv_path.stem)
     atomic_write_text(csv_path, to_csv(measurement.rows))
     pages.write(page(measurement, judged, limits, csv_path.name, fig, sources), directory, csv_path.stem)

@@ -118,7 +118,7 @@ def draw(ax, lines: Sequence[Line], *, ylabel: str, xlabel: str = "step", events
     clipped = outliers(lines)
     healthy = [line for line in lines if line not in clipped]
     values = [v for line in healthy for v in line.y if v is not None and math.isfinite(v)]
-    if log is None:
+    if log is None and ylim is None:
         positive = [v for v in values if v > 0]
         log = bool(positive) and len(positive) == len(values) and max(positive) / min(positive) > LOG_SPAN
     if log:

@@ -369,9 +369,14 @@ def test_reheat_summary_on_a_known_curve():
 
 
 def test_a_reheat_may_train_at_another_probe_rate(ctx):
+    said: list[str] = []
     result = run_metrics(ctx, ["reheat"], options={"reheat": options(
-        "reheat", steps=2, warmup=1, eval_every=2, lrs="[1e-3]", p_probe=0.0)})["reheat"]
+        "reheat", steps=2, warmup=1, eval_every=2, lrs="[1e-3]", p_probe=0.0)}, say=said.append)["reheat"]
     assert result.status == "ok", result.error
+    # a line as each derived run starts and ends: a reheat or a basin can take minutes
+    assert said[:2] == ["geobench: metric 1/1 reheat: computing",
+                        "geobench:   derived run reheat-from30-lr0.001 (from step 30, 2 steps): training"]
+    assert said[2].startswith("geobench:   derived run reheat-from30-lr0.001: done in ")
     derived = ctx.run.path / "derived" / "reheat-from30-lr0.001"
     assert "p_probe: 0.0" in (derived / "config.yaml").read_text() and "p_probe 0;" in result.variant
     with pytest.raises(UsageError, match="must keep the probe settings"):
