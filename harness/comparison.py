@@ -179,6 +179,14 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _short(key: str, n: int) -> str:
+    """The last `n` parts of a config key; `optimizer.name` reads as `optimizer`."""
+    parts = key.split(".")
+    if parts[-1] == "name" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts[-n:])
+
+
 def varying(configs: list[dict[str, Any]]) -> dict[str, str]:
     """The settings whose values differ between the configurations: short name → config key
     (`lr` → `optimizer.params.lr`; the shortest unambiguous suffix), in the config's order."""
@@ -187,12 +195,10 @@ def varying(configs: list[dict[str, Any]]) -> dict[str, str]:
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     out: dict[str, str] = {}
     for key in differ:
-        parts = key.split(".")
-        for n in range(1, len(parts) + 1):
-            short = ".".join(parts[-n:])
-            if sum(k.endswith(short) and (k == short or k.endswith("." + short)) for k in differ) == 1:
-                out[short] = key
-                break
+        n = 1
+        while n < len(key.split(".")) and any(_short(other, n) == _short(key, n) for other in differ if other != key):
+            n += 1
+        out[_short(key, n)] = key
     return out
 
 
@@ -203,7 +209,7 @@ def settings_of(config: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
 
 def describe(settings: dict[str, Any], name: str = "") -> str:
     """The settings not already spelled out in `name`, as `lr=0.001, wd=0.5`."""
-    shown = [f"{k}={plain(v)}" for k, v in settings.items()]
+    shown = [f"{k}={plain(v)}" for k, v in settings.items() if v is not None]  # None: not a setting of this run
     return ", ".join(s for s in shown if s not in name)
 
 
@@ -367,6 +373,10 @@ def _group_status(doc: Comparison, agg: GroupRow) -> str:
     return ", ".join(dict.fromkeys(_status(r) for r in members))
 
 
+def _setting(value: Any) -> str | None:
+    return None if value is None else plain(value)  # None: not a setting of this run, shown as —
+
+
 def _signal_cell(reason: str | None, number: Any) -> Any:
     return "no signal" if reason else number
 
@@ -389,7 +399,7 @@ def table_rows(doc: Comparison, shown: list[str]) -> tuple[list[str], list[list[
     for agg in groups:
         row: list[Any] = [name_of(doc, agg)]
         row += [describe({k: agg.settings.get(k) for k in settings})] if wide else [
-            plain(agg.settings.get(k)) for k in settings]
+            _setting(agg.settings.get(k)) for k in settings]
         row += [_group_status(doc, agg), agg.runs]
         for c in shown:
             interval = agg.intervals.get(c)
@@ -414,7 +424,7 @@ def split_columns(doc: Comparison) -> tuple[list[str], list[str]]:
 def run_rows(doc: Comparison) -> tuple[list[str], list[list[Any]]]:
     settings = list(doc.varying)
     header = ["run", *settings, "seed", "status", "steps", *(doc.headings[c] for c in doc.columns)]
-    body = [[r.label, *(plain(r.settings.get(k)) for k in settings), r.seed, _status(r), r.steps,
+    body = [[r.label, *(_setting(r.settings.get(k)) for k in settings), r.seed, _status(r), r.steps,
              *(_signal_cell(r.no_signal.get(c), r.values.get(c)) for c in doc.columns)] for r in doc.runs]
     return header, body
 
@@ -446,8 +456,8 @@ def variant_lines(doc: Comparison) -> list[str]:
 
 def _ordering(doc: Comparison, col: str) -> tuple[list[str], int] | None:
     """(the pairs of configurations ordered unlike the published figures, the pairs compared)."""
-    both = [(name_of(doc, agg), agg.values[col], doc.published[agg.group][col]) for agg in doc.groups
-            if agg.values.get(col) is not None and col in doc.published.get(agg.group, {})]
+    both = [(name_of(doc, agg), ours, doc.published[agg.group][col]) for agg in doc.groups
+            if (ours := agg.values.get(col)) is not None and col in doc.published.get(agg.group, {})]
     compared = [(a, b) for i, a in enumerate(both) for b in both[i + 1:] if a[2] != b[2]]
     if len(both) < 2 or not compared:
         return None

@@ -159,8 +159,9 @@ def draw(ax, lines: Sequence[Line], *, ylabel: str, xlabel: str = "step", events
             if over is not None:
                 ax.plot([x_of(line, over)], [top], marker="^", ms=8, color=line.colour or "black", ls="none",
                         clip_on=False)
+    reach = max((x for line in lines for x in line.x), default=0.0)
     for name, at in (events or {}).items():
-        if not fraction:
+        if not fraction and at <= reach:  # an event after the last step did not happen
             ax.axvline(at, color="grey", ls=":", lw=1, label=name)
     if ylim is not None:
         ax.set_ylim(*ylim)

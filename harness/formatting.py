@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["Estimate", "column", "duration", "number", "plain"]
 
@@ -26,7 +26,7 @@ class Estimate:
     half_width: float | None = None
 
 
-def _numeric(value: Any) -> bool:
+def _numeric(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -81,7 +81,9 @@ def _render(value: Any, style: tuple[str, int, float]) -> str:
 def column(values: Sequence[Any]) -> list[str]:
     """Each value of one table column as text: numbers in the column's one notation, None as —,
     strings as they are."""
-    finite = [v for v in (e.value if isinstance(e, Estimate) else e for e in values) if _numeric(v) and math.isfinite(v)]
+    numbers: list[float] = [float(v) for v in (e.value if isinstance(e, Estimate) else e for e in values)
+                            if _numeric(v)]
+    finite = [v for v in numbers if math.isfinite(v)]
     style = _style(finite) if finite else ("fixed", 1, 0.0)
     return [_render(v, style) for v in values]
 

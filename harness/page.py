@@ -110,11 +110,16 @@ def inline_html(text: str) -> str:
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
          ".table{overflow-x:auto;margin:0 0 1em}table{border-collapse:collapse;font-size:0.9em}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#eee}"
-         "td:first-child,th:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}th{background:#eee}"
+         "td.num,th.num{text-align:right;white-space:nowrap}figure{margin:1em 0}img{max-width:100%}"
          "figcaption{font-style:italic;color:#444}code{background:#f4f4f4;padding:0 3px}"
          ".headline{font-size:1.1em;border-left:4px solid #4a7;padding:0.3em 0.8em;background:#f3faf5}"
          "dt{font-weight:bold;margin-top:0.3em}dd{margin:0 0 0 1.5em}")
+
+
+# a cell that is a number (or missing): right-aligned, so a column's digits line up
+NUMBER = re.compile(r"[-+]?(\d[\d,]*(\.\d+)?(e[-+]?\d+)?|nan|inf|—)( ± [\d.e-]+)?")
+CLASS = {True: " class='num'", False: ""}
 
 
 def to_html(page: Page, directory: Path) -> str:
@@ -133,8 +138,12 @@ def to_html(page: Page, directory: Path) -> str:
             parts.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block.items) + "</ul>")
         elif isinstance(block, Table):
             caption = f"<caption>{esc(block.caption)}</caption>" if block.caption else ""
-            head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.header) + "</tr>"
-            body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            numeric = [bool(block.rows) and all(NUMBER.fullmatch(row[i]) for row in block.rows)
+                       for i in range(len(block.header))]
+            head = ("<tr>" + "".join(f"<th{CLASS[n]}>{esc(h)}</th>" for h, n in zip(block.header, numeric)) + "</tr>"
+                    if any(block.header) else "")  # a key/value table has no header to show
+            body = "".join("<tr>" + "".join(f"<td{CLASS[n or bool(NUMBER.fullmatch(c))]}>{esc(c)}</td>"
+                                            for c, n in zip(row, numeric)) + "</tr>" for row in block.rows)
             parts.append(f"<div class='table'><table>{caption}{head}{body}</table></div>")
         elif isinstance(block, Terms):
             parts.append("<dl>" + "".join(f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>"

@@ -369,7 +369,7 @@ def optimizer_blocks(opt: dict[str, Any]) -> list[pages.Block]:
         rows.append(["the step uses", "; ".join(extras)])
     if not opt["deterministic"]:
         rows.append(["resume", "not bit-identical to an uninterrupted run (the plugin declares it non-deterministic)"])
-    groups = [[str(i), f"`{group['optimizer']}`", f"{group['parameters']:,}", ", ".join(group["roles"]), group["names"],
+    groups = [[str(i), f"`{group['optimizer']}`", f"{group['parameters']:,}", ", ".join(group["roles"]), f"`{group['names']}`",
                ", ".join(f"{k}={plain(v)}" for k, v in group["hyperparameters"].items() if v is not False)]  # flags off: noise
               for i, group in enumerate(opt["groups"])]
     return [pages.Heading("Optimizer"), pages.Table(["", ""], rows),

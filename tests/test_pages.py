@@ -13,10 +13,10 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import browser
 import numpy as np
 import pytest
 
-import browser
 from conftest import FAST, run_cli
 from geobench import energy_report
 from geobench.shared_direction import Measurement
@@ -82,7 +82,9 @@ def markdown_blocks(text: str) -> tuple[list[str], list[str], list[str], list[st
         elif found := re.fullmatch(r"!\[(.*)\]\((.+)\)", line):
             images.append(found.group(2))
         elif line.startswith("| "):
-            texts.append(" | ".join(plain(c.strip()) for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]))
+            cells = [plain(c.strip()) for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if any(cells):  # a key/value table's empty header is not drawn in HTML
+                texts.append(" | ".join(cells))
         elif line.startswith("- **"):
             continue  # a term: a <dt> and a <dd> in HTML, checked apart
         elif line.startswith("- "):

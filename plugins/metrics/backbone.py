@@ -74,7 +74,9 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
         scalars.update(rotation_mean=float(np.mean(defined)), rotation_min=float(np.min(defined)))
     if len(defined) < len(rho):
         scalars["rotation_undefined"] = len(rho) - len(defined)  # pairs with a window that did not move
-    scalars["phase_overlap"] = phase_overlap(gram, options["phase_split"], ctx)
+    scalars["phase_overlap"], why = phase_overlap(gram, options["phase_split"], ctx)
+    if why:
+        notes.append(f"phase overlap not computed: {why}")
     every = options["per_block_every"]
     if options["per_block"]:
         tables["per_block"] = per_block(ctx, options["window"], every)
@@ -117,25 +119,27 @@ def rotation(gram, size: int) -> tuple[list[float], list[float]]:
     return [(a + b) / 2 for a, b in zip(centres, centres[1:])], rho
 
 
-def phase_overlap(gram, split: int | None, ctx) -> float | None:
-    """|⟨v_E, v_L⟩|: backbones of steps <= split (anchored at the first) and >= split (anchored there)."""
+def phase_overlap(gram, split: int | None, ctx) -> tuple[float | None, str | None]:
+    """|⟨v_E, v_L⟩|: backbones of steps <= split (anchored at the first) and >= split (anchored
+    there); or None and why it could not be computed."""
     if split is None:
-        if ctx.config is None:  # no schedule to split at
-            return None
+        if ctx.config is None:
+            return None, "a manifest's checkpoints carry no λ schedule to split at (backbone.phase_split)"
         schedule = ctx.config.train.lambda_schedule
         if len(schedule) < 2:
-            return None
+            return None, "the λ schedule never switches (backbone.phase_split sets a step)"
         split = schedule[1][0]
     i = int(np.argmin([abs(s - split) for s in gram.steps]))  # the checkpoint nearest the split
     T = len(gram.steps)
     if i < 2 or T - i < 3:
-        return None
+        return None, (f"each phase needs 3 checkpoints; around step {split} the window has {i + 1} before and "
+                      f"{T - i} after")
     early = np.eye(T)[1:i + 1]
     late = np.eye(T)[i + 1:]
     late[:, i] = -1.0
     v_e = pca(gram, early, normalize_rows=True, sign_row=-1).directions[0]
     v_l = pca(gram, late, normalize_rows=True, sign_row=-1).directions[0]
-    return abs(gram.inner(v_e, v_l))
+    return abs(gram.inner(v_e, v_l)), None
 
 
 def per_block(ctx, window: list, every: int) -> list[dict]:

@@ -149,8 +149,9 @@ def comparison_figures(*, runs, groups, references, plt, save) -> None:
 def geobench_register_metrics(register):
     register(MetricPlugin("reheat", "re-train from a checkpoint with a fresh optimizer: peak p_ood and gain G per lr",
                           OPTIONS, compute, needs=("checkpoints", "model", "data", "training"), check=check,
-                          columns={"gain": ("best_gain", "G")}, comparison_figures=comparison_figures,
-                          terms={"G": "the re-entry gain: the highest p_ood while a fresh optimizer trains on from the "
-                                      "checkpoint, minus p_ood at the start (so G ≥ 0); the column is the best over "
-                                      "the learning rates (best_gain)",
+                          columns={"gain": ("best_gain", "G (best lr)")}, comparison_figures=comparison_figures,
+                          terms={"G (best lr)": "the re-entry gain G, the highest p_ood while a fresh optimizer trains "
+                                                "on from the checkpoint minus p_ood at the start (so G ≥ 0), at the "
+                                                "learning rate where it is largest (best_gain); the reheat figure and "
+                                                "each run's report give every learning rate's",
                                  "peak p_ood": "the highest p_ood of a reheat run, at the step given beside it"}))
