@@ -429,6 +429,7 @@ def run_rows(doc: Comparison) -> tuple[list[str], list[list[Any]]]:
     return header, body
 
 
+SINGLE_RUN_COLUMNS = 6  # the columns a one-run comparison's headline names
 SINGLE_TABLE_COLUMNS = 8  # more metric columns than this: a results table and a further-metrics table
 REFERENCE_COLUMNS = [("name", "series"), ("steps", "steps"), ("best_p_ood", "best p_ood"),
                      ("best_p_ood_step", "at step"), ("final_val_loss", "final val loss"), ("drift", "drift"),
@@ -479,7 +480,13 @@ def headline(doc: Comparison) -> list[str]:
     differ = f" differing in {', '.join(doc.varying)}" if doc.varying else ""
     first = f"{len(doc.runs)} runs of {len(groups)} configurations{differ}{seeds}."
     if len(doc.runs) == 1:
-        first = f"One run, `{doc.runs[0].label}`."
+        only = doc.runs[0]
+        first = f"One run, {groups[0].label}"
+        measured = [f"{doc.headings[c]} {number(v)}" for c in doc.columns
+                    if (v := only.values.get(c)) is not None and c not in only.no_signal]
+        if measured:
+            first += f": {', '.join(measured[:SINGLE_RUN_COLUMNS])}"
+        first += "."
     diverged = [r for r in doc.runs if r.status == "diverged"]
     ended = {r.status for r in doc.runs} - {"diverged"}
     group_of = {g.group: g for g in groups}
@@ -489,7 +496,8 @@ def headline(doc: Comparison) -> list[str]:
                                  + f" diverged at step {r.diverged_at}" for r in diverged)
         first += f"; the others {'/'.join(sorted(ended))}." if ended else "."
     elif ended == {"completed"}:
-        first += f" All completed ({', '.join(str(s) for s in sorted({r.steps for r in doc.runs}))} steps)."
+        steps = ', '.join(str(s) for s in sorted({r.steps for r in doc.runs}))
+        first += f" All completed ({steps} steps)." if len(doc.runs) > 1 else f" It completed {steps} steps."
     sentences = [first]
     held, missed = [], []
     for col in doc.columns:
@@ -602,7 +610,7 @@ def figures(directory: Path, doc: Comparison, runs: list[Compared], reg: Registr
     group_of = {g.group: g for g in doc.groups}
     switches = {json.dumps(run.report.config["train"].get("lambda_schedule")) for run in runs}
     schedule = json.loads(switches.pop()) if len(switches) == 1 else []
-    events = {"λ switch": schedule[1][0]} if len(schedule) > 1 else {}
+    events = {f"λ switch (step {schedule[1][0]})": schedule[1][0]} if len(schedule) > 1 else {}
     for key, label in (("p_ood", "p_ood (probe exact match, OOD gaps)"), ("val_loss", "val_loss (nats)")):
         lines = [Line(group_of[row.group].label if group_of[row.group].runs == 1 else row.label,
                       [e.step for e in run.report.evals], [getattr(e, key) for e in run.report.evals],

@@ -128,6 +128,11 @@ TERMS = {
 }
 
 
+def matrix(cos: np.ndarray) -> list[list[str]]:
+    """Cosines, in [-1, 1]: three decimals throughout the matrix."""
+    return [[f"{v:.3f}" for v in row] for row in cos]
+
+
 def headline(measurement: Measurement, judged: list[dict], sources: dict[str, str]) -> list[str]:
     sentences = [f"{len(judged)} trajectories measured along φ̂ ({sources['phi_hat']}) from θ₀ ({sources['theta0']})."]
     by_verdict: dict[str, list[str]] = {}
@@ -168,8 +173,7 @@ def page(measurement: Measurement, judged: list[dict], limits: Thresholds, csv_n
             pages.Heading("Do the optimizers share one direction?"),
             pages.Paragraph("Cosine of the final drifts θ_final − θ₀ over the whole parameter set (each parameter "
                             "weighted by its drift energy):"),
-            pages.table(["", *measurement.opts], [[a, *(float(cos[i, j]) for j in range(len(measurement.opts)))]
-                                                  for i, a in enumerate(measurement.opts)]),
+            pages.Table(["", *measurement.opts], [[a, *cells] for a, cells in zip(measurement.opts, matrix(cos))]),
             pages.Figure(fig, "Left: cos_eff, the effective cosine between each trajectory's drift from θ₀ and φ̂, at "
                               "every checkpoint (1: all of the drift lies along φ̂). Right: the drift's energy E_tau; "
                               "an X marks a step-energy spike."),

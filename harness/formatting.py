@@ -89,8 +89,16 @@ def column(values: Sequence[Any]) -> list[str]:
 
 
 def number(value: Any) -> str:
-    """One number on its own (in a sentence, or a cell of a key/value table)."""
-    return column([value])[0]
+    """One number on its own (in a sentence, or a cell of a key/value table): three significant
+    digits without trailing zeros (whole units from 1000), scientific notation from 1e5 and below
+    1e-3."""
+    if not _numeric(value) or isinstance(value, int) or not math.isfinite(value):
+        return _render(value, ("int", 0, math.inf))
+    if 999.5 <= abs(value) < 1e5:
+        return f"{value:.0f}"
+    if value == 0 or 1e-3 <= abs(value) < 999.5:
+        return f"{value:.3g}"
+    return _scientific(value)
 
 
 def plain(value: Any) -> str:

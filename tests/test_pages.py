@@ -22,7 +22,7 @@ from geobench import energy_report
 from geobench.shared_direction import Measurement
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_PAGES = sorted((ROOT / "reports" / "reference").glob("*/comparison.html"))
+REFERENCE_PAGES = sorted((ROOT / "reports" / "reference").glob("*/*.html"))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -209,8 +209,10 @@ def test_pages_render_in_a_browser_without_overflow_and_with_every_figure(pages)
 
 
 def test_the_committed_reference_pages_open_with_a_headline_and_match_their_markdown():
-    assert REFERENCE_PAGES
+    kinds = {page.stem for page in REFERENCE_PAGES}
+    assert kinds == {"comparison", "report", "energy"}, kinds  # every kind of page has a worked example
     for page in REFERENCE_PAGES:
-        blocks = assert_same_page(page.parent, "comparison")
-        doc = json.loads((page.parent / "comparison.json").read_text())
-        assert blocks.texts[0] == html.unescape(plain(" ".join(doc["headline"])))
+        blocks = assert_same_page(page.parent, page.stem)
+        if page.stem == "comparison":
+            doc = json.loads((page.parent / "comparison.json").read_text())
+            assert blocks.texts[0] == html.unescape(plain(" ".join(doc["headline"])))
