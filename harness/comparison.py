@@ -32,7 +32,7 @@ from geobench.formatting import Estimate, number, plain
 from geobench.registry import Registry
 from geobench.report import CORE_TERMS as RUN_TERMS
 from geobench.report import load_schema, now
-from geobench.series import bootstrap_interval
+from geobench.series import PROBE_LEARNED, bootstrap_interval
 
 # the columns of every run; metric plugins add theirs (MetricPlugin.columns)
 CORE_COLUMNS = {"val_loss": "val loss", "best_p_ood": "best p_ood"}
@@ -386,7 +386,7 @@ def table_rows(doc: Comparison, shown: list[str]) -> tuple[list[str], list[list[
     `shown` (the mean ± half its seed interval) with the published figure beside it where there is one."""
     spec = doc.table
     settings = _setting_columns(doc)
-    wide = len(settings) > 4
+    wide = len(settings) > WIDE_SETTINGS
     with_published = [c for c in shown if any(c in figs for figs in doc.published.values())]
     header = [spec.heading] + (["settings"] if wide else settings) + ["status", "runs"]
     for c in shown:
@@ -423,12 +423,17 @@ def split_columns(doc: Comparison) -> tuple[list[str], list[str]]:
 
 def run_rows(doc: Comparison) -> tuple[list[str], list[list[Any]]]:
     settings = list(doc.varying)
-    header = ["run", *settings, "seed", "status", "steps", *(doc.headings[c] for c in doc.columns)]
-    body = [[r.label, *(_setting(r.settings.get(k)) for k in settings), r.seed, _status(r), r.steps,
-             *(_signal_cell(r.no_signal.get(c), r.values.get(c)) for c in doc.columns)] for r in doc.runs]
+    wide = len(settings) > WIDE_SETTINGS
+    header = ["run", *(["settings"] if wide else settings), "seed", "status", "steps",
+              *(doc.headings[c] for c in doc.columns)]
+    body = [[r.label, *([describe(r.settings)] if wide else [_setting(r.settings.get(k)) for k in settings]), r.seed,
+             _status(r), r.steps, *(_signal_cell(r.no_signal.get(c), r.values.get(c)) for c in doc.columns)]
+            for r in doc.runs]
     return header, body
 
 
+WIDE_SETTINGS = 4  # more varying settings than this share one "settings" column
+HEADLINE_SETTINGS = 5  # varying settings the headline names; more are counted
 SINGLE_RUN_COLUMNS = 6  # the columns a one-run comparison's headline names
 SINGLE_TABLE_COLUMNS = 8  # more metric columns than this: a results table and a further-metrics table
 REFERENCE_COLUMNS = [("name", "series"), ("steps", "steps"), ("best_p_ood", "best p_ood"),
@@ -477,7 +482,10 @@ def headline(doc: Comparison) -> list[str]:
     groups = doc.groups
     counts = {g.runs for g in groups}
     seeds = f", {counts.pop()} seeds each" if len(counts) == 1 and groups[0].runs > 1 else ""
-    differ = f" differing in {', '.join(doc.varying)}" if doc.varying else ""
+    names = list(doc.varying)
+    if len(names) > HEADLINE_SETTINGS:
+        names = names[:HEADLINE_SETTINGS - 1] + [f"{len(names) - HEADLINE_SETTINGS + 1} more settings (in the tables)"]
+    differ = f" differing in {_and(names)}" if names else ""
     first = f"{len(doc.runs)} runs of {len(groups)} configurations{differ}{seeds}."
     if len(doc.runs) == 1:
         only = doc.runs[0]
@@ -517,7 +525,10 @@ def headline(doc: Comparison) -> list[str]:
     healthy = [g for g in groups if g.statuses != ["diverged"]]
     for col, lowest in (("val_loss", True), ("best_p_ood", False)):
         scored = [g for g in healthy if g.values.get(col) is not None and col not in g.no_signal]
-        if len({g.values[col] for g in scored}) >= 2:
+        if col == "best_p_ood" and scored and max(g.values[col] or 0.0 for g in scored) < PROBE_LEARNED:
+            best.append(f"no configuration learned the probe (best p_ood at most "
+                        f"{number(max(g.values[col] or 0.0 for g in scored))})")
+        elif len({g.values[col] for g in scored}) >= 2:
             top = (min if lowest else max)(scored, key=lambda g: g.values[col] or 0.0)
             best.append(f"{'lowest' if lowest else 'highest'} {doc.headings[col]}: {name_of(doc, top)} "
                         f"({number(top.values[col])})")

@@ -110,8 +110,9 @@ def inline_html(text: str) -> str:
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
          ".table{overflow-x:auto;margin:0 0 1em}table{border-collapse:collapse;font-size:0.9em}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}th{background:#eee}"
-         "td.num,th.num{text-align:right;white-space:nowrap}figure{margin:1em 0}img{max-width:100%}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;white-space:nowrap}"
+         "th{background:#eee}td.num,th.num{text-align:right}td.long{white-space:normal;min-width:18em}"
+         "figure{margin:1em 0}img{max-width:100%}"
          "figcaption{font-style:italic;color:#444}code{background:#f4f4f4;padding:0 3px}"
          ".headline{font-size:1.1em;border-left:4px solid #4a7;padding:0.3em 0.8em;background:#f3faf5}"
          "dt{font-weight:bold;margin-top:0.3em}dd{margin:0 0 0 1.5em}")
@@ -120,6 +121,13 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto
 # a cell that is a number (or missing): right-aligned, so a column's digits line up
 NUMBER = re.compile(r"[-+]?(\d[\d,]*(\.\d+)?(e[-+]?\d+)?|nan|inf|—)( ± [\d.e-]+)?")
 CLASS = {True: " class='num'", False: ""}
+LONG = 40  # characters: a text cell longer than this wraps; shorter ones keep to one line
+
+
+def cell_class(text: str, numeric_column: bool) -> str:
+    if numeric_column or NUMBER.fullmatch(text):
+        return CLASS[True]
+    return " class='long'" if len(text) > LONG else ""
 
 
 def to_html(page: Page, directory: Path) -> str:
@@ -142,8 +150,8 @@ def to_html(page: Page, directory: Path) -> str:
                        for i in range(len(block.header))]
             head = ("<tr>" + "".join(f"<th{CLASS[n]}>{esc(h)}</th>" for h, n in zip(block.header, numeric)) + "</tr>"
                     if any(block.header) else "")  # a key/value table has no header to show
-            body = "".join("<tr>" + "".join(f"<td{CLASS[n or bool(NUMBER.fullmatch(c))]}>{esc(c)}</td>"
-                                            for c, n in zip(row, numeric)) + "</tr>" for row in block.rows)
+            body = "".join("<tr>" + "".join(f"<td{cell_class(c, n)}>{esc(c)}</td>" for c, n in zip(row, numeric))
+                           + "</tr>" for row in block.rows)
             parts.append(f"<div class='table'><table>{caption}{head}{body}</table></div>")
         elif isinstance(block, Terms):
             parts.append("<dl>" + "".join(f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>"

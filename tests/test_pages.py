@@ -171,7 +171,7 @@ def test_a_comparison_names_the_settings_that_differ(pages):
     page = assert_same_page(pages / "cmp", "comparison")
     doc = json.loads((pages / "cmp" / "comparison.json").read_text())
     assert doc["varying"] == {"lr": "optimizer.params.lr", "wd": "optimizer.params.wd"}
-    assert doc["headline"][0] == "2 runs of 2 configurations differing in lr, wd. All completed (16 steps)."
+    assert doc["headline"][0] == "2 runs of 2 configurations differing in lr and wd. All completed (16 steps)."
     header = page.texts[page.texts.index(next(t for t in page.texts if t.startswith("configuration |")))]
     assert header.split(" | ")[:5] == ["configuration", "lr", "wd", "status", "runs"]
     assert any(t.startswith("a | 0.001 | 0.5 |") for t in page.texts) and any(t.startswith("b | 0.003 | 0.1 |")

@@ -1,6 +1,7 @@
 """Benchmark suites and comparison reports, through the command line."""
 
 import json
+import re
 
 import jsonschema
 import numpy as np
@@ -50,7 +51,10 @@ def test_a_suite_runs_every_cell_skips_done_ones_and_compares(tmp_path):
     assert min(pc1) - 1e-12 <= lo <= hi <= max(pc1) + 1e-12
     html = (tmp_path / "out" / "comparison.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
-    assert "adamw | 2 |" in (tmp_path / "out" / "comparison.md").read_text()
+    page = (tmp_path / "out" / "comparison.md").read_text()
+    assert re.search(r"^\| adamw \| optimizer=adamw, .* \| completed \| 2 \|", page, re.M)  # its settings, its 2 seeds
+    assert doc["headline"][0].startswith("4 runs of 2 configurations differing in optimizer, ")
+    assert doc["headline"][0].endswith(", 2 seeds each. All completed (12 steps).")
     index = json.loads((tmp_path / "out" / "suite.json").read_text())
     assert [c["outcome"]["state"] for c in index["cells"]] == ["completed"] * 4
     assert index["table"] == {"heading": "configuration"} and [c["group"] for c in index["cells"]][:2] == ["adamw"] * 2
@@ -79,7 +83,11 @@ def test_a_diverging_cell_is_recorded_and_the_suite_goes_on(tmp_path):
     cells = {c["label"]: c["outcome"] for c in json.loads((tmp_path / "out" / "suite.json").read_text())["cells"]}
     assert cells["boom"]["state"] == "diverged" and cells["boom"]["detail"].startswith("at step ")
     assert cells["fine"]["state"] == "completed"
-    assert "(diverged)" in (tmp_path / "out" / "comparison.md").read_text()
+    doc = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    step = cells["boom"]["detail"].removeprefix("at step ").split()[0]
+    assert f"boom diverged at step {step}; the others completed." in doc["headline"][0]
+    assert re.search(rf"^\| boom \| .* \| diverged at step {step} \| 1 \|", (tmp_path / "out" / "comparison.md").read_text(),
+                     re.M)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -62,7 +62,10 @@ def compute(*, ctx: MetricContext, options: Mapping[str, Any]) -> MetricResult:
     last = rows[-1]
     scalars = {"cos_eff_final": last["cos_eff"], "p_phi_final": last["p_phi"], "E_tau_final": last["E_tau"],
                "E_perp_final": last["E_perp"]}
-    variant = (f"φ̂: the unit final drift (last − first checkpoint) of {'run ' + str(path) if path else 'this run itself'}; "
+    given = options["reference"]
+    which = ("this run itself" if path is None else f"the run {path.name} beside this one"
+             if given.startswith(SIBLING) else f"the run {given}")  # as the user named it, not where it resolved
+    variant = (f"φ̂: the unit final drift (last − first checkpoint) of {which}; "
                f"τ from this run's first checkpoint, {options['scope']} scope")
     result = MetricResult(scalars=scalars, tables={"energy": rows}, figures=[plot(ctx, rows)],
                           files=[ctx.write_file("energy.csv", to_csv(rows))], variant=variant)
