@@ -523,7 +523,7 @@ def headline(doc: Comparison) -> list[str]:
                          + ".")
     best = []
     healthy = [g for g in groups if g.statuses != ["diverged"]]
-    for col, lowest in (("val_loss", True), ("best_p_ood", False)):
+    for col, lowest in (("val_loss", True), ("best_p_ood", False)) if len(groups) > 1 else ():
         scored = [g for g in healthy if g.values.get(col) is not None and col not in g.no_signal]
         if col == "best_p_ood" and scored and max(g.values[col] or 0.0 for g in scored) < PROBE_LEARNED:
             best.append(f"no configuration learned the probe (best p_ood at most "
