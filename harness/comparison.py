@@ -31,7 +31,7 @@ from geobench.files import atomic_write_json, read_json
 from geobench.formatting import Estimate, number, plain
 from geobench.registry import Registry
 from geobench.report import CORE_TERMS as RUN_TERMS
-from geobench.report import load_schema, now
+from geobench.report import lambda_switches, load_schema, now
 from geobench.series import PROBE_LEARNED, bootstrap_interval
 
 # the columns of every run; metric plugins add theirs (MetricPlugin.columns)
@@ -303,6 +303,17 @@ def terms(shown: list[str], known: dict, reg: Registry) -> dict[str, str]:
     return out
 
 
+def check_table(spec: TableSpec, shown: list[str], rows: list[RunRow]) -> None:
+    """The table's order_by is a column these runs have and its label_by a hyperparameter one of
+    them has, or a UsageError naming what is allowed (before anything is written)."""
+    if spec.order_by is not None and spec.order_by not in shown:
+        raise UsageError(f"order_by {spec.order_by!r} is not a column of these runs; allowed: {', '.join(shown)}")
+    params = sorted({k for r in rows for k in r.params})
+    if spec.label_by is not None and rows and spec.label_by not in params:
+        raise UsageError(f"label_by {spec.label_by!r} is no optimizer hyperparameter of these runs; allowed: "
+                         f"{', '.join(params)}")
+
+
 def build(runs: list[Compared], title: str, reg: Registry, table: TableSpec | None = None,
           suite_figures: dict[str, dict[str, float]] | None = None, references: list[str] | None = None,
           suite: SuiteIndex | None = None) -> Comparison:
@@ -320,6 +331,7 @@ def build(runs: list[Compared], title: str, reg: Registry, table: TableSpec | No
                    no_signal={col: why for col, where in known.items() if (why := no_signal(r.report, where))})
             for r, group in zip(runs, names)]
     shown = [c for c in known if c in CORE_COLUMNS or any(row.values[c] is not None for row in rows)]
+    check_table(table or TableSpec(), shown, rows)
     for row in rows:
         row.values = {c: row.values[c] for c in shown}
         row.no_signal = {c: why for c, why in row.no_signal.items() if c in shown}
@@ -619,9 +631,8 @@ def figures(directory: Path, doc: Comparison, runs: list[Compared], reg: Registr
     colour = colours(doc)
     references = [{**ref, "colour": colour[ref["name"]]} for ref in doc.references]
     group_of = {g.group: g for g in doc.groups}
-    switches = {json.dumps(run.report.config["train"].get("lambda_schedule")) for run in runs}
-    schedule = json.loads(switches.pop()) if len(switches) == 1 else []
-    events = {f"λ switch (step {schedule[1][0]})": schedule[1][0]} if len(schedule) > 1 else {}
+    switches = {tuple(lambda_switches(run.report.config)) for run in runs}  # marked when every run shares them
+    events = {f"λ switch (step {s})": s for s in switches.pop()} if len(switches) == 1 else {}
     for key, label in (("p_ood", "p_ood (probe exact match, OOD gaps)"), ("val_loss", "val_loss (nats)")):
         lines = [Line(group_of[row.group].label if group_of[row.group].runs == 1 else row.label,
                       [e.step for e in run.report.evals], [getattr(e, key) for e in run.report.evals],

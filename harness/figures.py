@@ -18,9 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from geobench.formatting import number, ordinary_limit
+
 __all__ = ["Line", "draw", "outliers", "palette", "published_lines", "pyplot", "save_figure"]
 
-OUTLIER_FACTOR = 100.0  # a series whose largest value exceeds this × the typical series' largest is clipped
 LOG_SPAN = 100.0  # healthy values spanning more than this factor get a log axis
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
@@ -73,14 +74,11 @@ class Line:
         return max(finite) if finite else 0.0
 
 
-def outliers(lines: Sequence[Line], factor: float = OUTLIER_FACTOR) -> list[Line]:
-    """The lines whose largest |value| exceeds `factor` × the lower median of every line's
-    largest |value| (with one line, none)."""
-    peaks = sorted(line.peak() for line in lines)
-    if len(peaks) < 2:
-        return []
-    typical = peaks[(len(peaks) - 1) // 2]
-    return [line for line in lines if typical > 0 and line.peak() > factor * typical]
+def outliers(lines: Sequence[Line]) -> list[Line]:
+    """The lines whose largest |value| dwarfs the others' (beyond formatting.ordinary_limit of the
+    lines' peaks; with one line, none)."""
+    limit = ordinary_limit([line.peak() for line in lines])
+    return [line for line in lines if line.peak() > limit]
 
 
 def _bands(lines: Sequence[Line]) -> list[tuple[Line, list[float] | None, list[float] | None]]:
@@ -104,10 +102,10 @@ def _bands(lines: Sequence[Line]) -> list[tuple[Line, list[float] | None, list[f
 
 
 def draw(ax, lines: Sequence[Line], *, ylabel: str, xlabel: str = "step", events: Mapping[str, float] | None = None,
-         log: bool | None = None, ylim: tuple[float, float] | None = None, legend: bool = True) -> list[str]:
+         ylim: tuple[float, float] | None = None) -> list[str]:
     """Draw `lines` on `ax` (see the module docstring) and return what a caption must say: the
     clipped series with their maxima, and the x axis when runs of different lengths share it.
-    `events`: name → step, drawn as labelled vertical lines. `log`: None decides from the data."""
+    `events`: name → step, drawn as labelled vertical lines. `ylim`: fixed limits (no log axis)."""
     said = []
     lengths = {line.length for line in lines if line.length}
     fraction = len(lengths) > 1
@@ -118,9 +116,9 @@ def draw(ax, lines: Sequence[Line], *, ylabel: str, xlabel: str = "step", events
     clipped = outliers(lines)
     healthy = [line for line in lines if line not in clipped]
     values = [v for line in healthy for v in line.y if v is not None and math.isfinite(v)]
-    if log is None and ylim is None:
-        positive = [v for v in values if v > 0]
-        log = bool(positive) and len(positive) == len(values) and max(positive) / min(positive) > LOG_SPAN
+    positive = [v for v in values if v > 0]
+    log = (ylim is None and bool(positive) and len(positive) == len(values)
+           and max(positive) / min(positive) > LOG_SPAN)
     if log:
         ax.set_yscale("log")
     top = None
@@ -134,7 +132,7 @@ def draw(ax, lines: Sequence[Line], *, ylabel: str, xlabel: str = "step", events
             top = high + pad
             ax.set_ylim(low - pad, top)
         said.append("clipped at the top of the other series' range: " + "; ".join(
-            f"{line.label} (up to {_short(line.peak())})" for line in clipped))
+            f"{line.label} (up to {number(line.peak(), 2)})" for line in clipped))
 
     def x_of(line: Line, x: float) -> float:
         return x / line.length if fraction and line.length else x
@@ -142,7 +140,7 @@ def draw(ax, lines: Sequence[Line], *, ylabel: str, xlabel: str = "step", events
     for line, low_band, high_band in _bands(lines):
         xs = [x_of(line, x) for x in line.x]
         ys = [math.nan if v is None else v for v in line.y]
-        label = line.label + (f" — clipped, up to {_short(line.peak())}" if line in clipped else "")
+        label = line.label + (f" — clipped, up to {number(line.peak(), 2)}" if line in clipped else "")
         ax.plot(xs, ys, color=line.colour, ls="--" if line.dashed else "-", lw=1.2 if line.dashed else 1.5,
                 label=label)
         if low_band is not None and high_band is not None:
@@ -167,7 +165,7 @@ def draw(ax, lines: Sequence[Line], *, ylabel: str, xlabel: str = "step", events
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if legend and lines:
+    if lines:
         ax.legend(fontsize=7)
     return said
 
@@ -175,10 +173,6 @@ def draw(ax, lines: Sequence[Line], *, ylabel: str, xlabel: str = "step", events
 def _value_at(line: Line, x: float) -> float | None:
     pairs = [(abs(px - x), v) for px, v in zip(line.x, line.y) if v is not None and math.isfinite(v)]
     return min(pairs)[1] if pairs else None
-
-
-def _short(value: float) -> str:
-    return f"{value:.2g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.1e}".replace("e+0", "e").replace("e+", "e")
 
 
 def published_lines(references: Sequence[Mapping[str, Any]], key: str) -> list[Line]:

@@ -9,13 +9,13 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeGuard
 
-__all__ = ["Estimate", "column", "duration", "number", "plain"]
+__all__ = ["Estimate", "column", "duration", "number", "ordinary_limit", "plain"]
 
 MISSING = "—"
 SIGNIFICANT = 3  # of the column's largest value, in fixed notation
 MIN_SIGNIFICANT = 2  # of its smallest non-zero value
 MAX_DECIMALS = 6
-OUTLIER = 100.0
+OUTLIER = 100.0  # a value over this × the typical magnitude dwarfs the others (a diverged run's loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +35,20 @@ def _scientific(value: float, digits: int = SIGNIFICANT) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def ordinary_limit(magnitudes: Sequence[float]) -> float:
+    """The largest magnitude that does not dwarf the others: OUTLIER × the lower median of the
+    non-zero magnitudes (infinite when there is nothing to compare with). Tables write a value
+    beyond it apart; figures clip a series whose peak is beyond it."""
+    nonzero = sorted(abs(m) for m in magnitudes if m != 0)
+    return OUTLIER * nonzero[(len(nonzero) - 1) // 2] if len(nonzero) >= 2 else math.inf
+
+
 def _style(values: Sequence[float]) -> tuple[str, int, float]:
     """('int' | 'fixed' | 'sci', decimals, the largest magnitude the style is for) of a column's
-    finite values. A value over OUTLIER × the column's typical magnitude (a diverged run's loss) is
-    left out of the choice and written in scientific notation, so it cannot turn the column's
-    ordinary values into exponents."""
-    magnitudes = sorted(abs(v) for v in values if v != 0)
-    typical = magnitudes[(len(magnitudes) - 1) // 2] if magnitudes else 0.0
-    ordinary = [v for v in values if abs(v) <= OUTLIER * typical] if typical else list(values)
+    finite values. A value beyond `ordinary_limit` is left out of the choice and written in
+    scientific notation, so it cannot turn the column's ordinary values into exponents."""
+    cut = ordinary_limit(values)
+    ordinary = [v for v in values if abs(v) <= cut]
     limit = max((abs(v) for v in ordinary), default=0.0)
     if all(float(v).is_integer() and abs(v) < 1e15 for v in ordinary):
         return "int", 0, limit
@@ -88,17 +94,17 @@ def column(values: Sequence[Any]) -> list[str]:
     return [_render(v, style) for v in values]
 
 
-def number(value: Any) -> str:
-    """One number on its own (in a sentence, or a cell of a key/value table): three significant
-    digits without trailing zeros (whole units from 1000), scientific notation from 1e5 and below
-    1e-3."""
+def number(value: Any, significant: int = SIGNIFICANT) -> str:
+    """One number on its own (in a sentence, a legend, a cell of a key/value table): `significant`
+    digits without trailing zeros, whole units from 1000 up to 10^(significant + 2) (53451 tokens/s),
+    scientific notation beyond and below 1e-3."""
     if not _numeric(value) or isinstance(value, int) or not math.isfinite(value):
         return _render(value, ("int", 0, math.inf))
-    if 999.5 <= abs(value) < 1e5:
+    if 999.5 <= abs(value) < 10 ** (significant + 2):
         return f"{value:.0f}"
     if value == 0 or 1e-3 <= abs(value) < 999.5:
-        return f"{value:.3g}"
-    return _scientific(value)
+        return f"{value:.{significant}g}"
+    return _scientific(value, significant)
 
 
 def plain(value: Any) -> str:

@@ -216,3 +216,13 @@ def test_the_committed_reference_pages_open_with_a_headline_and_match_their_mark
         if page.stem == "comparison":
             doc = json.loads((page.parent / "comparison.json").read_text())
             assert blocks.texts[0] == html.unescape(plain(" ".join(doc["headline"])))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--order-by", "nope", "order_by 'nope' is not a column of these runs; allowed: val_loss, best_p_ood, "),
+    ("--label-by", "nope", "label_by 'nope' is no optimizer hyperparameter of these runs; allowed: beta1, beta2, "),
+])
+def test_a_table_setting_the_runs_lack_is_one_line_and_writes_nothing(pages, option, value, message):
+    result = run_cli("report", "a", "b", option, value, "--out", "refused", cwd=pages)
+    assert result.returncode == 2 and not (pages / "refused").exists()
+    assert result.stderr.startswith(f"geobench: error: {message}") and len(result.stderr.splitlines()) == 1
